@@ -32,7 +32,8 @@ std::string native_info() {
 #ifdef TRAIL_WITH_CUDA
   info += "\"build\": \"cuda\", ";
   info += "\"cuda_version\": \"" TRAIL_CUDA_VERSION "\", ";
-  info += "\"cuda_archs\": \"" TRAIL_CUDA_ARCHS "\", ";
+  info += "\"cuda_arch_list\": \"" TRAIL_CUDA_ARCHS "\", ";
+  info += "\"cuda_flags\": \"" + json_escape(TRAIL_CUDA_FLAGS) + "\", ";
 #else
   info += "\"build\": \"cpu\", ";
 #endif
