@@ -1,17 +1,46 @@
-"""Paged KV cache: the block-major pool on the device, block tables, and (issue 5) the block
-allocators and swap space. Knows no model: sizes come from a `KVCacheSpec`.
+"""Paged KV cache: the block-major pool on the device, block tables, the block allocators, and the
+swap space in pinned host memory. Knows no model: sizes come from a `KVCacheSpec`.
 
 Layout (frozen, DESIGN.md "KV cache"): one pool tensor per device,
 `[num_blocks, num_layers, 2, num_kv_heads, block_size, head_dim]`, so one block of all layers is
 one contiguous range; `layer_view(l)` is the strided `[num_blocks, 2, num_kv_heads, block_size,
 head_dim]` view that kernels read (never `.contiguous()` it: that copies the pool).
 Block tables: `int32 [max_slots, max_blocks_per_request]`, -1 where no block is mapped.
+
+What the scheduler decides, this module carries out, all on host state (no device sync):
+`allocate` (grow slots for the next step, all or nothing), `free` / `drop` (recompute later),
+`swap_out` (GPU -> host), `swap_in` (host -> GPU), `discard` (forget a swapped request). Host-side
+block tables are the truth; `commit_block_tables()` pushes the changed entries to
+`block_tables` on the current stream, once per step before the forward.
+
+Ordering (what corrupts data when wrong):
+- A swap-out copy waits for `after` (default: everything already enqueued on the current stream,
+  which covers the victims' last KV write). A swap-in waits the same way, so it cannot overwrite
+  blocks that earlier compute work still reads.
+- GPU blocks freed by a swap-out, and host blocks freed by a swap-in, are *pending*: they return to
+  their free list only once the copy's event has completed (`reclaim()`, a query, no wait), or,
+  with `reclaim(stream=s)`, at once, after making `s` wait for the copy on the GPU (valid when all
+  later writes to those blocks are on `s`).
+- Blocks freed by `free` / `drop` are reusable at once: later work on the compute stream is
+  ordered after the reads, and swap-ins wait for the compute stream (above). Except a slot whose
+  swap-in copy has not completed yet: its blocks are pending on that copy.
+- A swapped-in request's blocks must not be read before `wait(event)` on the reading stream.
+
+Copies run through `trail.ops.kv_swap_blocks` (csrc/kv_swap/) on a dedicated copy stream.
+Not thread-safe: one engine thread owns a KVCache.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 import torch
+
+from trail._native import ops
+
+logger = logging.getLogger(__name__)
 
 BLOCK_SIZE = 16
 
@@ -44,23 +73,278 @@ class KVCacheSpec:
     def bytes_per_token(self) -> int:
         return self.bytes_per_block // self.block_size
 
+    @classmethod
+    def from_config(cls, config: Any, dtype: torch.dtype | None = None,
+                    block_size: int = BLOCK_SIZE) -> "KVCacheSpec":
+        """From an HF-style config (a dict or an object with attributes): num_hidden_layers,
+        num_key_value_heads (default num_attention_heads), head_dim (default hidden_size //
+        num_attention_heads), torch_dtype / dtype unless `dtype` is given."""
+        def get(key, default=None):
+            value = config.get(key, default) if isinstance(config, Mapping) else getattr(config, key, default)
+            return default if value is None else value
+
+        heads = get("num_attention_heads")
+        layers, kv_heads = get("num_hidden_layers"), get("num_key_value_heads", heads)
+        head_dim = get("head_dim") or (get("hidden_size") // heads if heads else None)
+        if layers is None or kv_heads is None or head_dim is None:
+            raise ValueError("KVCacheSpec.from_config needs num_hidden_layers, num_attention_heads "
+                             "or num_key_value_heads, and head_dim or hidden_size")
+        if dtype is None:
+            name = get("torch_dtype") or get("dtype") or "float32"
+            dtype = name if isinstance(name, torch.dtype) else getattr(torch, str(name).replace("torch.", ""))
+        return cls(int(layers), int(kv_heads), int(head_dim), dtype, block_size)
+
+
+class KVCacheOutOfBlocks(RuntimeError):
+    """Not enough free blocks; the allocator is unchanged. `pending` more blocks are waiting for
+    their swap copies (see `KVCache.reclaim`)."""
+
+    def __init__(self, kind: str, needed: int, free: int, pending: int):
+        self.kind, self.needed, self.free, self.pending = kind, needed, free, pending
+        hint = f"; {pending} more wait for swap copies to complete (reclaim)" if pending else ""
+        super().__init__(f"KV cache out of {kind} blocks: need {needed}, {free} free{hint}")
+
+
+class Event(Protocol):
+    def query(self) -> bool: ...
+    def synchronize(self) -> None: ...
+
+
+class CompletedEvent:
+    """The event of a copy that has already happened (CPU copies are synchronous)."""
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        return None
+
+
+COMPLETED = CompletedEvent()
+
+
+class BlockAllocator:
+    """Block ids `[0, num_blocks)`: a free stack, reference counts, and freed blocks that wait
+    for an event (a copy still reading or writing them) before they can be handed out again."""
+
+    def __init__(self, num_blocks: int, kind: str = "gpu"):
+        if num_blocks < 0:
+            raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
+        self.num_blocks, self.kind = num_blocks, kind
+        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out ascending ids
+        self._refs = [0] * num_blocks
+        self._pending: deque[tuple[Event, list[int]]] = deque()
+        self._num_pending = 0
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_pending(self) -> int:
+        return self._num_pending
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self._free) - self._num_pending
+
+    def refcount(self, block: int) -> int:
+        return self._refs[block]
+
+    def allocate(self, n: int) -> list[int]:
+        """n blocks with reference count 1. Reclaims completed pending blocks if short; raises
+        KVCacheOutOfBlocks (state unchanged) if still short."""
+        if n < 0:
+            raise ValueError(f"cannot allocate {n} blocks")
+        if n > len(self._free):
+            self.reclaim()
+            if n > len(self._free):
+                raise KVCacheOutOfBlocks(self.kind, n, len(self._free), self._num_pending)
+        if n == 0:
+            return []
+        blocks = self._free[-n:]
+        del self._free[-n:]
+        blocks.reverse()
+        for b in blocks:
+            self._refs[b] = 1
+        return blocks
+
+    def _check_held(self, blocks: Iterable[int], times: Mapping[int, int]) -> None:
+        for b, count in times.items():
+            if not (isinstance(b, int) and 0 <= b < self.num_blocks):
+                raise ValueError(f"{self.kind} block {b!r} is not a block id in [0, {self.num_blocks})")
+            if self._refs[b] < count:
+                raise ValueError(f"{self.kind} block {b} released {count} time(s) but holds "
+                                 f"{self._refs[b]} reference(s)")
+
+    def incref(self, blocks: Sequence[int]) -> None:
+        """One more reference to each (allocated) block: prefix sharing."""
+        self._check_held(blocks, Counter({b: 1 for b in blocks}))
+        for b in blocks:
+            self._refs[b] += 1
+
+    def free(self, blocks: Sequence[int], event: Event | None = None) -> list[int]:
+        """Drops one reference per entry; blocks reaching zero become free now (event None) or
+        once `event` has completed. Returns those blocks. Raises ValueError (state unchanged) on a
+        block that is not held."""
+        self._check_held(blocks, Counter(blocks))
+        released = []
+        for b in blocks:
+            self._refs[b] -= 1
+            if self._refs[b] == 0:
+                released.append(b)
+        if released:
+            if event is None:
+                self._free.extend(reversed(released))
+            else:
+                self._pending.append((event, released))
+                self._num_pending += len(released)
+        return released
+
+    def reclaim(self, stream: Any = None, wait: bool = False) -> int:
+        """Returns pending blocks to the free list: those whose event has completed (query); with
+        `stream`, all of them after `stream.wait_event(event)` (GPU-side order, no host wait);
+        with `wait`, all of them after `event.synchronize()`. Returns the number released."""
+        released, keep = 0, deque()
+        for event, blocks in self._pending:
+            if event.query():
+                pass
+            elif stream is not None:
+                stream.wait_event(event)
+            elif wait:
+                event.synchronize()
+            else:
+                keep.append((event, blocks))
+                continue
+            self._free.extend(reversed(blocks))
+            released += len(blocks)
+        self._pending = keep
+        self._num_pending -= released
+        return released
+
+    def check(self) -> None:
+        """Asserts the bookkeeping: every block is exactly one of free, pending, or referenced."""
+        pending = [b for _, blocks in self._pending for b in blocks]
+        seen = Counter(self._free) + Counter(pending)
+        assert all(c == 1 for c in seen.values()), f"{self.kind}: a block is listed twice"
+        assert len(pending) == self._num_pending
+        for b in range(self.num_blocks):
+            assert (b in seen) != (self._refs[b] > 0), f"{self.kind} block {b} is lost or double-held"
+
+
+@dataclass(eq=False)
+class SwappedKV:
+    """A request's KV in the host swap space: `host_blocks[i]` holds its i-th block. Written by
+    a copy that completes with `event`; consumed by `swap_in` or `discard`."""
+    host_blocks: list[int]
+    event: Event
+    released: bool = field(default=False, repr=False)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.host_blocks)
+
+
+def swap_blocks(src: torch.Tensor, dst: torch.Tensor, pairs, stream: Any = None,
+                method: str = "auto", kernel_ctas: int = 0) -> str:
+    """Copies block `s` of `src` to block `d` of `dst` for each (s, d) in `pairs`; blocks are
+    dim 0 of contiguous tensors. Between a CUDA tensor and a pinned host tensor the copy is
+    enqueued on `stream` (a torch.cuda.Stream; default: the current one) and returns at once;
+    between CPU tensors it is a synchronous memcpy. Returns the method that ran: batch (DMA, one
+    cudaMemcpyBatchAsync), memcpy (DMA, one cudaMemcpyAsync per run of adjacent blocks), kernel
+    (copy kernel over mapped pinned memory: uses SMs), or host."""
+    if not isinstance(pairs, torch.Tensor):
+        pairs = torch.tensor(list(pairs), dtype=torch.int64).reshape(-1, 2)
+    handle = 0
+    cuda = src.is_cuda or dst.is_cuda
+    if cuda:
+        if stream is None:
+            stream = torch.cuda.current_stream(src.device if src.is_cuda else dst.device)
+        handle = stream.cuda_stream
+    return ops.kv_swap_blocks(src, dst, pairs, handle, method, kernel_ctas)
+
+
+def host_buffer(shape: Sequence[int], dtype: torch.dtype, pinned: bool) -> torch.Tensor:
+    """A CPU tensor over memory the extension allocated once (cudaHostAlloc when `pinned`: page
+    locked and mapped, exactly the size asked for, unlike `pin_memory()`), freed with the
+    tensor."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if nbytes == 0:
+        return torch.empty(tuple(shape), dtype=dtype)
+    return ops.kv_host_alloc(nbytes, pinned).view(dtype).view(tuple(shape))
+
 
 class KVCache:
-    """The pool and the block tables. Allocation, swap and freeing are added by issue 5."""
+    """The pool, the block tables, the GPU block allocator, and the host swap space."""
 
     def __init__(self, spec: KVCacheSpec, num_blocks: int, max_slots: int,
-                 max_blocks_per_request: int, device: torch.device | str = "cpu"):
+                 max_blocks_per_request: int, device: torch.device | str = "cpu", *,
+                 num_host_blocks: int = 0, swap_method: str = "auto",
+                 copy_stream: Any = None):
         if num_blocks <= 0 or max_slots <= 0 or max_blocks_per_request <= 0:
             raise ValueError(
                 f"KVCache needs positive sizes, got num_blocks={num_blocks}, max_slots={max_slots}, "
                 f"max_blocks_per_request={max_blocks_per_request}")
+        if num_host_blocks < 0:
+            raise ValueError(f"num_host_blocks must be >= 0, got {num_host_blocks}")
         self.spec = spec
         self.num_blocks = num_blocks
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.pool = torch.empty((num_blocks, *spec.block_shape), dtype=spec.dtype, device=self.device)
         self.block_tables = torch.full((max_slots, max_blocks_per_request), -1, dtype=torch.int32,
                                        device=self.device)
+        self.max_slots, self.max_blocks_per_request = max_slots, max_blocks_per_request
 
+        methods = ["auto", *ops.kv_swap_methods()]
+        if swap_method not in methods:
+            raise ValueError(f"swap_method {swap_method!r} is not one of {methods} in this build")
+        self.swap_method = swap_method
+        self.gpu_allocator = BlockAllocator(num_blocks, "gpu")
+        self.host_allocator = BlockAllocator(num_host_blocks, "host")
+        self.num_host_blocks = num_host_blocks
+        # [num_host_blocks, *block_shape], extension-owned (cudaHostAlloc on CUDA devices).
+        self.host_pool = host_buffer((num_host_blocks, *spec.block_shape), spec.dtype,
+                                     pinned=self.device.type == "cuda")
+        self.copy_stream = copy_stream
+        if self.device.type == "cuda" and copy_stream is None:
+            self.copy_stream = torch.cuda.Stream(device=self.device)
+
+        self._tables: list[list[int]] = [[] for _ in range(max_slots)]
+        self._committed_len = [0] * max_slots    # entries [0, len) valid in block_tables
+        self._dirty_from: dict[int, int] = {}     # slot -> first entry changed since commit
+        self._swap_in_events: dict[int, Event] = {}  # slot -> its swap-in copy (may be running)
+        self._warned_method = False
+
+    @classmethod
+    def from_memory_fraction(cls, spec: KVCacheSpec, max_slots: int, max_blocks_per_request: int,
+                             device: torch.device | str = "cuda", gpu_memory_utilization: float = 0.9,
+                             swap_space_bytes: int = 0, **kwargs) -> "KVCache":
+        """Sizes the pool like vLLM's gpu_memory_utilization: the fraction of the GPU's memory
+        this process may use in total, minus what it uses now (weights already loaded), and the
+        host swap space as `swap_space_bytes // bytes_per_block` blocks."""
+        device = torch.device(device)
+        if device.type != "cuda":
+            raise ValueError("from_memory_fraction needs a CUDA device; give num_blocks on CPU")
+        if not 0.0 < gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        free, total = torch.cuda.mem_get_info(device)
+        budget = int(total * gpu_memory_utilization) - (total - free) - max_slots * max_blocks_per_request * 4
+        num_blocks = budget // spec.bytes_per_block
+        if num_blocks < 1:
+            raise ValueError(f"no room for KV blocks: {budget / 2**30:.2f} GiB left at "
+                             f"gpu_memory_utilization={gpu_memory_utilization}, a block is "
+                             f"{spec.bytes_per_block} bytes")
+        logger.info("KV cache: %d GPU blocks (%.2f GiB), %d host blocks", num_blocks,
+                    num_blocks * spec.bytes_per_block / 2**30, swap_space_bytes // spec.bytes_per_block)
+        return cls(spec, int(num_blocks), max_slots, max_blocks_per_request, device,
+                   num_host_blocks=int(swap_space_bytes // spec.bytes_per_block), **kwargs)
+
+    # ---- frozen interface ----
     @property
     def block_size(self) -> int:
         return self.spec.block_size
@@ -70,3 +354,240 @@ class KVCache:
         if not 0 <= layer < self.spec.num_layers:
             raise IndexError(f"layer {layer} out of range [0, {self.spec.num_layers})")
         return self.pool[:, layer]
+
+    # ---- queries ----
+    @property
+    def num_free_blocks(self) -> int:
+        return self.gpu_allocator.num_free
+
+    @property
+    def num_free_host_blocks(self) -> int:
+        return self.host_allocator.num_free
+
+    def blocks_of(self, slot: int) -> list[int]:
+        self._check_slot(slot)
+        return list(self._tables[slot])
+
+    def capacity(self, slot: int) -> int:
+        """Tokens the slot's blocks hold."""
+        self._check_slot(slot)
+        return len(self._tables[slot]) * self.block_size
+
+    def blocks_needed(self, demands: Mapping[int, int]) -> int:
+        """New GPU blocks `allocate(demands)` would take."""
+        return sum(self._growth(demands).values())
+
+    def can_allocate(self, demands: Mapping[int, int]) -> bool:
+        need = self.blocks_needed(demands)
+        if need > self.gpu_allocator.num_free:
+            self.gpu_allocator.reclaim()
+        return need <= self.gpu_allocator.num_free
+
+    # ---- operations ----
+    def allocate(self, demands: Mapping[int, int]) -> dict[int, list[int]]:
+        """Grows each slot so its blocks hold `demands[slot]` tokens, for all slots or none
+        (KVCacheOutOfBlocks leaves everything unchanged). Returns the new blocks per slot."""
+        growth = self._growth(demands)
+        blocks = self.gpu_allocator.allocate(sum(growth.values()))
+        out, i = {}, 0
+        for slot, extra in growth.items():
+            new = blocks[i:i + extra]
+            i += extra
+            self._touch(slot, len(self._tables[slot]))
+            self._tables[slot].extend(new)
+            out[slot] = new
+        return out
+
+    def free(self, slot: int) -> None:
+        """Releases the slot's blocks (finished request, or drop for recompute): reusable now,
+        or, if the slot's swap-in copy may still be writing them, once that copy completes."""
+        self._check_slot(slot)
+        event = self._swap_in_events.pop(slot, None)
+        if event is not None and event.query():
+            event = None
+        if self._tables[slot]:
+            self.gpu_allocator.free(self._tables[slot], event)
+            self._tables[slot] = []
+            self._touch(slot, 0)
+
+    drop = free
+
+    def share_prefix(self, src_slot: int, dst_slot: int, num_blocks: int) -> None:
+        """Maps the first `num_blocks` blocks of `src_slot` into the empty `dst_slot` (reference
+        counted; writing into a shared block is the caller's business)."""
+        self._check_slot(src_slot)
+        self._check_slot(dst_slot)
+        if self._tables[dst_slot]:
+            raise ValueError(f"slot {dst_slot} already holds blocks")
+        if not 0 <= num_blocks <= len(self._tables[src_slot]):
+            raise ValueError(f"slot {src_slot} holds {len(self._tables[src_slot])} blocks, "
+                             f"cannot share {num_blocks}")
+        shared = self._tables[src_slot][:num_blocks]
+        self.gpu_allocator.incref(shared)
+        self._tables[dst_slot] = list(shared)
+        if src_slot in self._swap_in_events:
+            self._swap_in_events[dst_slot] = self._swap_in_events[src_slot]
+        self._touch(dst_slot, 0)
+
+    def swap_out(self, slots: Sequence[int], after: Event | None = None) -> list[SwappedKV]:
+        """Copies the slots' blocks to host blocks in one batched copy and empties the slots.
+        The copy starts after `after` (default: all work enqueued so far on the current stream).
+        The GPU blocks are pending until the copy completes. Raises KVCacheOutOfBlocks('host')
+        with nothing changed if the swap space is short."""
+        slots = self._distinct_slots(slots)
+        lists = [self._tables[s] for s in slots]
+        host = self.host_allocator.allocate(sum(len(b) for b in lists))
+        per_slot, pairs, i = [], [], 0
+        for blocks in lists:
+            hb = host[i:i + len(blocks)]
+            i += len(blocks)
+            per_slot.append(hb)
+            pairs.extend(zip(blocks, hb))
+        try:
+            event = self._enqueue_copy(self.pool, self.host_pool, pairs, after)
+        except BaseException:
+            self.host_allocator.free(host)
+            raise
+        handles = []
+        for slot, blocks, hb in zip(slots, lists, per_slot):
+            if blocks:
+                self.gpu_allocator.free(blocks, event)
+            # A swap-in into this slot may still run: the swap-out is after it on the copy stream.
+            self._swap_in_events.pop(slot, None)
+            self._tables[slot] = []
+            self._touch(slot, 0)
+            handles.append(SwappedKV(hb, event))
+        return handles
+
+    def swap_in(self, items: Sequence[tuple[int, SwappedKV]], after: Event | None = None) -> Event:
+        """Copies each swapped request back into fresh GPU blocks of its (empty) slot, one batched
+        copy, after `after` (default: all work enqueued so far on the current stream). Returns
+        the copy's event: `wait(event)` before the first read of these blocks. The host blocks
+        are pending until the copy completes. Raises KVCacheOutOfBlocks('gpu') with nothing
+        changed if the GPU is short."""
+        items = list(items)
+        slots = self._distinct_slots([slot for slot, _ in items])
+        for slot, handle in items:
+            if handle.released:
+                raise ValueError("this SwappedKV was already swapped in or discarded")
+            if self._tables[slot]:
+                raise ValueError(f"slot {slot} already holds {len(self._tables[slot])} blocks")
+        if len({id(h) for _, h in items}) != len(items):
+            raise ValueError("the same SwappedKV appears twice")
+        gpu = self.gpu_allocator.allocate(sum(h.num_blocks for _, h in items))
+        pairs, per_slot, i = [], [], 0
+        for _, handle in items:
+            gb = gpu[i:i + handle.num_blocks]
+            i += handle.num_blocks
+            per_slot.append(gb)
+            pairs.extend(zip(handle.host_blocks, gb))
+        try:
+            event = self._enqueue_copy(self.host_pool, self.pool, pairs, after)
+        except BaseException:
+            self.gpu_allocator.free(gpu)
+            raise
+        for slot, (_, handle), gb in zip(slots, items, per_slot):
+            self._tables[slot] = gb
+            self._swap_in_events[slot] = event
+            self._touch(slot, 0)
+            if handle.host_blocks:
+                self.host_allocator.free(handle.host_blocks, event)
+            handle.released = True
+        return event
+
+    def discard(self, handle: SwappedKV) -> None:
+        """Forgets a swapped request (finished, aborted, or to be recomputed instead); its host
+        blocks are reusable once its swap-out copy has completed."""
+        if handle.released:
+            raise ValueError("this SwappedKV was already swapped in or discarded")
+        if handle.host_blocks:
+            self.host_allocator.free(handle.host_blocks, handle.event)
+        handle.released = True
+
+    def reclaim(self, stream: Any = None, wait: bool = False) -> int:
+        """Returns pending blocks (GPU and host) whose copies completed to the free lists; see
+        BlockAllocator.reclaim for `stream` and `wait`. Returns the number released."""
+        return self.gpu_allocator.reclaim(stream, wait) + self.host_allocator.reclaim(stream, wait)
+
+    def wait(self, event: Event, stream: Any = None) -> None:
+        """Makes `stream` (default: the current stream) wait for `event` on the GPU before its
+        next work; on CPU, waits for the event."""
+        if self.device.type == "cuda" and isinstance(event, torch.cuda.Event):
+            (stream or torch.cuda.current_stream(self.device)).wait_event(event)
+        else:
+            event.synchronize()
+
+    def commit_block_tables(self) -> int:
+        """Writes the table entries changed since the last commit into `block_tables` on the
+        current stream (one small host-to-device copy, no sync). Returns the entries written."""
+        if not self._dirty_from:
+            return 0
+        width = self.max_blocks_per_request
+        index, values = [], []
+        for slot, start in self._dirty_from.items():
+            row = self._tables[slot]
+            end = max(len(row), self._committed_len[slot])
+            index.extend(range(slot * width + start, slot * width + end))
+            values.extend(row[start:end])
+            values.extend([-1] * (end - max(start, len(row))))
+            self._committed_len[slot] = len(row)
+        self._dirty_from.clear()
+        if not index:
+            return 0
+        packed = torch.tensor([index, values], dtype=torch.int64)
+        if self.device.type == "cuda":
+            packed = packed.to(self.device, non_blocking=True)
+        flat = self.block_tables.view(-1)
+        flat.index_copy_(0, packed[0], packed[1].to(torch.int32))
+        return len(index)
+
+    # ---- internals ----
+    def _check_slot(self, slot: int) -> None:
+        if not (isinstance(slot, int) and 0 <= slot < self.max_slots):
+            raise IndexError(f"slot {slot!r} out of range [0, {self.max_slots})")
+
+    def _distinct_slots(self, slots: Sequence[int]) -> list[int]:
+        slots = list(slots)
+        for s in slots:
+            self._check_slot(s)
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"slots repeat: {slots}")
+        return slots
+
+    def _growth(self, demands: Mapping[int, int]) -> dict[int, int]:
+        growth = {}
+        for slot, num_tokens in demands.items():
+            self._check_slot(slot)
+            if num_tokens < 0:
+                raise ValueError(f"slot {slot}: negative token count {num_tokens}")
+            want = -(-num_tokens // self.block_size)
+            if want > self.max_blocks_per_request:
+                raise ValueError(f"slot {slot}: {num_tokens} tokens need {want} blocks, more than "
+                                 f"max_blocks_per_request={self.max_blocks_per_request}")
+            extra = want - len(self._tables[slot])
+            if extra > 0:
+                growth[slot] = extra
+        return growth
+
+    def _touch(self, slot: int, first_changed: int) -> None:
+        self._dirty_from[slot] = min(first_changed, self._dirty_from.get(slot, first_changed))
+
+    def _enqueue_copy(self, src: torch.Tensor, dst: torch.Tensor, pairs: list[tuple[int, int]],
+                      after: Event | None) -> Event:
+        """One batched copy of block pairs; returns its completion event."""
+        pairs_t = torch.tensor(pairs, dtype=torch.int64).reshape(-1, 2)
+        if self.device.type != "cuda":
+            if after is not None:
+                after.synchronize()
+            ops.kv_swap_blocks(src, dst, pairs_t, 0, "host", 0)
+            return COMPLETED
+        stream = self.copy_stream
+        if after is None:
+            after = torch.cuda.current_stream(self.device).record_event()
+        stream.wait_event(after)
+        used = ops.kv_swap_blocks(src, dst, pairs_t, stream.cuda_stream, self.swap_method, 0)
+        if used != self.swap_method and not self._warned_method and self.swap_method != "auto":
+            logger.warning("KV swap: asked for %s, ran %s", self.swap_method, used)
+            self._warned_method = True
+        logger.debug("KV swap: %d blocks (%s)", len(pairs), used)
+        return stream.record_event()

@@ -1,0 +1,495 @@
+// The policy step (see scheduler.h for the contract and DESIGN.md "Policy" for the rules).
+// One step: (1) refresh running keys from the per-slot predictions and generated counts,
+// (2) plan the running requests (decodes, then prefill chunks in key order), (3) memory always
+// wins: while the plan + watermark does not fit, evict kept-on-GPU requests, then the preemptible
+// running request with the largest key, then any running request with the largest key,
+// (4) admit from the waiting queue in key order; a head that does not fit preempts the largest-key
+// preemptible running request when that key exceeds the head's by `margin`, until it fits, else
+// admission stops. Requests preempted or evicted in this step are not readmitted in it.
+#include "scheduler/scheduler.h"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+
+namespace trail::sched {
+
+namespace {
+
+[[noreturn]] void bad(const std::string& msg) { throw std::invalid_argument(msg); }
+
+}  // namespace
+
+void Config::validate() const {
+  const int32_t p = static_cast<int32_t>(policy);
+  if (p < 0 || p > 3) bad("scheduler config: policy must be 0..3 (fcfs, sjf_prompt, trail, oracle), got " + std::to_string(p));
+  if (max_slots < 1) bad("scheduler config: max_slots must be >= 1, got " + std::to_string(max_slots));
+  if (max_batch < 1) bad("scheduler config: max_batch must be >= 1, got " + std::to_string(max_batch));
+  if (max_tokens_per_step < max_batch)
+    bad("scheduler config: max_tokens_per_step (" + std::to_string(max_tokens_per_step) +
+        ") must be >= max_batch (" + std::to_string(max_batch) + ") so every running request can decode");
+  if (max_prefill_chunk < 1) bad("scheduler config: max_prefill_chunk must be >= 1");
+  if (block_size < 1) bad("scheduler config: block_size must be >= 1, got " + std::to_string(block_size));
+  if (watermark_blocks < 0) bad("scheduler config: watermark_blocks must be >= 0");
+  if (num_gpu_blocks <= watermark_blocks)
+    bad("scheduler config: num_gpu_blocks (" + std::to_string(num_gpu_blocks) + ") must exceed watermark_blocks (" +
+        std::to_string(watermark_blocks) + ")");
+  if (num_host_blocks < 0) bad("scheduler config: num_host_blocks must be >= 0");
+  if (!(c >= 0) || !std::isfinite(c)) bad("scheduler config: c must be a finite number >= 0");
+  if (!std::isfinite(margin)) bad("scheduler config: margin must be finite");
+  if (max_preemptions < 0) bad("scheduler config: max_preemptions must be >= 0");
+  if (!(aging_rate >= 0) || !std::isfinite(aging_rate)) bad("scheduler config: aging_rate must be finite and >= 0");
+  if (!(bytes_per_token >= 0) || !std::isfinite(bytes_per_token)) bad("scheduler config: bytes_per_token must be finite and >= 0");
+  if (!(pcie_gbps > 0) || !std::isfinite(pcie_gbps)) bad("scheduler config: pcie_gbps must be finite and > 0");
+  if (!(recompute_s_per_token >= 0) || !std::isfinite(recompute_s_per_token))
+    bad("scheduler config: recompute_s_per_token must be finite and >= 0");
+}
+
+Scheduler::Scheduler(const Config& config)
+    : cfg_(config),
+      waiting_((config.validate(), config.max_slots)),
+      kept_(config.max_slots),
+      pre_(config.max_slots),
+      nonpre_(config.max_slots) {
+  table_.resize(static_cast<size_t>(cfg_.max_slots));
+  free_slots_.reserve(static_cast<size_t>(cfg_.max_slots));
+  for (int32_t s = cfg_.max_slots - 1; s >= 0; --s) free_slots_.push_back(s);
+  by_id_.reserve(static_cast<size_t>(cfg_.max_slots) * 2);
+  running_.reserve(static_cast<size_t>(cfg_.max_batch) + 1);
+}
+
+int32_t Scheduler::lookup(int64_t id, const char* what) const {
+  auto it = by_id_.find(id);
+  if (it == by_id_.end()) bad(std::string(what) + ": unknown request id " + std::to_string(id));
+  return it->second;
+}
+
+int32_t Scheduler::slot_of(int64_t id) const { return lookup(id, "slot_of"); }
+State Scheduler::state_of(int64_t id) const { return table_[lookup(id, "state_of")].state; }
+
+bool Scheduler::preemptible(const Request& r) const {
+  return cfg_.c > 0 && static_cast<double>(r.gen) < cfg_.c * r.init && r.preemptions < cfg_.max_preemptions;
+}
+
+void Scheduler::check_add(int64_t id, double arrival, int64_t prompt_len, int64_t max_new_tokens,
+                          double prompt_prediction, int64_t true_length) const {
+  const std::string who = "add(id=" + std::to_string(id) + ")";
+  if (by_id_.count(id)) bad(who + ": a request with this id is already active");
+  if (!std::isfinite(arrival)) bad(who + ": arrival must be finite");
+  if (prompt_len < 1) bad(who + ": prompt_len must be >= 1, got " + std::to_string(prompt_len));
+  if (max_new_tokens < 1) bad(who + ": max_new_tokens must be >= 1, got " + std::to_string(max_new_tokens));
+  if (std::isnan(prompt_prediction)) bad(who + ": prompt_prediction is NaN");
+  if (cfg_.policy == Policy::kOracle && true_length < 1)
+    bad(who + ": the oracle policy needs true_length >= 1, got " + std::to_string(true_length));
+  const int64_t most = blocks(prompt_len + max_new_tokens);
+  if (most > cfg_.num_gpu_blocks - cfg_.watermark_blocks)
+    bad(who + ": prompt_len + max_new_tokens needs " + std::to_string(most) + " KV blocks, more than the " +
+        std::to_string(cfg_.num_gpu_blocks - cfg_.watermark_blocks) + " usable (num_gpu_blocks - watermark)");
+}
+
+int32_t Scheduler::add(int64_t id, double arrival, int64_t prompt_len, int64_t max_new_tokens,
+                       double prompt_prediction, int64_t true_length) {
+  check_add(id, arrival, prompt_len, max_new_tokens, prompt_prediction, true_length);
+  if (free_slots_.empty())
+    bad("add(id=" + std::to_string(id) + "): no free slot (max_slots=" + std::to_string(cfg_.max_slots) + ")");
+  return add_unchecked(id, arrival, prompt_len, max_new_tokens, prompt_prediction, true_length);
+}
+
+void Scheduler::add_many(const int64_t* ids, const double* arrivals, const int64_t* prompt_lens,
+                         const int64_t* max_new_tokens, const double* prompt_predictions,
+                         const int64_t* true_lengths, int64_t n, int32_t* slots_out) {
+  if (n > static_cast<int64_t>(free_slots_.size()))
+    bad("add_many: " + std::to_string(n) + " requests but only " + std::to_string(free_slots_.size()) +
+        " free slots (max_slots=" + std::to_string(cfg_.max_slots) + ")");
+  std::unordered_map<int64_t, int64_t> seen;
+  seen.reserve(static_cast<size_t>(n) * 2);
+  for (int64_t i = 0; i < n; ++i) {
+    check_add(ids[i], arrivals[i], prompt_lens[i], max_new_tokens[i], prompt_predictions[i], true_lengths[i]);
+    if (!seen.emplace(ids[i], i).second) bad("add_many: id " + std::to_string(ids[i]) + " appears twice");
+  }
+  for (int64_t i = 0; i < n; ++i)
+    slots_out[i] = add_unchecked(ids[i], arrivals[i], prompt_lens[i], max_new_tokens[i], prompt_predictions[i],
+                                 true_lengths[i]);
+}
+
+int32_t Scheduler::add_unchecked(int64_t id, double arrival, int64_t prompt_len, int64_t max_new_tokens,
+                                 double prompt_prediction, int64_t true_length) {
+  const int32_t slot = free_slots_.back();
+  free_slots_.pop_back();
+  Request& r = table_[slot];
+  r = Request{};
+  r.id = id;
+  r.arrival = arrival;
+  r.prompt_len = prompt_len;
+  r.max_new = max_new_tokens;
+  r.true_total = true_length >= 0 ? std::min(true_length, max_new_tokens) : -1;
+  r.prompt_pred = prompt_prediction;
+  switch (cfg_.policy) {
+    case Policy::kFcfs: r.key = arrival; break;
+    case Policy::kOracle: r.key = static_cast<double>(r.true_total); break;
+    default: r.key = prompt_prediction;
+  }
+  r.init = cfg_.policy == Policy::kOracle ? static_cast<double>(r.true_total) : prompt_prediction;
+  r.init_pending = cfg_.policy == Policy::kTrail;
+  r.target = prompt_len;
+  r.state = State::kWaiting;
+  by_id_.emplace(id, slot);
+  enqueue(slot, arrival);
+  return slot;
+}
+
+void Scheduler::release(int32_t slot) {
+  by_id_.erase(table_[slot].id);
+  table_[slot] = Request{};
+  free_slots_.push_back(slot);
+}
+
+int32_t Scheduler::finish(int64_t id) {
+  int32_t slot;
+  finish_many(&id, 1, &slot);
+  return slot;
+}
+
+void Scheduler::check_unique(const int32_t* slots, int64_t n, const char* what) {
+  scratch_slots_.assign(slots, slots + n);
+  std::sort(scratch_slots_.begin(), scratch_slots_.end());
+  for (size_t i = 1; i < scratch_slots_.size(); ++i)
+    if (scratch_slots_[i] == scratch_slots_[i - 1])
+      bad(std::string(what) + ": id " + std::to_string(table_[scratch_slots_[i]].id) + " appears twice");
+}
+
+void Scheduler::finish_many(const int64_t* ids, int64_t n, int32_t* slots_out) {
+  // Validate all first so a bad batch changes nothing.
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t slot = lookup(ids[i], "finish");
+    if (table_[slot].state != State::kRunning)
+      bad("finish(id=" + std::to_string(ids[i]) + "): the request is not running (state " +
+          std::to_string(static_cast<int32_t>(table_[slot].state)) + "); use cancel");
+    slots_out[i] = slot;
+  }
+  check_unique(slots_out, n, "finish");
+  for (int64_t i = 0; i < n; ++i) {
+    remove_running(slots_out[i]);
+    release(slots_out[i]);
+  }
+}
+
+State Scheduler::cancel(int64_t id) {
+  int32_t st;
+  cancel_many(&id, 1, &st);
+  return static_cast<State>(st);
+}
+
+void Scheduler::cancel_many(const int64_t* ids, int64_t n, int32_t* states_out) {
+  // Validate all first (unknown or repeated ids) so a bad batch changes nothing.
+  std::vector<int32_t> slots(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    slots[i] = lookup(ids[i], "cancel");
+    states_out[i] = static_cast<int32_t>(table_[slots[i]].state);
+  }
+  check_unique(slots.data(), n, "cancel");
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t slot = slots[i];
+    const State st = table_[slot].state;
+    if (st == State::kRunning) {
+      remove_running(slot);
+    } else {
+      waiting_.remove(slot);
+      if (st == State::kKept) kept_.remove(slot);
+    }
+    release(slot);
+  }
+}
+
+void Scheduler::set_predictions(const int32_t* slots, const float* values, int64_t n) {
+  if (cfg_.policy != Policy::kTrail && cfg_.policy != Policy::kSjfPrompt)
+    bad("set_predictions: only the trail and sjf_prompt policies order by predictions");
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t s = slots[i];
+    if (s < 0 || s >= cfg_.max_slots || table_[s].state == State::kFree)
+      bad("set_predictions: slot " + std::to_string(s) + " holds no request");
+    if (std::isnan(values[i])) bad("set_predictions: prediction for slot " + std::to_string(s) + " is NaN");
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t s = slots[i];
+    Request& r = table_[s];
+    r.key = values[i];
+    if (cfg_.policy == Policy::kSjfPrompt || !r.started) {
+      r.prompt_pred = r.key;
+      if (!r.started) r.init = r.key;
+    }
+    if (r.state == State::kRunning) {
+      if (pre_.contains(s)) pre_.update(s, run_key(r));
+      else if (nonpre_.contains(s)) nonpre_.update(s, run_key(r));
+    } else {
+      r.s = r.key + cfg_.aging_rate * (r.t_enq - r.waited);
+      waiting_.update(s, wait_key(r));
+      if (r.state == State::kKept) kept_.update(s, wait_key(r));
+    }
+  }
+}
+
+void Scheduler::enqueue(int32_t slot, double now) {
+  Request& r = table_[slot];
+  r.t_enq = now;
+  r.s = r.key + cfg_.aging_rate * (r.t_enq - r.waited);
+  waiting_.push(slot, wait_key(r));
+  if (r.state == State::kKept) kept_.push(slot, wait_key(r));
+}
+
+void Scheduler::add_running(int32_t slot) {
+  const Request& r = table_[slot];
+  if (preemptible(r)) pre_.push(slot, run_key(r));
+  else nonpre_.push(slot, run_key(r));
+}
+
+void Scheduler::remove_running(int32_t slot) {
+  if (pre_.contains(slot)) pre_.remove(slot);
+  else if (nonpre_.contains(slot)) nonpre_.remove(slot);
+  Request& r = table_[slot];
+  const int32_t last = running_.back();
+  running_[r.run_pos] = last;
+  table_[last].run_pos = r.run_pos;
+  running_.pop_back();
+  r.run_pos = -1;
+}
+
+int32_t Scheduler::free_mode(const Request& r) {
+  const int64_t n = r.ctx;
+  if (n > 0 && cfg_.allow_swap && blocks(n) <= host_left_) {
+    const double swap_s = 2.0 * static_cast<double>(n) * cfg_.bytes_per_token / (cfg_.pcie_gbps * 1e9);
+    const double recompute_s = static_cast<double>(n) * cfg_.recompute_s_per_token;
+    if (swap_s < recompute_s) return kModeSwap;
+  }
+  return kModeRecompute;
+}
+
+void Scheduler::drop_for_recompute(Request& r) {
+  // A decoding request's newest token is not in its KV yet: the recompute prefill covers it too.
+  if (r.ctx >= r.target) r.target = r.ctx + 1;
+  r.ctx = 0;
+  r.state = State::kWaiting;
+  r.resume = kResumeRecompute;
+}
+
+void Scheduler::emit_preempt(int32_t slot, int32_t mode, bool forced, bool from_kept, int64_t blocks_held) {
+  const int64_t row[kPreemptCols] = {table_[slot].id, slot, mode, forced ? 1 : 0, from_kept ? 1 : 0, blocks_held};
+  out_.preempted.insert(out_.preempted.end(), row, row + kPreemptCols);
+}
+
+int64_t Scheduler::preempt_running(int32_t slot, int32_t mode, bool forced, double now) {
+  Request& r = table_[slot];
+  const int64_t held = blocks(r.ctx);
+  emit_preempt(slot, mode, forced, false, held);
+  remove_running(slot);
+  r.preemptions += 1;
+  if (!r.touched) { r.touched = true; touched_.push_back(slot); }
+  int64_t freed = held;
+  if (mode == kModeKeep) {
+    r.state = State::kKept;
+    r.resume = kResumeKeep;
+    freed = 0;
+  } else if (mode == kModeSwap) {
+    r.state = State::kSwapped;
+    r.resume = kResumeSwapIn;
+    host_left_ -= held;
+  } else {
+    drop_for_recompute(r);
+  }
+  enqueue(slot, now);
+  return freed;
+}
+
+int64_t Scheduler::evict_kept(int32_t slot, bool forced) {
+  Request& r = table_[slot];
+  const int64_t held = blocks(r.ctx);
+  const int32_t mode = free_mode(r);
+  emit_preempt(slot, mode, forced, true, held);
+  kept_.remove(slot);
+  if (mode == kModeSwap) {
+    r.state = State::kSwapped;
+    r.resume = kResumeSwapIn;
+    host_left_ -= held;
+  } else {
+    drop_for_recompute(r);
+  }
+  if (!r.touched) { r.touched = true; touched_.push_back(slot); }
+  return held;
+}
+
+const StepOutput& Scheduler::step(const float* predictions, const int32_t* generated, int64_t free_gpu_blocks,
+                                  int64_t free_host_blocks, double now) {
+  if (free_gpu_blocks < 0 || free_host_blocks < 0)
+    bad("step: free block counts must be >= 0, got gpu " + std::to_string(free_gpu_blocks) + ", host " +
+        std::to_string(free_host_blocks));
+  if (!std::isfinite(now)) bad("step: now must be finite");
+  const bool trail = cfg_.policy == Policy::kTrail;
+  for (int32_t s : running_) {
+    if (generated[s] < 0) bad("step: generated count of slot " + std::to_string(s) + " is negative");
+    if (trail && table_[s].ctx >= table_[s].target && std::isnan(predictions[s]))
+      bad("step: prediction of slot " + std::to_string(s) + " is NaN");
+  }
+
+  out_.scheduled.clear();
+  out_.preempted.clear();
+  out_.stop_reason = kStopEmpty;
+  for (int32_t s : touched_) table_[s].touched = false;
+  touched_.clear();
+  admitted_.clear();
+  deferred_.clear();
+  host_left_ = free_host_blocks;
+
+  // (1) refresh keys and preemptibility of the running requests.
+  for (int32_t s : running_) {
+    Request& r = table_[s];
+    r.gen = generated[s];
+    if (trail) {
+      if (r.ctx >= r.target) {
+        r.key = predictions[s];
+        if (r.init_pending) {
+          r.init = static_cast<double>(r.gen) + r.key;
+          r.init_pending = false;
+        }
+      }
+    } else if (cfg_.policy == Policy::kOracle) {
+      r.key = static_cast<double>(std::max<int64_t>(r.true_total - r.gen, 0));
+    }
+    const bool p = preemptible(r);
+    if (p) {
+      if (pre_.contains(s)) pre_.update(s, run_key(r));
+      else { nonpre_.remove(s); pre_.push(s, run_key(r)); }
+    } else {
+      if (nonpre_.contains(s)) nonpre_.update(s, run_key(r));
+      else { pre_.remove(s); nonpre_.push(s, run_key(r)); }
+    }
+  }
+
+  // (2) plan the running requests: decodes first, then prefill chunks in key order.
+  int64_t tokens_left = cfg_.max_tokens_per_step;
+  int64_t gpu_left = free_gpu_blocks;
+  prefillers_.clear();
+  for (int32_t s : running_) {
+    Request& r = table_[s];
+    if (r.ctx >= r.target) {
+      r.plan_tokens = 1;
+      r.plan_need = blocks(r.ctx + 1) - blocks(r.ctx);
+      tokens_left -= 1;
+      gpu_left -= r.plan_need;
+    } else {
+      prefillers_.push_back(s);
+    }
+  }
+  std::sort(prefillers_.begin(), prefillers_.end(),
+            [this](int32_t a, int32_t b) { return key_less(run_key(table_[a]), run_key(table_[b])); });
+  for (int32_t s : prefillers_) {
+    Request& r = table_[s];
+    r.plan_tokens = std::min({r.target - r.ctx, std::max<int64_t>(tokens_left, 0), cfg_.max_prefill_chunk});
+    r.plan_need = blocks(r.ctx + r.plan_tokens) - blocks(r.ctx);
+    tokens_left -= r.plan_tokens;
+    gpu_left -= r.plan_need;
+  }
+
+  // (3) memory always wins.
+  while (gpu_left < cfg_.watermark_blocks) {
+    if (!kept_.empty()) {
+      gpu_left += evict_kept(kept_.top(), true);
+      continue;
+    }
+    int32_t v;
+    if (!pre_.empty()) v = pre_.top();
+    else if (!nonpre_.empty()) v = nonpre_.top();
+    else break;
+    const Request& r = table_[v];
+    tokens_left += r.plan_tokens;
+    gpu_left += r.plan_need;
+    gpu_left += preempt_running(v, free_mode(r), true, now);
+  }
+
+  // (4) admission in key order, with limited preemption.
+  while (!waiting_.empty()) {
+    const int32_t h = waiting_.top();
+    Request& r = table_[h];
+    if (r.touched) {
+      waiting_.pop();
+      deferred_.push_back(h);
+      continue;
+    }
+    const bool prefill = r.ctx < r.target;
+    const int64_t t = prefill ? std::min({r.target - r.ctx, std::max<int64_t>(tokens_left, 0), cfg_.max_prefill_chunk})
+                              : (tokens_left >= 1 ? 1 : 0);
+    const int64_t swap_in = r.state == State::kSwapped ? blocks(r.ctx) : 0;
+    const int64_t need = blocks(r.ctx + t) - blocks(r.ctx) + swap_in;
+    const bool mem_short = gpu_left - need < cfg_.watermark_blocks;
+    int32_t lack = -1;
+    if (static_cast<int32_t>(running_.size()) >= cfg_.max_batch) lack = kStopBatch;
+    else if (t < 1) lack = kStopTokens;
+    else if (mem_short) lack = kStopMemory;
+    if (lack < 0) {
+      waiting_.pop();
+      if (r.state == State::kKept) kept_.remove(h);
+      r.waited += now - r.t_enq;
+      r.state = State::kRunning;
+      r.started = true;
+      if (!r.touched) { r.touched = true; touched_.push_back(h); }
+      r.plan_tokens = t;
+      r.plan_need = need;
+      r.run_pos = static_cast<int32_t>(running_.size());
+      running_.push_back(h);
+      admitted_.push_back(h);
+      tokens_left -= t;
+      gpu_left -= need;
+      continue;
+    }
+    if (mem_short && !kept_.empty() && kept_.top() != h && !table_[kept_.top()].touched) {
+      gpu_left += evict_kept(kept_.top(), false);
+      continue;
+    }
+    if (!pre_.empty()) {
+      const int32_t v = pre_.top();
+      const Request& vr = table_[v];
+      if (vr.key > effective_key(r, now) + cfg_.margin) {
+        const int32_t mode = (mem_short || !cfg_.allow_keep) ? free_mode(vr) : kModeKeep;
+        tokens_left += vr.plan_tokens;
+        gpu_left += vr.plan_need;
+        gpu_left += preempt_running(v, mode, false, now);
+        continue;
+      }
+    }
+    out_.stop_reason = lack;
+    break;
+  }
+
+  // (5) emit the batch and advance the KV token counts (the engine runs it before the next step).
+  for (int32_t s : running_) {
+    Request& r = table_[s];
+    if (r.plan_tokens <= 0) continue;
+    const bool prefill = r.ctx < r.target;
+    const int64_t row[kSchedCols] = {
+        r.id, s, prefill ? kPrefill : kDecode, r.plan_tokens, r.ctx, blocks(r.ctx + r.plan_tokens), r.resume,
+        (prefill && r.ctx + r.plan_tokens == r.target) ? 1 : 0};
+    out_.scheduled.insert(out_.scheduled.end(), row, row + kSchedCols);
+    r.ctx += r.plan_tokens;
+    r.resume = kResumeNone;
+  }
+  for (int32_t s : admitted_) add_running(s);
+  for (int32_t s : deferred_) waiting_.push(s, wait_key(table_[s]));
+  return out_;
+}
+
+std::vector<double> Scheduler::snapshot() const {
+  std::vector<double> rows;
+  rows.reserve(by_id_.size() * kSnapCols);
+  for (int32_t s = 0; s < cfg_.max_slots; ++s) {
+    const Request& r = table_[s];
+    if (r.state == State::kFree) continue;
+    const double row[kSnapCols] = {static_cast<double>(r.id), static_cast<double>(s),
+                                   static_cast<double>(static_cast<int32_t>(r.state)), static_cast<double>(r.ctx),
+                                   static_cast<double>(r.target), static_cast<double>(r.gen),
+                                   static_cast<double>(r.preemptions), r.key, r.init,
+                                   static_cast<double>(r.resume)};
+    rows.insert(rows.end(), row, row + kSnapCols);
+  }
+  return rows;
+}
+
+}  // namespace trail::sched

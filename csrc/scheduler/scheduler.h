@@ -1,0 +1,180 @@
+// The policy core: a request table indexed by slot, indexed heaps for the waiting queue and the
+// running / kept sets, and one policy step per engine step (DESIGN.md "Policy").
+//
+// Slots: the scheduler assigns each request a slot in [0, max_slots) at add() (LIFO free list:
+// 0, 1, 2, ... at first, then the most recently freed slot) and frees it at finish() / cancel().
+// Per-slot arrays from the GPU (predicted remaining length, generated counts) use that slot.
+// Preemptions counted against max_preemptions are all preemptions of a running request (policy
+// and forced); the policy stops preempting a request at the cap, memory never does.
+//
+// Contract with the engine: each step's decisions are executed before the next step() call
+// (prefill chunks and decodes ran, blocks allocated / swapped / freed as the rows say). Swap-outs
+// of a step must be ordered before that step's forward pass: their GPU blocks are counted as
+// free for the step's admissions. KV tokens of a decoding request = prompt + generated - 1 (the
+// newest sampled token is written by the next decode); the scheduler tracks this itself.
+// Plain C++17, no torch types.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "scheduler/indexed_heap.h"
+
+namespace trail::sched {
+
+enum class Policy : int32_t { kFcfs = 0, kSjfPrompt = 1, kTrail = 2, kOracle = 3 };
+
+// Request states as cancel() reports them (what the engine must free).
+enum class State : int32_t { kFree = 0, kWaiting = 1, kRunning = 2, kKept = 3, kSwapped = 4 };
+
+enum Kind : int32_t { kDecode = 0, kPrefill = 1 };
+enum Resume : int32_t { kResumeNone = 0, kResumeKeep = 1, kResumeSwapIn = 2, kResumeRecompute = 3 };
+enum Mode : int32_t { kModeKeep = 1, kModeSwap = 2, kModeRecompute = 3 };
+
+// Columns of the scheduled rows (int64, row-major, kSchedCols per row).
+enum SchedCol : int32_t {
+  kSId = 0, kSSlot, kSKind, kSTokens, kSCtxStart, kSBlocks, kSResume, kSLastChunk, kSchedCols
+};
+// Columns of the preempted rows.
+enum PreemptCol : int32_t { kPId = 0, kPSlot, kPMode, kPForced, kPFromKept, kPBlocks, kPreemptCols };
+// Columns of snapshot() rows (double).
+enum SnapCol : int32_t {
+  kXId = 0, kXSlot, kXState, kXCtx, kXTarget, kXGenerated, kXPreemptions, kXKey, kXInit, kXResume,
+  kSnapCols
+};
+// Why admission stopped in the last step (for tests and logs).
+enum Stop : int32_t { kStopEmpty = 0, kStopBatch = 1, kStopTokens = 2, kStopMemory = 3 };
+
+struct Config {
+  Policy policy = Policy::kTrail;
+  int32_t max_slots = 1024;
+  int32_t max_batch = 256;
+  int64_t max_tokens_per_step = 8192;
+  int64_t max_prefill_chunk = 8192;
+  int32_t block_size = 16;
+  int64_t num_gpu_blocks = 1 << 20;
+  int64_t num_host_blocks = 0;
+  int64_t watermark_blocks = 0;
+  double c = 0.8;                    // preemptible iff c > 0 and generated < c * initial_prediction
+  double margin = 0.0;               // tokens by which a victim's remaining must exceed the newcomer's
+  int32_t max_preemptions = 4;       // per request; policy preemptions stop at this count
+  double aging_rate = 0.0;           // tokens of key per second waited
+  bool allow_keep = true;
+  bool allow_swap = true;
+  double bytes_per_token = 0.0;      // KV bytes of one token, all layers
+  double pcie_gbps = 25.0;           // GB/s one way
+  double recompute_s_per_token = 0.0;
+
+  void validate() const;  // throws std::invalid_argument naming the field
+};
+
+struct StepOutput {
+  std::vector<int64_t> scheduled;  // rows of kSchedCols
+  std::vector<int64_t> preempted;  // rows of kPreemptCols
+  int32_t stop_reason = kStopEmpty;
+  int64_t num_scheduled() const { return static_cast<int64_t>(scheduled.size()) / kSchedCols; }
+  int64_t num_preempted() const { return static_cast<int64_t>(preempted.size()) / kPreemptCols; }
+};
+
+class Scheduler {
+ public:
+  explicit Scheduler(const Config& config);
+
+  // Returns the slot assigned. true_length < 0: unknown (required by the oracle policy).
+  int32_t add(int64_t id, double arrival, int64_t prompt_len, int64_t max_new_tokens,
+              double prompt_prediction, int64_t true_length);
+  // Batched add: validates every request first (nothing is added if one is bad).
+  void add_many(const int64_t* ids, const double* arrivals, const int64_t* prompt_lens,
+                const int64_t* max_new_tokens, const double* prompt_predictions, const int64_t* true_lengths,
+                int64_t n, int32_t* slots_out);
+  // A running request ended (stop token or length). Returns its slot, now free.
+  int32_t finish(int64_t id);
+  void finish_many(const int64_t* ids, int64_t n, int32_t* slots_out);  // all or nothing
+  // Removes a request in any state. Returns the state it was in (what the engine must free).
+  State cancel(int64_t id);
+  void cancel_many(const int64_t* ids, int64_t n, int32_t* states_out);  // all or nothing
+  // New predicted remaining lengths for any requests (trail / sjf_prompt): waiting keys move.
+  void set_predictions(const int32_t* slots, const float* values, int64_t n);
+
+  // One policy step. predictions / generated: [max_slots], indexed by slot (read for running
+  // requests only). The returned reference stays valid until the next step().
+  const StepOutput& step(const float* predictions, const int32_t* generated, int64_t free_gpu_blocks,
+                         int64_t free_host_blocks, double now);
+
+  const Config& config() const { return cfg_; }
+  int64_t num_waiting() const { return static_cast<int64_t>(waiting_.size()); }
+  int64_t num_running() const { return static_cast<int64_t>(running_.size()); }
+  int64_t num_active() const { return static_cast<int64_t>(by_id_.size()); }
+  int32_t last_stop_reason() const { return out_.stop_reason; }
+  int32_t slot_of(int64_t id) const;
+  State state_of(int64_t id) const;
+  // One row of kSnapCols per active request, in slot order.
+  std::vector<double> snapshot() const;
+
+ private:
+  struct Request {
+    int64_t id = -1;
+    double arrival = 0;
+    int64_t prompt_len = 0;
+    int64_t max_new = 0;
+    int64_t true_total = -1;
+    double prompt_pred = 0;
+    State state = State::kFree;
+    int32_t resume = kResumeNone;  // how the next admission resumes it
+    bool started = false;          // ever admitted
+    bool init_pending = false;     // trail: initial_prediction not yet read after prefill
+    bool touched = false;          // preempted or admitted in the current step
+    int64_t ctx = 0;               // tokens in its KV (GPU or host) after the last step ran
+    int64_t target = 0;            // prefill target: prompt (+ generated, after a recompute drop)
+    int32_t gen = 0;               // generated count, last read
+    int32_t preemptions = 0;
+    double key = 0;                // remaining estimate (arrival for fcfs)
+    double init = 0;               // initial prediction (c rule)
+    double waited = 0;             // seconds waited before the current wait
+    double t_enq = 0;              // start of the current wait
+    double s = 0;                  // waiting key with aging folded in
+    int64_t plan_tokens = 0;
+    int64_t plan_need = 0;         // new GPU blocks of this step's plan
+    int32_t run_pos = -1;          // index in running_
+  };
+
+  int64_t blocks(int64_t tokens) const { return (tokens + cfg_.block_size - 1) / cfg_.block_size; }
+  bool preemptible(const Request& r) const;
+  HeapKey run_key(const Request& r) const { return HeapKey{r.key, r.arrival, r.id}; }
+  HeapKey wait_key(const Request& r) const { return HeapKey{r.s, r.arrival, r.id}; }
+  double effective_key(const Request& r, double now) const { return r.s - cfg_.aging_rate * now; }
+  int32_t lookup(int64_t id, const char* what) const;
+  void check_add(int64_t id, double arrival, int64_t prompt_len, int64_t max_new_tokens, double prompt_prediction,
+                 int64_t true_length) const;
+  int32_t add_unchecked(int64_t id, double arrival, int64_t prompt_len, int64_t max_new_tokens,
+                        double prompt_prediction, int64_t true_length);
+  void check_unique(const int32_t* slots, int64_t n, const char* what);
+
+  void enqueue(int32_t slot, double now);            // into waiting_ (and kept_ when kKept)
+  void add_running(int32_t slot);                    // running_ + preemptible/non-preemptible heap
+  void remove_running(int32_t slot);
+  int32_t free_mode(const Request& r);               // swap or recompute, by the cost model
+  // Takes a running request off the GPU (mode keep / swap / recompute); returns blocks freed.
+  int64_t preempt_running(int32_t slot, int32_t mode, bool forced, double now);
+  int64_t evict_kept(int32_t slot, bool forced);     // kept -> swapped / dropped
+  void drop_for_recompute(Request& r);
+  void emit_preempt(int32_t slot, int32_t mode, bool forced, bool from_kept, int64_t blocks_held);
+  void release(int32_t slot);
+
+  Config cfg_;
+  std::vector<Request> table_;
+  std::vector<int32_t> free_slots_;
+  std::unordered_map<int64_t, int32_t> by_id_;
+  IndexedHeap<false> waiting_;   // all not-running requests, min (s, arrival, id)
+  IndexedHeap<true> kept_;       // kept-on-GPU preempted requests, max (s, arrival, id)
+  IndexedHeap<true> pre_;        // running, preemptible by the policy, max (key, arrival, id)
+  IndexedHeap<true> nonpre_;     // running, not preemptible, max (key, arrival, id)
+  std::vector<int32_t> running_;
+  // step scratch
+  std::vector<int32_t> prefillers_, admitted_, touched_, deferred_, scratch_slots_;
+  int64_t host_left_ = 0;
+  StepOutput out_;
+};
+
+}  // namespace trail::sched

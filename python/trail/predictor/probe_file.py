@@ -1,0 +1,173 @@
+"""Probe files: `NAME.safetensors` (the MLP, `torch.nn.Linear` layout) + `NAME.json` (what it
+means). Written by `trail train-probe`, read by the engine, `trail eval-probe` and tests.
+
+    fc1.weight [h, d]  fc1.bias [h]  fc2.weight [K, h]  fc2.bias [K]
+
+`NAME.json`: format, version, kind ("layer" probe, or a prompt predictor "prompt_boe" /
+"prompt_minilm"), model id, layer, d, h, bin_edges (K + 1), bin_values (K), pi (K, the training
+label prior), alpha, eps, max_new_tokens, and free-form training / validation records.
+Loading checks everything against the weights and against what the caller expects (model id,
+d); any mismatch is a ValueError that names the file and the field.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from trail.predictor.bins import validate_edges
+
+FORMAT, VERSION = "trail-probe", 1
+KINDS = ("layer", "prompt_boe", "prompt_minilm")
+
+
+class ProbeMLP(nn.Module):
+    """Linear(d, h) -> ReLU -> Linear(h, K): logits over remaining-length bins."""
+
+    def __init__(self, d: int, num_bins: int, h: int = 512):
+        super().__init__()
+        self.fc1 = nn.Linear(d, h)
+        self.fc2 = nn.Linear(h, num_bins)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x.to(self.fc1.weight.dtype))))
+
+
+@dataclass
+class ProbeSpec:
+    kind: str
+    model: str
+    d: int
+    h: int
+    bin_edges: list[float]
+    bin_values: list[float]
+    pi: list[float]
+    layer: int | None = None
+    alpha: float = 1.0
+    eps: float = 1e-4
+    max_new_tokens: int = 512
+    encoder: str | None = None          # prompt_minilm: which text encoder
+    training: dict = field(default_factory=dict)
+    validation: dict = field(default_factory=dict)
+
+    @property
+    def num_bins(self) -> int:
+        return len(self.bin_edges) - 1
+
+    def validate(self, where: str = "probe") -> "ProbeSpec":
+        def bad(msg):
+            raise ValueError(f"{where}: {msg}")
+
+        if self.kind not in KINDS:
+            bad(f"kind {self.kind!r} is not one of {KINDS}")
+        try:
+            self.bin_edges = validate_edges(self.bin_edges)
+        except ValueError as exc:
+            bad(str(exc))
+        k = self.num_bins
+        for name in ("bin_values", "pi"):
+            vals = getattr(self, name)
+            if not isinstance(vals, list) or len(vals) != k:
+                bad(f"{name} must hold {k} values (one per bin), got {vals!r}")
+            if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in vals):
+                bad(f"{name} must be finite numbers: {vals}")
+        if any(p <= 0 for p in self.pi) or abs(sum(self.pi) - 1.0) > 1e-4:
+            bad(f"pi must be positive and sum to 1, sums to {sum(self.pi):.6f}")
+        if not (isinstance(self.d, int) and self.d > 0 and isinstance(self.h, int) and self.h > 0):
+            bad(f"d and h must be positive integers, got d={self.d!r} h={self.h!r}")
+        if self.kind == "layer" and (not isinstance(self.layer, int) or self.layer < 0):
+            bad(f"a layer probe needs a layer index >= 0, got {self.layer!r}")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            bad(f"alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.eps < 1:
+            bad(f"eps must be in [0, 1), got {self.eps}")
+        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens > 0):
+            bad(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not self.model:
+            bad("model id is empty")
+        return self
+
+
+def paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """NAME, NAME.json or NAME.safetensors -> (NAME.safetensors, NAME.json)."""
+    p = Path(path)
+    if p.suffix in (".json", ".safetensors"):
+        p = p.with_suffix("")
+    return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
+
+
+def save_probe(path: str | os.PathLike, mlp: ProbeMLP, spec: ProbeSpec) -> tuple[Path, Path]:
+    from safetensors.torch import save_file
+
+    spec.validate(str(path))
+    st, js = paths(path)
+    state = {k: v.detach().float().contiguous().cpu() for k, v in mlp.state_dict().items()}
+    _check_weights(state, spec, str(st))
+    st.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(st), metadata={"format": FORMAT})
+    js.write_text(json.dumps(dict(format=FORMAT, version=VERSION, **asdict(spec)), indent=1))
+    return st, js
+
+
+def load_spec(path: str | os.PathLike) -> ProbeSpec:
+    _, js = paths(path)
+    if not js.is_file():
+        raise FileNotFoundError(f"probe metadata not found: {js}")
+    try:
+        raw = json.loads(js.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{js}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise ValueError(f"{js}: not a trail probe file (format {raw.get('format') if isinstance(raw, dict) else None!r})")
+    if raw.get("version") != VERSION:
+        raise ValueError(f"{js}: probe file version {raw.get('version')!r} not supported (want {VERSION})")
+    fields = {k: v for k, v in raw.items() if k not in ("format", "version")}
+    try:
+        spec = ProbeSpec(**fields)
+    except TypeError as exc:
+        raise ValueError(f"{js}: bad fields ({exc})") from None
+    return spec.validate(str(js))
+
+
+def load_probe(path: str | os.PathLike, expect_model: str | None = None, expect_d: int | None = None,
+               expect_kind: str | None = None, device: str | torch.device = "cpu"
+               ) -> tuple[ProbeMLP, ProbeSpec]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    st, js = paths(path)
+    spec = load_spec(path)
+    if expect_kind is not None and spec.kind != expect_kind:
+        raise ValueError(f"{js}: a {spec.kind!r} probe, expected {expect_kind!r}")
+    if expect_model is not None and spec.model != expect_model:
+        raise ValueError(f"{js}: probe trained for model {spec.model!r}, not {expect_model!r}")
+    if expect_d is not None and spec.d != expect_d:
+        raise ValueError(f"{js}: probe input width d={spec.d} does not match the model's {expect_d}")
+    if not st.is_file():
+        raise FileNotFoundError(f"probe weights not found: {st}")
+    try:
+        state = load_file(str(st))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{st}: unreadable safetensors file ({exc})") from None
+    _check_weights(state, spec, str(st))
+    mlp = ProbeMLP(spec.d, spec.num_bins, spec.h)
+    mlp.load_state_dict(state)
+    return mlp.to(device).eval(), spec
+
+
+def _check_weights(state: dict, spec: ProbeSpec, where: str) -> None:
+    want = {"fc1.weight": (spec.h, spec.d), "fc1.bias": (spec.h,),
+            "fc2.weight": (spec.num_bins, spec.h), "fc2.bias": (spec.num_bins,)}
+    if set(state) != set(want):
+        raise ValueError(f"{where}: tensors {sorted(state)} != expected {sorted(want)}")
+    for name, shape in want.items():
+        if tuple(state[name].shape) != shape:
+            raise ValueError(f"{where}: {name} has shape {tuple(state[name].shape)}, "
+                             f"expected {shape} (d={spec.d}, h={spec.h}, K={spec.num_bins})")
+        if not torch.isfinite(state[name]).all():
+            raise ValueError(f"{where}: {name} holds non-finite values")

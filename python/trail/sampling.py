@@ -1,0 +1,111 @@
+"""Next-token sampling on the device, one row per request, each with its own parameters.
+
+Pipeline per row, as transformers' `generate` orders it: repetition penalty (over every token the
+request has fed to the model: prompt + generated) -> temperature -> top-k -> top-p -> draw.
+`temperature <= 0` means greedy (argmax after the penalty). `top_k = 0` and `top_p = 1` disable
+those filters.
+
+Randomness is counter-based: a row's draw is an inverse-CDF lookup of one uniform
+`counter_uniform(seed, position)` computed on the host from the request's seed and the position
+of the token being sampled, so a request's samples do not depend on which other requests share
+its batch. Nothing here reads device memory from the host.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class SampleParams:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        validate_params(self)
+
+
+def validate_params(p) -> None:
+    """Checks any object with SampleParams' attributes; raises ValueError naming the bad one."""
+    if not p.temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {p.temperature}")
+    if not 0 < p.top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {p.top_p}")
+    if int(p.top_k) != p.top_k or p.top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {p.top_k}")
+    if not p.repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {p.repetition_penalty}")
+    if p.seed is not None and (int(p.seed) != p.seed or p.seed < 0):
+        raise ValueError(f"seed must be a non-negative integer or None, got {p.seed}")
+
+
+GREEDY = SampleParams()
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def counter_uniform(seed: int, counter: int) -> float:
+    """A uniform in (0, 1), a pure function of (seed, counter)."""
+    h = _splitmix64(_splitmix64(seed & _MASK64) ^ (counter & _MASK64))
+    return ((h >> 11) + 0.5) / float(1 << 53)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """transformers' rule on the tokens in `seen` [R, V] bool: score < 0 -> score * p, else score / p."""
+    pen = penalty[:, None].to(logits.dtype)
+    return torch.where(seen, torch.where(logits < 0, logits * pen, logits / pen), logits)
+
+
+def _sorted_filter(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor):
+    """Sort rows descending; keep = top-k (ties with the k-th value kept) then top-p, as transformers
+    does it; the kept entries are a prefix of each sorted row."""
+    vocab = scaled.shape[-1]
+    vals, idx = torch.sort(scaled, dim=-1, descending=True)
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+    kth = vals.gather(1, (k - 1)[:, None])
+    keep = vals >= kth
+    probs = torch.softmax(vals.masked_fill(~keep, float("-inf")), dim=-1)
+    before = torch.cumsum(probs, dim=-1) - probs          # probability mass ranked above each token
+    top_p = top_p[:, None].to(probs.dtype)
+    keep &= (before < top_p) | (top_p >= 1.0)
+    return vals, idx, keep
+
+
+def sampling_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                    top_p: torch.Tensor) -> torch.Tensor:
+    """Logits in vocab order after temperature / top-k / top-p, -inf where filtered (what
+    transformers' warpers return; used by tests and for log-probs)."""
+    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))[:, None]
+    vals, idx, keep = _sorted_filter(logits / t, top_k, top_p)
+    out = torch.full_like(logits, float("-inf"))
+    return out.scatter(1, idx, vals.masked_fill(~keep, float("-inf")))
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+           repetition_penalty: torch.Tensor, uniforms: torch.Tensor,
+           seen: torch.Tensor | None = None) -> torch.Tensor:
+    """logits fp32 [R, V] -> next token ids int64 [R]; every parameter tensor is per row [R]."""
+    logits = logits.float()
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+    greedy = torch.argmax(logits, dim=-1)
+    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))[:, None]
+    vals, idx, keep = _sorted_filter(logits / t, top_k, top_p)
+    probs = torch.softmax(vals.masked_fill(~keep, float("-inf")), dim=-1)
+    cdf = torch.cumsum(probs, dim=-1)
+    target = uniforms[:, None].to(cdf.dtype) * cdf[:, -1:]
+    pos = torch.searchsorted(cdf, target, right=True)
+    pos = torch.minimum(pos, keep.sum(-1, keepdim=True) - 1)   # u * total rounding up to total
+    drawn = idx.gather(1, pos).squeeze(1)
+    return torch.where(temperature > 0, drawn, greedy)
