@@ -25,6 +25,47 @@ import torch
 logger = logging.getLogger("predictor_gpu_run")
 
 
+def pick_backend(args, lm, prompts):
+    """Our runner when asked, or (auto) when its greedy outputs on a few prompts agree with
+    transformers' (bf16 may flip near-ties, so agreement is measured as matching prefix length)."""
+    if args.backend == "hf":
+        return None
+    from trail.assets import smollm2_hf_dir
+    from trail.predictor import hf_backend
+    from trail.predictor.runner_backend import RunnerGenerator
+
+    try:
+        runner = RunnerGenerator(smollm2_hf_dir(), lm.device, lm.dtype, max_slots=args.batch_size,
+                                 max_len=args.max_prompt_tokens + args.max_new_tokens)
+        if args.backend == "runner":
+            return runner
+        ids = [hf_backend.chat_ids(lm.tokenizer, p.text) for p in prompts[:16]]
+        n = 32
+        t = time.time()
+        ours = {i: o for i, o, _ in runner.generate(ids, n, lm.eos_token_ids(), repetition_penalty=1.1)}
+        t_ours = time.time() - t
+        t = time.time()
+        ref = hf_backend.generate(lm, ids, n, repetition_penalty=1.1)
+        t_hf = time.time() - t
+    except Exception:
+        logger.exception("our runner failed the canary: collecting with transformers generate")
+        return None
+
+    def prefix(a, b):
+        k = 0
+        while k < min(len(a), len(b)) and a[k] == b[k]:
+            k += 1
+        return k / max(len(a), len(b))
+
+    agree = sum(prefix(ours[i], ref[i][0]) for i in range(len(ids))) / len(ids)
+    logger.info("canary (16 prompts x %d tokens): runner %.2f s, transformers %.2f s, agreement %.2f",
+                n, t_ours, t_hf, agree)
+    if agree < 0.7:
+        logger.warning("runner disagrees with transformers (%.2f < 0.7): collecting with transformers", agree)
+        return None
+    return runner
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results/predictor"))
@@ -39,6 +80,9 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--minilm-dir", default=os.environ.get("TRAIL_MINILM_DIR"))
     ap.add_argument("--no-minilm", action="store_true")
+    ap.add_argument("--backend", choices=("auto", "runner", "hf"), default="auto",
+                    help="collection through our model runner or transformers generate; auto: the runner "
+                         "if it passes a canary against transformers, else transformers")
     ap.add_argument("--keep-features", action="store_true", help="also save the all-layer features (~1 GB)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -79,8 +123,21 @@ def main() -> int:
                if len(hf_backend.chat_ids(lm.tokenizer, p.text)) <= args.max_prompt_tokens][: args.num]
     logger.info("prompts: %d (%s)", len(prompts),
                 {s: sum(p.source == s for p in prompts) for s in {p.source for p in prompts}})
-    trace = C.collect(prompts, trace_path, lm, max_new_tokens=args.max_new_tokens, repetition_penalty=1.1,
-                      temperature=0.0, batch_size=args.batch_size, max_prompt_tokens=args.max_prompt_tokens)
+    runner = pick_backend(args, lm, prompts)
+    mark("canary")
+    kw = dict(max_new_tokens=args.max_new_tokens, repetition_penalty=1.1, temperature=0.0,
+              batch_size=args.batch_size, max_prompt_tokens=args.max_prompt_tokens)
+    fallback = False
+    try:
+        trace = C.collect(prompts, trace_path, lm, runner=runner, **kw)
+    except Exception:
+        if runner is None:
+            raise
+        logger.exception("collection through our runner FAILED; finishing with transformers generate")
+        del runner
+        torch.cuda.empty_cache() if device == "cuda" else None
+        runner, fallback = None, True
+        trace = C.collect(prompts, trace_path, lm, **kw)
     stats = C.summarize(trace)
     (out / "collect.json").write_text(json.dumps(stats, indent=1))
     logger.info("trace: %s", stats)
@@ -107,7 +164,8 @@ def main() -> int:
         shutil.copyfileobj(f, g)
     trace_path.unlink()
     mark("pack")
-    report = {"timings_s": timings, "collect": stats, "layer": summary["layer"],
+    report = {"timings_s": timings, "collect": stats, "collect_backend": trace.settings.get("backend"),
+              "collect_fell_back_to_transformers": fallback, "layer": summary["layer"],
               "filter_fit": summary.get("filter_fit"), "prompt_predictors": summary["prompt_predictors"],
               "eval_test": {k: v["mae"] for k, v in res["methods"].items()},
               "ratio_to_filter": res["ratio_to_filter"], "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}

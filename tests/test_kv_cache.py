@@ -497,6 +497,15 @@ class KVCacheMachine(RuleBasedStateMachine):
     def progress(self, n):
         self.kv.sim.advance(n)
 
+    @rule()
+    def scribble_on_free_blocks(self):
+        """Free blocks hold garbage: nothing may still read or write them."""
+        gpu, host = self.kv.gpu_allocator._free, self.kv.host_allocator._free
+        if gpu:
+            self.kv.pool[gpu] = self._data(len(gpu))
+        if host:
+            self.kv.host_pool[host] = self._data(len(host))
+
     @rule(mode=st.sampled_from(["query", "stream", "wait"]))
     def reclaim(self, mode):
         if mode == "query":

@@ -158,17 +158,23 @@ def run_scenario(params, steps, device, dtype, gen, max_slots, impl, tol, config
 
 
 def compare_states(state, ref_state, model, tol):
+    """Probabilities within `tol`; expected lengths within tol * K * max(value) (a probability
+    error of tol per bin, times the largest bin value)."""
     real = torch.arange(state.max_slots)
-    for name in ("log_post", "expected_remaining", "pool_sum"):
-        torch.testing.assert_close(getattr(state, name)[real].cpu(), getattr(ref_state, name)[real].cpu(),
-                                   rtol=tol, atol=tol, msg=lambda m: f"{name} vs reference: {m}")
+    post = state.log_post.cpu().double().exp()
+    out_tol = tol * model.k * float(model.values.max())
+    torch.testing.assert_close(post[real], ref_state.log_post[real].cpu().double().exp(), rtol=0, atol=tol,
+                               msg=lambda m: f"posterior vs reference: {m}")
+    torch.testing.assert_close(state.expected_remaining[real].cpu(), ref_state.expected_remaining[real].cpu(),
+                               rtol=0, atol=out_tol, msg=lambda m: f"expected remaining vs reference: {m}")
+    torch.testing.assert_close(state.pool_sum[real].cpu(), ref_state.pool_sum[real].cpu(), rtol=tol, atol=tol)
     for name in ("pool_count", "post_gen", "upd_gen"):
         assert torch.equal(getattr(state, name)[real].cpu(), getattr(ref_state, name)[real].cpu()), name
-    post = state.log_post.cpu().double().exp()
     for s in range(state.max_slots):
         st = model.slots[s]
-        torch.testing.assert_close(post[s], st["p"], rtol=tol, atol=tol, msg=lambda m: f"slot {s} posterior: {m}")
-        assert abs(float(state.expected_remaining[s]) - st["out"]) <= tol * (1 + abs(st["out"])), s
+        torch.testing.assert_close(post[s], st["p"], rtol=0, atol=tol, msg=lambda m: f"slot {s} posterior: {m}")
+        assert abs(float(state.expected_remaining[s]) - st["out"]) <= out_tol, (s, float(state.expected_remaining[s]),
+                                                                               st["out"])
         assert int(state.post_gen[s]) == st["post"] and int(state.upd_gen[s]) == st["upd"]
         torch.testing.assert_close(state.pool_sum[s].cpu().double(), st["sum"], rtol=tol, atol=tol)
     torch.testing.assert_close(post.sum(-1), torch.ones(state.num_slots, dtype=torch.float64), atol=1e-5, rtol=0)
@@ -456,6 +462,57 @@ def test_params_validation():
     trail_rule = ProbeParams(**base, rule="trail", alpha=0.3)
     assert trail_rule.update_every == 8 and trail_rule.alpha_used == 1.0
     assert torch.equal(trail_rule.log_prior_used, torch.zeros(k))
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiling for the H100 without one: Triton lowers to PTX and runs ptxas on the CPU, which catches
+# GPU-only compiler failures (layouts, dot shapes, shared memory) that the interpreter never sees.
+# ---------------------------------------------------------------------------------------------
+_SM90_COMPILE = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import trail_kernels.probe as P
+
+target = GPUTarget("cuda", 90, 32)
+ptrs = dict(cu_ptr="*i32", slot_ptr="*i32", flags_ptr="*i32", gen_ptr="*i32", max_new_ptr="*i32", b1_ptr="*fp32",
+            b2_ptr="*fp32", lpows_ptr="*fp32", values_ptr="*fp32", logpi_ptr="*fp32", log_post_ptr="*fp32",
+            pool_sum_ptr="*fp32", pool_cnt_ptr="*i32", post_gen_ptr="*i32", upd_gen_ptr="*i32", out_ptr="*fp32",
+            partial_ptr="*fp32", counter_ptr="*i32", state_stride="i32", n_rows="i32", num_slots="i32",
+            partial_stride="i32", alpha="fp32", log_floor="fp32", eps_log1p="fp32", update_every="i32")
+cases = [("bf16", "bf16", 1, False, 64, 64, 128, 4096, 10), ("bf16", "bf16", 2, True, 16, 16, 128, 576, 10),
+         ("fp32", "fp32", 0, True, 64, 64, 64, 576, 17), ("bf16", "bf16", 1, False, 128, 64, 64, 576, 10)]
+names = P._probe_fused_kernel.arg_names
+for sdt, wdt, mode, has_prefill, bm, bh, bd, d, k in cases:
+    types = dict(ptrs, states_ptr="*" + sdt, w1_ptr="*" + wdt, w2_ptr="*" + wdt)
+    const = dict(d=d, h=512, K=k, FLOOR=True, BLOCK_M=bm, BLOCK_H=bh, BLOCK_D=bd, FILTER_M=16,
+                 KP=P._bins_pad(k), DOT_MODE=mode, HAS_PREFILL=has_prefill, POWS=P.POW_BITS)
+    sig = {n: ("constexpr" if n in const else types[n]) for n in names}
+    src = ASTSource(P._probe_fused_kernel, sig, constexprs={(names.index(n),): v for n, v in const.items()})
+    kernel = triton.compile(src, target=target, options=dict(num_warps=8 if bm == 128 else 4, num_stages=3))
+    assert kernel.metadata.shared <= 227 * 1024, kernel.metadata.shared
+    assert "atom.global.gpu.acq_rel.add" in kernel.asm["ptx"]
+names = P._probe_pool_kernel.arg_names
+sig = dict(states_ptr="*bf16", state_stride="i32", cu_ptr="*i32", slot_ptr="*i32", flags_ptr="*i32",
+           pool_sum_ptr="*fp32", pool_cnt_ptr="*i32", num_slots="i32", d="i32", BLOCK_T="constexpr",
+           BLOCK_D="constexpr")
+triton.compile(ASTSource(P._probe_pool_kernel, sig, constexprs={(9,): 16, (10,): 128}), target=target,
+               options=dict(num_warps=4))
+print("compiled", len(cases) + 1)
+"""
+
+
+def test_kernels_compile_for_sm90_without_a_gpu():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _SM90_COMPILE], env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "compiled 5" in done.stdout
 
 
 # ---------------------------------------------------------------------------------------------

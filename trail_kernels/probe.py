@@ -296,6 +296,7 @@ class ProbeState:
         self.post_gen = torch.zeros(n, **i32)
         self.upd_gen = torch.zeros(n, **i32)
         self.expected_remaining = torch.zeros(n, **f32)
+        self.device = self.log_post.device     # 'cuda' -> 'cuda:0', as tensors report it
         rows_pad = -(-max_rows // MAX_BLOCK_M) * MAX_BLOCK_M
         self.partials = torch.zeros(-(-probe_hidden // MIN_BLOCK_H), rows_pad, _bins_pad(num_bins), **f32)
         self.tile_counters = torch.zeros(-(-max_rows // MIN_BLOCK_M), **i32)
@@ -606,10 +607,13 @@ if triton_available():
                     xp = tl.load(pool_sum_ptr + slot[:, None] * d + cols[None, :],
                                  mask=is_init[:, None] & cmask[None, :], other=0.0)
                     xf += xp * inv_cnt[:, None]
-                if DOT_MODE == 2:  # fp32 rows into a 16-bit dot: x = hi + lo, ~16 mantissa bits
+                if DOT_MODE == 2:  # fp32 rows into 16-bit dots: x = hi + mid + lo, ~fp32 precision
                     hi = xf.to(w.dtype)
-                    lo = (xf - hi.to(tl.float32)).to(w.dtype)
+                    rest = xf - hi.to(tl.float32)
+                    mid = rest.to(w.dtype)
+                    lo = (rest - mid.to(tl.float32)).to(w.dtype)
                     acc = tl.dot(hi, tl.trans(w), acc)
+                    acc = tl.dot(mid, tl.trans(w), acc)
                     acc = tl.dot(lo, tl.trans(w), acc)
                 else:
                     acc = tl.dot(xf, tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
@@ -637,8 +641,9 @@ if triton_available():
                              update_every, NH=NH, FILTER_M=FILTER_M, K=K, KP=KP, FLOOR=FLOOR, POWS=POWS)
 
 
-def pick_config(n_rows: int, d: int, h: int) -> dict:
-    """Tile sizes for the fused kernel (a heuristic; bench/suite/kernels_probe.py sweeps others)."""
+def pick_config(n_rows: int, d: int, h: int, fp32_operands: bool = False) -> dict:
+    """Tile sizes for the fused kernel (a heuristic; bench/suite/kernels_probe.py sweeps others).
+    fp32 operands (fp32 weights or states) take twice the shared memory per tile: BLOCK_D halves."""
     if interpreter_on():
         return dict(BLOCK_M=16, BLOCK_H=min(32, max(16, 1 << (h - 1).bit_length())),
                     BLOCK_D=min(64, max(16, 1 << (d - 1).bit_length())), num_warps=4, num_stages=1)
@@ -650,7 +655,7 @@ def pick_config(n_rows: int, d: int, h: int) -> dict:
         bm, bh = 64, 32
     else:
         bm, bh = 64, 64
-    return dict(BLOCK_M=bm, BLOCK_H=bh, BLOCK_D=128, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=bm, BLOCK_H=bh, BLOCK_D=64 if fp32_operands else 128, num_warps=4, num_stages=3)
 
 
 def _probe_triton(states, cu_seqlens, slot_ids, flags, num_generated, max_new_tokens, params, state,
@@ -659,18 +664,19 @@ def _probe_triton(states, cu_seqlens, slot_ids, flags, num_generated, max_new_to
     if n == 0:
         return state.expected_remaining
     h, k = params.probe_hidden, params.num_bins
-    cfg = dict(pick_config(n, d, h))
+    w1 = params.fc1_weight
+    low_precision = w1.dtype in (torch.bfloat16, torch.float16) and states.dtype == w1.dtype
+    cfg = dict(pick_config(n, d, h, fp32_operands=not low_precision))
     cfg.update(config or {})
     bm, bh = cfg["BLOCK_M"], cfg["BLOCK_H"]
-    if bm < MIN_BLOCK_M or bm > MAX_BLOCK_M or bh < MIN_BLOCK_H:
-        raise ValueError(f"probe: BLOCK_M must be in [{MIN_BLOCK_M}, {MAX_BLOCK_M}] and BLOCK_H >= {MIN_BLOCK_H}")
+    if bm % MIN_BLOCK_M or bm > MAX_BLOCK_M or bh < MIN_BLOCK_H:
+        raise ValueError(f"probe: BLOCK_M must be a multiple of {MIN_BLOCK_M} up to {MAX_BLOCK_M} and "
+                         f"BLOCK_H >= {MIN_BLOCK_H}, got {cfg}")
     if has_prefill:
         block_d_pool = 128 if not interpreter_on() else 64
         _probe_pool_kernel[(n, triton.cdiv(d, block_d_pool))](
             states, states.stride(0), cu_seqlens, slot_ids, flags, state.pool_sum, state.pool_count,
             state.num_slots, d, BLOCK_T=16, BLOCK_D=block_d_pool, num_warps=4)
-    w1 = params.fc1_weight
-    low_precision = w1.dtype in (torch.bfloat16, torch.float16) and states.dtype == w1.dtype
     dot_mode = 0 if interpreter_on() or not low_precision else (2 if has_prefill else 1)
     kp = _bins_pad(k)
     eps = params.eps
@@ -682,7 +688,7 @@ def _probe_triton(states, cu_seqlens, slot_ids, flags, num_generated, max_new_to
         state.expected_remaining, state.partials, state.tile_counters,
         n, state.num_slots, state.partials.stride(0), params.alpha_used,
         math.log(eps / k) if eps > 0 else 0.0, math.log1p(eps), params.update_every,
-        d=d, h=h, K=k, FLOOR=eps > 0, BLOCK_M=bm, BLOCK_H=bh, BLOCK_D=cfg["BLOCK_D"], FILTER_M=16, KP=kp,
+        d=d, h=h, K=k, FLOOR=eps > 0, BLOCK_M=bm, BLOCK_H=bh, BLOCK_D=cfg["BLOCK_D"], FILTER_M=MIN_BLOCK_M, KP=kp,
         DOT_MODE=dot_mode,
         HAS_PREFILL=bool(has_prefill), POWS=POW_BITS,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

@@ -258,7 +258,7 @@ def main():
                      f"max |dlog p| {p['max_abs_diff_log_post']:.2e}")
     for g in results["graph"]:
         lines.append(f"CUDA graph d={g['d']} batch={g['batch']}: probe {g['probe_in_graph_us']:.1f} us per step inside "
-                     f"a graph; one-launch graph replay {g['one_launch_graph_replay_us']:.1f} us wall; eager launch "
+                     f"a 50-step graph (L2 warm); one-launch graph replay {g['one_launch_graph_replay_us']:.1f} us wall; eager launch "
                      f"{g['eager_launch_wall_us']:.1f} us wall; syncs {g['syncs']}")
     lines.append(f"total {results['seconds']:.0f} s")
     with open(os.path.join(args.out, "probe.summary.txt"), "w") as f:

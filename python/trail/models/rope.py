@@ -77,8 +77,10 @@ class RotaryTable:
         self.ensure(max_positions or min(config.max_position_embeddings, 8192))
 
     def ensure(self, n: int) -> None:
-        if self.cos is not None and self.cos.shape[0] >= n:
-            return
+        if self.cos is not None:
+            if self.cos.shape[0] >= n:
+                return
+            n = max(n, 2 * self.cos.shape[0])
         pos = torch.arange(n, device=self.device, dtype=torch.float32)
         freqs = pos[:, None] * self.inv_freq[None, :]
         self.cos = freqs.cos() * self.scaling

@@ -36,10 +36,17 @@ def cmd_collect(args) -> int:
         prompts = P.read_prompt_file(args.prompts)[: args.num]
     else:
         prompts = P.load_prompts(args.num, sharegpt=not args.no_sharegpt, alpaca=args.alpaca, seed=args.seed)
-    trace = C.collect(prompts, args.out, _load_lm(args), max_new_tokens=args.max_new_tokens,
+    lm = _load_lm(args)
+    runner = None
+    if args.backend == "runner":
+        from trail.predictor.runner_backend import RunnerGenerator
+
+        runner = RunnerGenerator(_model_source(args), lm.device, lm.dtype, max_slots=args.batch_size,
+                                 max_len=args.max_prompt_tokens + args.max_new_tokens)
+    trace = C.collect(prompts, args.out, lm, max_new_tokens=args.max_new_tokens,
                       repetition_penalty=args.repetition_penalty, temperature=args.temperature,
                       top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
-                      max_prompt_tokens=args.max_prompt_tokens)
+                      max_prompt_tokens=args.max_prompt_tokens, runner=runner)
     print(json.dumps(C.summarize(trace), indent=1))
     return 0
 
@@ -77,13 +84,15 @@ def _runner_tap(args, lm, layer):
         return None
     from trail.predictor.runner_backend import RunnerTap
 
-    if args.model_dir is None:
-        from trail.assets import smollm2_hf_dir
+    return RunnerTap(_model_source(args), layer, lm.device, lm.dtype)
 
-        src = smollm2_hf_dir()
-    else:
-        src = args.model_dir
-    return RunnerTap(src, layer, lm.device, lm.dtype)
+
+def _model_source(args):
+    if args.model_dir is not None:
+        return args.model_dir
+    from trail.assets import smollm2_hf_dir
+
+    return smollm2_hf_dir()
 
 
 def cmd_train_probe(args) -> int:
@@ -141,6 +150,9 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--max-prompt-tokens", type=int, default=1024)
+    p.add_argument("--backend", choices=("hf", "runner"), default="hf",
+                   help="transformers generate (static batches) or our model runner (continuous batching, "
+                        "--batch-size slots)")
     _model_args(p)
     p.set_defaults(func=_with_batch_default(cmd_collect))
 

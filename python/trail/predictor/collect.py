@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 
 
 def collect_settings(lm: hf_backend.LoadedModel, max_new_tokens: int, repetition_penalty: float,
-                     temperature: float, top_p: float, seed: int, max_prompt_tokens: int) -> dict:
+                     temperature: float, top_p: float, seed: int, max_prompt_tokens: int,
+                     backend: str = "hf") -> dict:
     return {
         "model": lm.model_id,
         "max_new_tokens": int(max_new_tokens),
@@ -32,7 +33,7 @@ def collect_settings(lm: hf_backend.LoadedModel, max_new_tokens: int, repetition
         "seed": int(seed),
         "eos_token_ids": lm.eos_token_ids(),
         "max_prompt_tokens": int(max_prompt_tokens),
-        "backend": "transformers.generate",
+        "backend": "trail.model_runner" if backend == "runner" else "transformers.generate",
         "dtype": str(lm.dtype).replace("torch.", ""),
         "device": lm.device.type,
     }
@@ -42,14 +43,17 @@ def collect(prompts: Sequence[Prompt], trace_path: str | os.PathLike,
             lm: hf_backend.LoadedModel | None = None, *, max_new_tokens: int = 512,
             repetition_penalty: float = 1.1, temperature: float = 0.0, top_p: float = 1.0,
             seed: int = 0, batch_size: int = 256, max_prompt_tokens: int = 1024,
-            progress: bool = True) -> Trace:
+            progress: bool = True, runner=None) -> Trace:
+    """`runner`: a runner_backend.RunnerGenerator (our forward, continuous batching with
+    `batch_size` ignored: its slots bound the batch); None: transformers `generate` in static
+    batches of `batch_size` similar-length prompts."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     lm = lm or hf_backend.load()
     settings = collect_settings(lm, max_new_tokens, repetition_penalty, temperature, top_p, seed,
-                                max_prompt_tokens)
+                                max_prompt_tokens, "runner" if runner is not None else "hf")
     with TraceWriter(trace_path, settings) as writer:
         todo, too_long = [], 0
         for p in prompts:
@@ -65,6 +69,19 @@ def collect(prompts: Sequence[Prompt], trace_path: str | os.PathLike,
         logger.info("collect: %d to run, %d already in %s", len(todo), len(writer.done), trace_path)
         todo.sort(key=lambda t: len(t[1]))
         bar = tqdm(total=len(todo), desc="collect", unit="req", disable=not progress)
+        if runner is not None:
+            done = 0
+            for i, out_ids, finish in runner.generate(
+                    [ids for _, ids in todo], max_new_tokens, lm.eos_token_ids(),
+                    repetition_penalty=repetition_penalty, temperature=temperature, top_p=top_p,
+                    seed=seed, request_keys=[p.id for p, _ in todo]):
+                p, ids = todo[i]
+                writer.write(TraceRecord(p.id, p.source, p.text, ids, out_ids, finish))
+                done += 1
+                if done % 64 == 0:
+                    writer.flush()
+                bar.update(1)
+            todo = []
         for start in range(0, len(todo), batch_size):
             chunk = todo[start: start + batch_size]
             outs = hf_backend.generate(lm, [ids for _, ids in chunk], max_new_tokens,
