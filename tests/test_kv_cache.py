@@ -7,7 +7,7 @@ from collections import deque
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -21,18 +21,26 @@ class SimCopyStream:
     """Copies run in FIFO order, and only when an event is synchronized or `advance` is called."""
 
     def __init__(self):
-        self.queue: deque = deque()
+        self.queue: deque = deque()   # (run, gpu blocks touched, host blocks touched)
         self.issued = self.done = 0
 
-    def enqueue(self, fn) -> "SimEvent":
-        self.queue.append(fn)
+    def enqueue(self, fn, gpu_blocks=(), host_blocks=()) -> "SimEvent":
+        self.queue.append((fn, set(gpu_blocks), set(host_blocks)))
         self.issued += 1
         return SimEvent(self, self.issued)
 
     def advance(self, n: int) -> None:
         for _ in range(min(n, len(self.queue))):
-            self.queue.popleft()()
+            self.queue.popleft()[0]()
             self.done += 1
+
+    def busy(self) -> tuple[set, set]:
+        """Blocks that copies not yet run will read or write."""
+        gpu, host = set(), set()
+        for _, g, h in self.queue:
+            gpu |= g
+            host |= h
+        return gpu, host
 
 
 class SimEvent:
@@ -64,7 +72,10 @@ class DeferredKVCache(KVCache):
 
     def _enqueue_copy(self, src, dst, pairs, after):
         pairs_t = torch.tensor(pairs, dtype=torch.int64).reshape(-1, 2)
-        return self.sim.enqueue(lambda: trail.ops.kv_swap_blocks(src, dst, pairs_t, 0, "host", 0))
+        gpu_side = [p[0] for p in pairs] if src is self.pool else [p[1] for p in pairs]
+        host_side = [p[1] for p in pairs] if src is self.pool else [p[0] for p in pairs]
+        return self.sim.enqueue(lambda: trail.ops.kv_swap_blocks(src, dst, pairs_t, 0, "host", 0),
+                                gpu_side, host_side)
 
 
 SPEC = KVCacheSpec(num_layers=2, num_kv_heads=2, head_dim=4, dtype=torch.float32, block_size=4)
@@ -335,6 +346,9 @@ def test_swap_requires_host_space():
     with pytest.raises(KVCacheOutOfBlocks, match="host"):
         kv.swap_out([0])
     assert kv.host_pool.shape == (0, *SPEC.block_shape)
+    (h,) = kv.swap_out([1])                       # an empty slot needs no swap space
+    assert h.num_blocks == 0
+    kv.wait(kv.swap_in([(1, h)]))
 
 
 def test_blocks_freed_by_swap_out_wait_for_the_copy(seeded):
@@ -426,7 +440,7 @@ class KVCacheMachine(RuleBasedStateMachine):
         if slot in self.unwaited:
             self.kv.wait(self.unwaited.pop(slot))
 
-    @rule(slot=st.integers(0, SLOTS - 1), tokens=st.integers(0, 24))
+    @rule(slot=st.integers(0, SLOTS - 1), tokens=st.integers(1, 24))
     def allocate(self, slot, tokens):
         self._use(slot)
         before = snapshot(self.kv)
@@ -474,7 +488,8 @@ class KVCacheMachine(RuleBasedStateMachine):
     def swap_in(self, data):
         i = data.draw(st.integers(0, len(self.swapped) - 1))
         empty = [s for s in range(self.SLOTS) if not self.kv.blocks_of(s)]
-        assume(empty)
+        if not empty:
+            return
         slot = data.draw(st.sampled_from(empty))
         h, expected = self.swapped[i]
         before = snapshot(self.kv)
@@ -520,6 +535,16 @@ class KVCacheMachine(RuleBasedStateMachine):
         self._use(slot)
         self._check_slot(slot)
 
+    @precondition(lambda self: self.unwaited)
+    @rule(data=st.data(), drop=st.booleans())
+    def use_or_drop_fresh_swap_in(self, data, drop):
+        """The risky moments: right after a swap-in, its request is read or dropped."""
+        slot = data.draw(st.sampled_from(sorted(self.unwaited)))
+        if drop:
+            self.free(slot)
+        else:
+            self.read(slot)
+
     def _check_slot(self, slot):
         blocks = self.kv.blocks_of(slot)
         expected = self.expect.get(slot, torch.empty((0, *SPEC.block_shape)))
@@ -532,6 +557,9 @@ class KVCacheMachine(RuleBasedStateMachine):
         kv = self.kv
         kv.gpu_allocator.check()
         kv.host_allocator.check()
+        busy_gpu, busy_host = kv.sim.busy()
+        assert not busy_gpu & set(kv.gpu_allocator._free), "a block a copy still uses is free"
+        assert not busy_host & set(kv.host_allocator._free), "a host block a copy still uses is free"
         refs = [0] * kv.num_blocks
         for s in range(self.SLOTS):
             for b in kv.blocks_of(s):
@@ -564,7 +592,7 @@ class KVCacheMachine(RuleBasedStateMachine):
 
 
 TestKVCacheMachine = KVCacheMachine.TestCase
-TestKVCacheMachine.settings = settings(max_examples=120, stateful_step_count=40, deadline=None,
+TestKVCacheMachine.settings = settings(max_examples=300, stateful_step_count=50, deadline=None,
                                        suppress_health_check=[HealthCheck.filter_too_much,
                                                               HealthCheck.too_slow])
 

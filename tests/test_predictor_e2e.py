@@ -103,10 +103,21 @@ def test_greedy_trace_matches_model(pipeline_run, lm):
             assert int(row.argmax()) == tok, f"output token {j}"
 
 
-def test_probe_files_and_metrics(pipeline_run):
+def test_probe_files_and_metrics(pipeline_run, lm):
     from trail.predictor.probe_file import load_probe
+    from trail.predictor.prompt_predictors import PromptPredictor
+    from trail.predictor.trace import read_trace
 
     d, _ = pipeline_run
+    recs = read_trace(d / "trace.jsonl").records
+    boe_pp = PromptPredictor(d / "probe" / "prompt_boe", embeddings=lm.input_embeddings.detach(),
+                             expect_model=lm.model_id)
+    lp = boe_pp.log_probs(prompt_ids=[r.prompt_ids for r in recs])
+    assert lp.shape == (4, 10)
+    torch.testing.assert_close(lp.exp().sum(-1), torch.ones(4))
+    torch.testing.assert_close(lp, boe_pp.log_probs(recs))
+    with pytest.raises(ValueError, match="not 'other/model'"):
+        PromptPredictor(d / "probe" / "prompt_boe", embeddings=lm.input_embeddings.detach(), expect_model="other/model")
     mlp, spec = load_probe(d / "probe" / "probe", expect_model="HuggingFaceTB/SmolLM2-135M-Instruct", expect_d=576)
     sweep = json.loads((d / "probe" / "sweep.json").read_text())
     assert len(sweep["val_mae_samples"]) == 30 and spec.layer == sweep["chosen"]
@@ -147,9 +158,9 @@ def test_layer_hooks_follow_the_layer_convention(lm):
 
 def test_embed_features_equal_runner_tap(pipeline_run, lm, smollm2_dir, tmp_path):
     """`trail embed --dense-layer L` (transformers hooks) equals our ModelRunner's tap at every
-    position, and so does `--backend runner`."""
+    position, and so do the features embedded through the runner tap backend."""
     from trail.model_runner import Segment
-    from trail.predictor.embed import DenseFeatures, fed_tokens
+    from trail.predictor.embed import DenseFeatures, embed_dense, fed_tokens
     from trail.predictor.runner_backend import RunnerTap
     from trail.predictor.trace import read_trace
 
@@ -157,15 +168,34 @@ def test_embed_features_equal_runner_tap(pipeline_run, lm, smollm2_dir, tmp_path
     layer = 7
     assert run_verb(["embed", str(d / "trace.jsonl"), "--out", str(tmp_path / "hf.safetensors"),
                      "--dense-layer", str(layer), "--device", "cpu"]) == 0
-    assert run_verb(["embed", str(d / "trace.jsonl"), "--out", str(tmp_path / "rn.safetensors"),
-                     "--dense-layer", str(layer), "--backend", "runner", "--device", "cpu"]) == 0
     hf = DenseFeatures.load(tmp_path / "hf.safetensors")
-    rn = DenseFeatures.load(tmp_path / "rn.safetensors")
+    tap = RunnerTap(smollm2_dir, layer, "cpu", torch.float32, max_slots=2, max_len=512)
+    rn = embed_dense(lm, read_trace(d / "trace.jsonl"), layer, runner_tap=tap, progress=False)
     torch.testing.assert_close(hf.feats.float(), rn.feats.float(), rtol=2e-3, atol=2e-2)
-    tap = RunnerTap(smollm2_dir, layer, "cpu", torch.float32, max_slots=1, max_len=512)
     for i, r in enumerate(read_trace(d / "trace.jsonl").records[:2]):
         seq = fed_tokens(r)
         states = tap.runner.step([Segment(0, seq, 0)]).tap.states
         p = len(r.prompt_ids)
         want = torch.cat([states[:p].mean(0, keepdim=True), states[p:]]).half().float()
         torch.testing.assert_close(hf.request(hf.ids.index(r.id)).float(), want, rtol=2e-3, atol=2e-2)
+
+
+def test_collect_through_our_runner_matches_transformers(pipeline_run, tmp_path):
+    """`trail collect --backend runner` (continuous batching, 1 slot for 2 prompts so the slot is
+    reused) gives the same greedy outputs as the transformers-collected trace."""
+    from trail.predictor.trace import read_trace
+
+    d, _ = pipeline_run
+    ref = read_trace(d / "trace.jsonl")
+    recs = ref.records[:2]
+    pfile = tmp_path / "p.jsonl"
+    pfile.write_text("".join(json.dumps({"id": r.id, "source": r.source, "text": r.prompt}) + "\n" for r in recs))
+    assert run_verb(["collect", "--prompts", str(pfile), "--out", str(tmp_path / "t.jsonl"), "--max-new-tokens", "6",
+                     "--backend", "runner", "--batch-size", "1", "--max-prompt-tokens", "200", "--device", "cpu"]) == 0
+    got = read_trace(tmp_path / "t.jsonl")
+    assert got.settings["backend"] == "trail.model_runner"
+    for r in recs:
+        g = got.by_id()[r.id]
+        assert g.prompt_ids == r.prompt_ids
+        assert g.output_ids == r.output_ids[:6]
+        assert g.finish == ("eos" if r.output_len <= 6 and not r.hit_cap else "length")

@@ -214,7 +214,8 @@ def test_standardisation_is_folded_into_fc1():
     vals = B.bin_values(rem, [0, 4, 8, 16, 1e9])
     mlp, info = train_mlp(x, y, x[:64], rem[:64], torch.full((64,), 1e9), vals, 4,
                           TrainConfig(hidden=32, epochs=30, patience=30, batch_size=64))
-    ce = float(torch.nn.functional.cross_entropy(mlp(x), y))
+    with torch.no_grad():
+        ce = float(torch.nn.functional.cross_entropy(mlp(x), y))
     assert ce < 0.8 * math.log(4), ce       # learned something, on raw (unstandardised) inputs
     assert info["history"][-1]["train_ce"] < info["history"][0]["train_ce"]
 
@@ -296,3 +297,10 @@ def test_sampled_features_save_load(tmp_path):
     assert gg.tolist() == [0, 1, 0, 2, 5] and rem.tolist() == [2, 1, 7, 5, 2]
     with pytest.raises(ValueError, match="expected dense"):
         DenseFeatures.load(tmp_path / "f.safetensors")
+
+
+def test_shipped_probe_dir_names_what_is_missing():
+    from trail.predictor.probe_file import shipped_probe_dir
+
+    with pytest.raises(FileNotFoundError, match="no probe shipped for org/NoSuchModel"):
+        shipped_probe_dir("org/NoSuchModel")

@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="Write a haiku about schedulers.")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.set_defaults(func=cmd_demo)
+    from trail.predictor.cli_verbs import add_subcommands
+
+    add_subcommands(sub)
     return parser
 
 

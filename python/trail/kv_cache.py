@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import torch
 
@@ -169,17 +169,17 @@ class BlockAllocator:
             self._refs[b] = 1
         return blocks
 
-    def _check_held(self, blocks: Iterable[int], times: Mapping[int, int]) -> None:
+    def _check_held(self, times: Mapping[int, int], what: str) -> None:
         for b, count in times.items():
             if not (isinstance(b, int) and 0 <= b < self.num_blocks):
                 raise ValueError(f"{self.kind} block {b!r} is not a block id in [0, {self.num_blocks})")
             if self._refs[b] < count:
-                raise ValueError(f"{self.kind} block {b} released {count} time(s) but holds "
+                raise ValueError(f"{self.kind} block {b} {what} {count} time(s) but holds "
                                  f"{self._refs[b]} reference(s)")
 
     def incref(self, blocks: Sequence[int]) -> None:
         """One more reference to each (allocated) block: prefix sharing."""
-        self._check_held(blocks, Counter({b: 1 for b in blocks}))
+        self._check_held(Counter(set(blocks)), "shared")
         for b in blocks:
             self._refs[b] += 1
 
@@ -187,7 +187,7 @@ class BlockAllocator:
         """Drops one reference per entry; blocks reaching zero become free now (event None) or
         once `event` has completed. Returns those blocks. Raises ValueError (state unchanged) on a
         block that is not held."""
-        self._check_held(blocks, Counter(blocks))
+        self._check_held(Counter(blocks), "released")
         released = []
         for b in blocks:
             self._refs[b] -= 1
@@ -293,8 +293,6 @@ class KVCache:
         self.spec = spec
         self.num_blocks = num_blocks
         self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
         self.pool = torch.empty((num_blocks, *spec.block_shape), dtype=spec.dtype, device=self.device)
         self.block_tables = torch.full((max_slots, max_blocks_per_request), -1, dtype=torch.int32,
                                        device=self.device)
@@ -506,7 +504,9 @@ class KVCache:
 
     def reclaim(self, stream: Any = None, wait: bool = False) -> int:
         """Returns pending blocks (GPU and host) whose copies completed to the free lists; see
-        BlockAllocator.reclaim for `stream` and `wait`. Returns the number released."""
+        BlockAllocator.reclaim for `stream` (pass the compute stream: it writes the GPU blocks;
+        host blocks are written only by later swap-outs, which the copy stream runs in order)
+        and `wait`. Returns the number released."""
         return self.gpu_allocator.reclaim(stream, wait) + self.host_allocator.reclaim(stream, wait)
 
     def wait(self, event: Event, stream: Any = None) -> None:
@@ -579,15 +579,20 @@ class KVCache:
         if self.device.type != "cuda":
             if after is not None:
                 after.synchronize()
-            ops.kv_swap_blocks(src, dst, pairs_t, 0, "host", 0)
+            if pairs:
+                ops.kv_swap_blocks(src, dst, pairs_t, 0, "host", 0)
             return COMPLETED
         stream = self.copy_stream
         if after is None:
             after = torch.cuda.current_stream(self.device).record_event()
-        stream.wait_event(after)
-        used = ops.kv_swap_blocks(src, dst, pairs_t, stream.cuda_stream, self.swap_method, 0)
-        if used != self.swap_method and not self._warned_method and self.swap_method != "auto":
-            logger.warning("KV swap: asked for %s, ran %s", self.swap_method, used)
-            self._warned_method = True
-        logger.debug("KV swap: %d blocks (%s)", len(pairs), used)
+        if isinstance(after, torch.cuda.Event):
+            stream.wait_event(after)
+        else:
+            after.synchronize()
+        if pairs:
+            used = ops.kv_swap_blocks(src, dst, pairs_t, stream.cuda_stream, self.swap_method, 0)
+            if used != self.swap_method and self.swap_method != "auto" and not self._warned_method:
+                logger.warning("KV swap: asked for %s, ran %s", self.swap_method, used)
+                self._warned_method = True
+            logger.debug("KV swap: %d blocks (%s)", len(pairs), used)
         return stream.record_event()

@@ -149,7 +149,7 @@ def embed_sampled(lm: hf_backend.LoadedModel, trace: Trace, layers: Sequence[int
     slot_of = {layer: j for j, layer in enumerate(layers)}
     for idx, batch_g, states_by_layer in _run(lm, recs, layers, g, max_tokens, progress, "embed"):
         for layer, rows in states_by_layer.items():
-            feats[slot_of[layer], idx, : rows.shape[1]] = rows.to(store_device, torch.float16)
+            feats[slot_of[layer], idx.to(feats.device), : rows.shape[1]] = rows.to(store_device, torch.float16)
     return SampledFeatures([r.id for r in recs], layers, feats, g.to(store_device),
                            _lengths(recs, store_device), _caps(recs, store_device),
                            {"model": lm.model_id, "num_decode": num_decode, "seed": seed,

@@ -35,7 +35,7 @@ def mae_vs_generated(curves: dict[str, list[float]], bucket: int, path: str | os
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, ys in curves.items():
         xs = [i * bucket for i in range(len(ys))]
-        ax.plot(xs, ys, label=name, lw=2 if "(vi)" in name else 1)
+        ax.plot(xs, ys, label=name, lw=2 if "(vi)" in name else 1, marker="." if len(ys) < 40 else None)
     ax.set_xlabel("tokens generated")
     ax.set_ylabel("MAE of remaining length")
     ax.set_title(title or "remaining-length MAE vs tokens generated")

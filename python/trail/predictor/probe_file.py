@@ -93,6 +93,19 @@ class ProbeSpec:
         return self
 
 
+SHIPPED_DIR = Path(__file__).resolve().parent / "probes"
+
+
+def shipped_probe_dir(model_id: str) -> Path:
+    """Where the probe files shipped for `model_id` live: probes/<last part of the id>/
+    (probe.*, prompt_boe.*, prompt_minilm.*). FileNotFoundError when none is shipped."""
+    folder = SHIPPED_DIR / model_id.rstrip("/").split("/")[-1]
+    if not paths(folder / "probe")[1].is_file():
+        raise FileNotFoundError(f"no probe shipped for {model_id} (looked in {folder}); train one with "
+                                f"`trail collect`, `trail embed`, `trail train-probe`")
+    return folder
+
+
 def paths(path: str | os.PathLike) -> tuple[Path, Path]:
     """NAME, NAME.json or NAME.safetensors -> (NAME.safetensors, NAME.json)."""
     p = Path(path)

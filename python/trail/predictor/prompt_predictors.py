@@ -83,16 +83,21 @@ def boe_features(embeddings: torch.Tensor, prompts: Sequence[Sequence[int]]) -> 
     return sums / lens[:, None].float()
 
 
-def prompt_features(kind: str, records: Sequence[TraceRecord], *, embeddings: torch.Tensor | None = None,
-                    encoder: MiniLMEncoder | None = None, progress: bool = False) -> torch.Tensor:
+def prompt_features(kind: str, records: Sequence[TraceRecord] | None = None, *,
+                    embeddings: torch.Tensor | None = None, encoder: MiniLMEncoder | None = None,
+                    texts: Sequence[str] | None = None, prompt_ids: Sequence[Sequence[int]] | None = None,
+                    progress: bool = False) -> torch.Tensor:
+    """Predictor inputs from trace records, or from raw `texts` (minilm) / templated `prompt_ids` (boe)."""
     if kind == "prompt_boe":
         if embeddings is None:
             raise ValueError("prompt_boe needs the LLM's input embeddings")
-        return boe_features(embeddings, [r.prompt_ids for r in records])
+        ids = prompt_ids if prompt_ids is not None else [r.prompt_ids for r in records or []]
+        return boe_features(embeddings, ids)
     if kind == "prompt_minilm":
         if encoder is None:
             raise ValueError("prompt_minilm needs a MiniLMEncoder")
-        return encoder.encode([r.prompt for r in records], progress=progress)
+        txt = texts if texts is not None else [r.prompt for r in records or []]
+        return encoder.encode(list(txt), progress=progress)
     raise ValueError(f"unknown prompt predictor kind {kind!r}")
 
 
@@ -120,8 +125,9 @@ def train_prompt_predictor(kind: str, records: Sequence[TraceRecord], features: 
 
 
 class PromptPredictor:
-    """A loaded prompt predictor: `log_probs(records)` -> [N, K] log bin distribution of the
-    total length; `expected_total(records)`."""
+    """A loaded prompt predictor, the callable the engine and `sjf_prompt` use before prefill:
+    `log_probs(texts=..., prompt_ids=...)` (or trace records) -> [N, K] log bin distribution of
+    the total output length; `expected_total(...)` -> [N]."""
 
     def __init__(self, path: str | os.PathLike, *, embeddings: torch.Tensor | None = None,
                  minilm_path: str | os.PathLike | None = None, expect_model: str | None = None,
@@ -133,14 +139,19 @@ class PromptPredictor:
         self.encoder = MiniLMEncoder(minilm_path, device) if self.spec.kind == "prompt_minilm" else None
         if self.encoder is not None and self.encoder.dim != self.spec.d:
             raise ValueError(f"{path}: head expects d={self.spec.d}, encoder gives {self.encoder.dim}")
-        if embeddings is not None and self.spec.kind == "prompt_boe" and embeddings.shape[1] != self.spec.d:
-            raise ValueError(f"{path}: head expects d={self.spec.d}, embeddings have {embeddings.shape[1]}")
+        if self.spec.kind == "prompt_boe":
+            if embeddings is None:
+                raise ValueError(f"{path}: a bag-of-embeddings predictor needs the LLM's input embeddings")
+            if embeddings.shape[1] != self.spec.d:
+                raise ValueError(f"{path}: head expects d={self.spec.d}, embeddings have {embeddings.shape[1]}")
 
     @torch.no_grad()
-    def log_probs(self, records: Sequence[TraceRecord]) -> torch.Tensor:
-        x = prompt_features(self.spec.kind, records, embeddings=self.embeddings, encoder=self.encoder)
+    def log_probs(self, records: Sequence[TraceRecord] | None = None, *, texts: Sequence[str] | None = None,
+                  prompt_ids: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+        x = prompt_features(self.spec.kind, records, embeddings=self.embeddings, encoder=self.encoder,
+                            texts=texts, prompt_ids=prompt_ids)
         return torch.log_softmax(self.mlp(x.to(self.mlp.fc1.weight.device)).float(), -1)
 
-    def expected_total(self, records: Sequence[TraceRecord]) -> torch.Tensor:
+    def expected_total(self, records: Sequence[TraceRecord] | None = None, **kw) -> torch.Tensor:
         vals = torch.tensor(self.spec.bin_values, device=self.mlp.fc1.weight.device)
-        return (self.log_probs(records).exp() * vals).sum(-1)
+        return (self.log_probs(records, **kw).exp() * vals).sum(-1)

@@ -1,0 +1,82 @@
+"""The predictor pipeline's model paths on CUDA (bf16), against transformers on the same GPU:
+our runner's greedy collection and its layer tap, and a filter fit / evaluation on the GPU."""
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def gpu_lm(smollm2_dir):
+    from trail.predictor import hf_backend
+
+    return hf_backend.load(smollm2_dir, device="cuda", model_id="HuggingFaceTB/SmolLM2-135M-Instruct")
+
+
+@pytest.fixture(scope="module")
+def prompts_ids(gpu_lm):
+    from trail.predictor import prompts as P
+    from trail.predictor.hf_backend import chat_ids
+
+    ps = [p for p in P.sharegpt_prompts(limit=64) if len(p.text) < 400][:12]
+    return [chat_ids(gpu_lm.tokenizer, p.text) for p in ps]
+
+
+def test_runner_collection_agrees_with_transformers_on_gpu(gpu_lm, prompts_ids, smollm2_dir):
+    from trail.predictor import hf_backend
+    from trail.predictor.runner_backend import RunnerGenerator
+
+    gen = RunnerGenerator(smollm2_dir, "cuda", torch.bfloat16, max_slots=5, max_len=1024)
+    ours = {i: o for i, o, _ in gen.generate(prompts_ids, 48, gpu_lm.eos_token_ids(), repetition_penalty=1.1)}
+    ref = hf_backend.generate(gpu_lm, prompts_ids, 48, repetition_penalty=1.1)
+    agree = []
+    for i, (r, _) in enumerate(ref):
+        k = 0
+        while k < min(len(r), len(ours[i])) and r[k] == ours[i][k]:
+            k += 1
+        agree.append(k / max(len(r), len(ours[i])))
+    # bf16 may flip a near-tie and the continuations then differ; most must match throughout
+    assert sum(a == 1.0 for a in agree) >= len(agree) // 2, agree
+    assert sum(agree) / len(agree) > 0.7, agree
+
+
+def test_runner_tap_matches_transformers_features_on_gpu(gpu_lm, prompts_ids, smollm2_dir):
+    from trail.predictor import embed as E
+    from trail.predictor.runner_backend import RunnerTap
+    from trail.predictor.trace import Trace, TraceRecord
+
+    recs = [TraceRecord(f"r{i}", "t", "", ids, [17, 42, 99, 2], "eos") for i, ids in enumerate(prompts_ids[:6])]
+    trace = Trace({"model": gpu_lm.model_id, "max_new_tokens": 512}, recs)
+    hf = E.embed_dense(gpu_lm, trace, 12, store_device="cuda", progress=False)
+    tap = RunnerTap(smollm2_dir, 12, "cuda", torch.bfloat16, max_slots=4, max_len=1024)
+    rn = E.embed_dense(gpu_lm, trace, 12, store_device="cuda", progress=False, runner_tap=tap)
+    a, b = hf.feats.float(), rn.feats.float()
+    rel = (a - b).norm(dim=-1) / a.norm(dim=-1)
+    assert rel.max() < 0.05, rel.max()          # bf16 through two different kernels
+
+
+def test_filter_fit_and_eval_run_on_gpu(gpu_lm, prompts_ids):
+    """A random probe on real GPU features through fit_filter and evaluate: finite, and the
+    fitted alpha is one of the grid's."""
+    from trail.predictor import embed as E
+    from trail.predictor import eval_probe
+    from trail.predictor.bins import default_edges
+    from trail.predictor.probe_file import ProbeMLP, ProbeSpec
+    from trail.predictor.trace import Trace, TraceRecord
+    from trail.predictor.train_probe import fit_filter
+
+    gen = torch.Generator().manual_seed(0)
+    recs = [TraceRecord(f"r{i}", "t", "", ids, torch.randint(3, 40000, (40,), generator=gen).tolist() + [2], "eos")
+            for i, ids in enumerate(prompts_ids)]
+    trace = Trace({"model": gpu_lm.model_id, "max_new_tokens": 64}, recs)
+    dense = E.embed_dense(gpu_lm, trace, 10, store_device="cuda", progress=False)
+    torch.manual_seed(0)
+    mlp = ProbeMLP(576, 8, 64).cuda()
+    edges = default_edges(8, 64)
+    spec = ProbeSpec("layer", gpu_lm.model_id, 576, 64, edges, [4 + 8 * k for k in range(8)], [1 / 8] * 8,
+                     layer=10, max_new_tokens=64, training={"train_length_counts": [0] * 41 + [5] + [0] * 23})
+    best = fit_filter(mlp, spec, dense, alphas=(0.1, 1.0), epss=(1e-4,), device="cuda", progress=False)
+    assert best["alpha"] in (0.1, 1.0) and best["mae"] == best["mae"]
+    res = eval_probe.evaluate(dense, mlp, spec, device="cuda")
+    assert all(v["mae"] == v["mae"] for v in res["methods"].values())
+    assert res["methods"]["(iii) no_feature"]["mae"] == pytest.approx(0.0, abs=1e-4)   # every L is 41
