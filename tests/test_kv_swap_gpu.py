@@ -87,7 +87,8 @@ def test_round_trip_bit_exact(method, case):
     assert same(host, expected)
 
     back = [(d, s) for s, d in pairs[:len(pairs) // 2]]        # host -> other GPU blocks
-    targets = [t for t in range(n_pool) if t not in {s for s, _ in pairs}][:len(back)]
+    sources = {s for s, _ in pairs}
+    targets = [t for t in range(n_pool) if t not in sources][:len(back)]
     back = [(h, t) for (h, _), t in zip(back, targets)]
     expected_pool = pool.cpu()
     for h, t in back:

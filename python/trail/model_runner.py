@@ -22,7 +22,6 @@ a slot starts over (start == 0). A request that moves to another slot with token
 """
 from __future__ import annotations
 
-import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,8 +32,6 @@ import torch
 import trail
 from trail.models.llama import AttentionMetadata, LlamaModel
 from trail.sampling import GREEDY, counter_uniform, sample, validate_params
-
-logger = logging.getLogger(__name__)
 
 PREFILL, DECODE = "prefill", "decode"
 
