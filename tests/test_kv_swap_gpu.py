@@ -49,8 +49,9 @@ def cycles_per_ms() -> float:
 
 def sleep_on(stream, ms=150.0):
     """Keeps `stream` busy for `ms` so that work queued behind it runs late."""
+    cycles = int(ms * cycles_per_ms())
     with torch.cuda.stream(stream):
-        torch.cuda._sleep(int(ms * cycles_per_ms()))
+        torch.cuda._sleep(cycles)
 
 
 def test_cuda_build():
