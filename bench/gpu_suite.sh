@@ -25,6 +25,8 @@ run_section() {
   t0=$(date +%s)
   case "$section" in
     build)
+      # sm_90 machine code + PTX unless the caller chose (the image presets TORCH_CUDA_ARCH_LIST=9.0a)
+      export TRAIL_CUDA_ARCH_LIST=${TRAIL_CUDA_ARCH_LIST:-9.0+PTX}
       { $PY -m pip install --no-build-isolation --no-deps -v . 2>&1 | tail -n 30; } >"$dir/build.log"
       rc=${PIPESTATUS[0]}
       $PY -c "import json, trail; print(json.dumps(trail.native_info(), indent=1))" \

@@ -164,9 +164,10 @@ def test_swap_out_waits_for_the_last_kv_write():
     assert same(kv.host_pool[h0.host_blocks], new)
 
 
-def test_swap_in_wait_is_required_and_sufficient():
+@pytest.mark.parametrize("method", METHODS)
+def test_swap_in_wait_is_required_and_sufficient(method):
     kv = KVCache(SPEC, num_blocks=32, max_slots=2, max_blocks_per_request=8, device="cuda",
-                 num_host_blocks=16)
+                 num_host_blocks=16, swap_method=method)
     kv.allocate({0: 128})
     randomize_(kv.pool)
     data = kv.pool[kv.blocks_of(0)].clone()

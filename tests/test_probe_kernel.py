@@ -568,7 +568,7 @@ def test_gpu_decode_launch_in_cuda_graph_replays_with_new_inputs(d, seeded):
     batch, max_slots = 48, 80
     params = ProbeParams.random(d, 512, 10, generator=seeded, open_ended=True, scale=4.0, eps=1e-5,
                                 alpha=0.8).to("cuda", torch.bfloat16)
-    state = ProbeState.for_params(params, max_slots=max_slots, max_rows=64, device="cuda")
+    state = ProbeState.for_params(params, max_slots=max_slots, max_rows=max_slots, device="cuda")
     prompt = make_step([(s, PF_ONESHOT, 3, 0, 200) for s in range(max_slots)], d, seeded, "cuda", torch.bfloat16)
     probe_step(**prompt, params=params, state=state, impl="triton")
     static = make_step([(max_slots, 0, 1, 0, 0)] * batch, d, seeded, "cuda", torch.bfloat16)

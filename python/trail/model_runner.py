@@ -194,7 +194,9 @@ class ModelRunner:
     def forward(self, batch: StepBatch) -> tuple[torch.Tensor, LayerTap | None]:
         """-> (logits fp32 [R, vocab] of the sampling segments' last tokens, layer tap or None)."""
         self.seen.index_fill_(0, batch.reset_slots, False)
-        self.seen[batch.token_slots.long(), batch.input_ids] = True
+        # a flat scatter: indexed assignment (index_put_) checks its indices with a host sync
+        flat = batch.token_slots.long() * self.seen.shape[1] + batch.input_ids
+        self.seen.view(-1).scatter_(0, flat, True)
         logits, states = self.model(batch.input_ids, batch.meta, self.kv_cache,
                                     logits_indices=batch.logits_indices, tap_layer=self.tap_layer)
         tap = None
