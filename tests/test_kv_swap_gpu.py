@@ -174,6 +174,13 @@ def test_swap_in_wait_is_required_and_sufficient(method):
     (h,) = kv.swap_out([0])
     torch.cuda.synchronize()
     kv.reclaim()
+    # warm-up: the first launch of a kernel loads its module (lazy loading), which can wait for
+    # the whole device, the sleeping copy stream included; load every kernel used below first
+    kv.wait(kv.swap_in([(1, h)]))
+    kv.pool.index_select(0, device_index(kv.blocks_of(1)))
+    (h,) = kv.swap_out([1])
+    torch.cuda.synchronize()
+    kv.reclaim()
     kv.pool.zero_()
     torch.cuda.synchronize()
     sleep_on(kv.copy_stream)                         # the copy engine is busy with earlier swaps

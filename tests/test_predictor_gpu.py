@@ -23,19 +23,25 @@ def prompts_ids(gpu_lm):
 
 
 def test_runner_collection_agrees_with_transformers_on_gpu(gpu_lm, prompts_ids, smollm2_dir):
+    """In fp32: in bf16 two correct implementations part ways at the first near-tie (seen on the
+    H100: common prefixes of 15-100%), which says nothing about either; the bf16 forward itself is
+    checked against transformers in tests/test_model_gpu.py."""
     from trail.predictor import hf_backend
     from trail.predictor.runner_backend import RunnerGenerator
 
-    gen = RunnerGenerator(smollm2_dir, "cuda", torch.bfloat16, max_slots=5, max_len=1024)
-    ours = {i: o for i, o, _ in gen.generate(prompts_ids, 48, gpu_lm.eos_token_ids(), repetition_penalty=1.1)}
-    ref = hf_backend.generate(gpu_lm, prompts_ids, 48, repetition_penalty=1.1)
+    lm32 = hf_backend.load(smollm2_dir, device="cuda", dtype=torch.float32,
+                           model_id="HuggingFaceTB/SmolLM2-135M-Instruct")
+    gen = RunnerGenerator(smollm2_dir, "cuda", torch.float32, max_slots=5, max_len=1024)
+    ours = {i: o for i, o, _ in gen.generate(prompts_ids, 48, lm32.eos_token_ids(), repetition_penalty=1.1)}
+    ref = hf_backend.generate(lm32, prompts_ids, 48, repetition_penalty=1.1)
     agree = []
     for i, (r, _) in enumerate(ref):
         k = 0
         while k < min(len(r), len(ours[i])) and r[k] == ours[i][k]:
             k += 1
         agree.append(k / max(len(r), len(ours[i])))
-    # bf16 may flip a near-tie and the continuations then differ; most must match throughout
+    # fp32 GEMMs on the GPU (TF32 off) still round differently from transformers' kernels, so a
+    # near-tie may flip late; most continuations must match throughout
     assert sum(a == 1.0 for a in agree) >= len(agree) // 2, agree
     assert sum(agree) / len(agree) > 0.7, agree
 

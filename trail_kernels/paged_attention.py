@@ -63,7 +63,8 @@ def write_kv_reference(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     # Skipping tokens without a boolean filter (which would sync with the device): every skipped
     # token rewrites the value that the first valid token writes, to that token's slot, so the
     # duplicate writes agree; with no valid token at all, they rewrite slot 0's current content.
-    first = torch.argmax(valid.to(torch.int32))
+    # one-element index tensors (a 0-dim tensor index would be read on the host)
+    first = torch.argmax(valid.to(torch.int32)).view(1)
     any_valid = valid[first]
     anchor = torch.where(any_valid, slots[first], torch.zeros_like(slots[first]))
     slots = torch.where(valid, slots, anchor)
