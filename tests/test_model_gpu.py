@@ -7,20 +7,11 @@ import torch
 from trail.kv_cache import KVCache, KVCacheSpec
 from trail.model_runner import ModelRunner, Segment
 from trail.models import load_hf
+from trail.predictor.prompts import synthetic_chat_prompts
 from trail.sampling import SampleParams
 
 pytestmark = pytest.mark.gpu
 
-TOPICS = ["the sea", "a mountain", "Paris", "prime numbers", "coffee", "a robot", "winter", "music"]
-
-
-def prompts(tok, n):
-    out = []
-    for i in range(n):
-        text = f"Tell me about {TOPICS[i % len(TOPICS)]}." + " Please be detailed." * (i % 7)
-        out.append(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                           tokenize=True, return_dict=False))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +43,7 @@ def test_bf16_forward_as_close_as_transformers_bf16(smollm2_dir, hf):
     ref_model, hf16, tok = hf
     ours = load_hf(smollm2_dir, device="cuda")
     assert ours.lm_head.weight.dtype == torch.bfloat16
-    ids = prompts(tok, 4)
+    ids = synthetic_chat_prompts(tok, 4)
     runner = make_runner(ours, 4, 16, torch.bfloat16)
     batch = runner.prepare([Segment(s, p, 0) for s, p in enumerate(ids)])
     logits, _ = ours(batch.input_ids, batch.meta, runner.kv_cache)
@@ -81,7 +72,7 @@ def check_bf16_against_baseline(errs, agree, what):
 def test_batch64_paged_decode_matches_full_forward(smollm2_dir, hf, dtype):
     ref_model, hf16, tok = hf
     ours = load_hf(smollm2_dir, device="cuda", dtype=dtype)
-    ids = prompts(tok, 64)
+    ids = synthetic_chat_prompts(tok, 64)
     steps = 24
     runner = make_runner(ours, 64, 8, dtype)
     params = SampleParams(repetition_penalty=1.1)

@@ -25,9 +25,9 @@ import torch
 from trail.kv_cache import KVCache, KVCacheSpec
 from trail.model_runner import ModelRunner, Segment
 from trail.models import load_hf, preset, random_model
+from trail.predictor.prompts import synthetic_chat_prompts
 from trail.sampling import SampleParams
 
-TOPICS = ["the sea", "a mountain", "Paris", "prime numbers", "coffee", "a robot", "winter", "music"]
 
 
 def cuda_ms(fn, iters=10, warmup=2):
@@ -62,15 +62,6 @@ def weight_bytes(model) -> int:
     return total
 
 
-def chat_prompts(tok, n):
-    out = []
-    for i in range(n):
-        text = f"Tell me about {TOPICS[i % len(TOPICS)]}." + " Please be detailed." * (i % 7)
-        out.append(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                           tokenize=True, return_dict=False))
-    return out
-
-
 def make_runner(model, slots, max_blocks, dtype, fill=None):
     cfg = model.config
     cache = KVCache(KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype=dtype),
@@ -87,7 +78,7 @@ def rel(a, b):
 
 
 def correctness(tok, hf32, hf16, ours):
-    ids = chat_prompts(tok, 4)
+    ids = synthetic_chat_prompts(tok, 4)
     runner = make_runner(ours, 4, 16, torch.bfloat16)
     batch = runner.prepare([Segment(s, p, 0) for s, p in enumerate(ids)])
     logits, _ = ours(batch.input_ids, batch.meta, runner.kv_cache)
@@ -190,7 +181,7 @@ def main():
     del hf32
     torch.cuda.empty_cache()
 
-    prompts = chat_prompts(tok, 64)
+    prompts = synthetic_chat_prompts(tok, 64)
     runner = make_runner(ours, 64, -(-(max(map(len, prompts)) + args.steps + 4) // 16), torch.bfloat16)
     smol = decode_timing(runner, prompts, args.steps, SampleParams(repetition_penalty=1.1))
     kv_bytes = smol["mean_kv_tokens_per_step"] * runner.kv_cache.spec.bytes_per_token

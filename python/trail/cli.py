@@ -41,6 +41,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from trail.generate import generate_with_predictions
     from trail.models.loader import load_hf, load_tokenizer
     from trail.predictor.filter_adapter import probe_params
+    from trail.predictor.hf_backend import chat_ids
     from trail.predictor.probe_file import load_probe, shipped_probe_dir
     from trail.sampling import SampleParams
 
@@ -53,9 +54,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                            expect_d=model.config.hidden_size)
     print(f"probe: layer {spec.layer}, {spec.num_bins} bins, alpha {spec.alpha}, eps {spec.eps}")
     prompts = args.prompt or list(DEMO_PROMPTS)
-    ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                   tokenize=True, return_dict=False) for p in prompts]
-    ids = [list(x["input_ids"]) if isinstance(x, dict) else list(x) for x in ids]
+    ids = [chat_ids(tok, p) for p in prompts]
     params = SampleParams(temperature=0.0, repetition_penalty=1.1)
     t0 = time.perf_counter()
     history = []

@@ -158,3 +158,15 @@ def read_prompt_file(path: str | os.PathLike) -> list[Prompt]:
         else:
             out.append(Prompt(prompt_id(path.stem, line), path.stem, line))
     return out
+
+
+SYNTHETIC_TOPICS = ("the sea", "a mountain", "Paris", "prime numbers", "coffee", "a robot", "winter", "music")
+
+
+def synthetic_chat_prompts(tokenizer, n: int) -> list[list[int]]:
+    """`n` templated prompts of varied length ("Tell me about X." + 0-6 "Please be detailed."),
+    for tests and benchmarks that need no dataset."""
+    from trail.predictor.hf_backend import chat_ids
+
+    return [chat_ids(tokenizer, f"Tell me about {SYNTHETIC_TOPICS[i % len(SYNTHETIC_TOPICS)]}."
+                     + " Please be detailed." * (i % 7)) for i in range(n)]
