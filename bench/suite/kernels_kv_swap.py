@@ -182,7 +182,7 @@ def overlap(buf: Buffers, model: StandIn, stream, gen, total: int, rows: list[di
             # enough copies queued to outlast the steps (call time measured above, same size)
             call_ms = next(r["ms"] for r in rows if r["block"] == spec.bytes_per_block
                            and r["direction"] == direction and r["method"] == label(method, ctas))
-            # 4x margin: a method's rate under contention can be well above its rate alone
+            # a generous margin; `swap_covered_all_steps` below reports whether it sufficed
             repeats = max(4, int(steps * result["alone_ms"] * 4 / call_ms) + 1)
             c0, c1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             c0.record(stream)
