@@ -78,6 +78,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trail", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -86,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("demo", help="run trail on the real SmolLM2-135M-Instruct (CPU is fine)")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable; default: four built-in)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--every", type=int, default=16, help="print every N steps")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    p.add_argument("--every", type=_positive_int, default=16, help="print every N steps")
     p.set_defaults(func=cmd_demo)
     from trail.predictor.cli_verbs import add_subcommands
 

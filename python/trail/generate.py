@@ -30,7 +30,8 @@ class StepRecord:
     new_tokens: list[int | None]          # None for a request that had already finished
     generated: list[int]                   # output tokens so far
     # the filter's expected number of output tokens after those fed to the model so far: it
-    # counts the token sampled this step (the model has not read it yet), capped at max_new - fed
+    # counts the token sampled this step (the model has not read it yet), capped at max_new - fed;
+    # a request that finished in an earlier step keeps its last value
     predicted_remaining: list[float]
     finished: list[bool] = field(default_factory=list)
 
@@ -94,4 +95,6 @@ def generate_with_predictions(model, prompts: Sequence[Sequence[int]], probe: Pr
         segments = [Segment(i, [outputs[i][-1]], len(prompts[i]) + len(outputs[i]) - 1, DECODE, True,
                             sample_params) for i in active]
         flags[:len(active)] = 0
-        num_generated[:len(active)] = torch.tensor([len(outputs[i]) for i in active], dtype=torch.int32)
+        # every active request has generated exactly `step` tokens (one per step since the
+        # prefill): a scalar fill, not a host tensor copied in (a blocking copy = a sync on CUDA)
+        num_generated[:len(active)].fill_(step)

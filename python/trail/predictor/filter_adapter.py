@@ -59,13 +59,15 @@ def run_filter(params: ProbeParams, dense: DenseFeatures, max_new_tokens: int,
         if arg is not None:
             arg[rows] = state.log_post[slots].argmax(-1)
 
+    # a request with no stored position (L = 0) has no row: cu[i] would be the next request's
+    started = all_slots[lens > 0]
     if init_log_post is None:
-        step(all_slots, cu[:-1], PREFILL | FIRST_CHUNK | LAST_CHUNK, 0)
+        step(started, cu[started], PREFILL | FIRST_CHUNK | LAST_CHUNK, 0)
     else:
         if init_log_post.shape != (n, params.num_bins):
             raise ValueError(f"init_log_post must be [{n}, {params.num_bins}], got {tuple(init_log_post.shape)}")
         state.log_post[:n] = torch.log_softmax(init_log_post.to(dev, torch.float32), -1)
-        step(all_slots, cu[:-1], 0, 0)
+        step(started, cu[started], 0, 0)
     for g in range(1, int(lens.max())):
         slots = all_slots[lens > g]
         step(slots, cu[slots] + g, 0, g)
