@@ -60,6 +60,7 @@ def generate_with_predictions(model, prompts: Sequence[Sequence[int]], probe: Pr
 
     i32 = dict(dtype=torch.int32, device=device)
     max_new = torch.full((n,), max_new_tokens, **i32)
+    predictions = torch.empty(n, dtype=torch.float32, pin_memory=device.type == "cuda")
     outputs: list[list[int]] = [[] for _ in prompts]
     done = [False] * n
 
@@ -75,7 +76,7 @@ def generate_with_predictions(model, prompts: Sequence[Sequence[int]], probe: Pr
         rows = len(segments)
         expected = probe_step(tap.states, tap.cu_seqlens, tap.slot_ids, flags[:rows], num_generated[:rows],
                               max_new[:rows], probe, state, has_prefill=step == 0)
-        predictions = expected[:n].to("cpu", non_blocking=True)
+        predictions.copy_(expected[:n], non_blocking=True)
         tokens = out.next_tokens.cpu()          # the step's one sync; predictions ride along
         new: list[int | None] = [None] * n
         for seg, tok in zip(segments, tokens.tolist()):

@@ -75,16 +75,24 @@ def sharegpt_prompts(path: str | os.PathLike | None = None, limit: int | None = 
         from trail.assets import sharegpt_path
 
         path = sharegpt_path()
+
+    def first_turns():
+        for conv in iter_json_array(path):
+            turns = conv.get("conversations") if isinstance(conv, dict) else None
+            if turns and len(turns) >= 2 and turns[0].get("from") == "human":
+                yield (turns[0].get("value") or "").strip()
+
+    return _unique_prompts("sharegpt", first_turns(), limit)
+
+
+def _unique_prompts(source: str, texts, limit: int | None) -> list[Prompt]:
+    """Prompts from `texts`, empty and repeated texts skipped, at most `limit`."""
     out, seen = [], set()
-    for conv in iter_json_array(path):
-        turns = conv.get("conversations") if isinstance(conv, dict) else None
-        if not turns or len(turns) < 2 or turns[0].get("from") != "human":
-            continue
-        text = (turns[0].get("value") or "").strip()
+    for text in texts:
         if not text or text in seen:
             continue
         seen.add(text)
-        out.append(Prompt(prompt_id("sharegpt", text), "sharegpt", text))
+        out.append(Prompt(prompt_id(source, text), source, text))
         if limit is not None and len(out) >= limit:
             break
     return out
@@ -107,19 +115,14 @@ def alpaca_prompts(path: str | os.PathLike, limit: int | None = None) -> list[Pr
     records = _alpaca_records(Path(path))
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of alpaca records")
-    out, seen = [], set()
-    for rec in records:
-        text = (rec.get("instruction") or "").strip()
-        extra = (rec.get("input") or "").strip()
-        if extra:
-            text = f"{text}\n\n{extra}"
-        if not text or text in seen:
-            continue
-        seen.add(text)
-        out.append(Prompt(prompt_id("alpaca", text), "alpaca", text))
-        if limit is not None and len(out) >= limit:
-            break
-    return out
+
+    def texts():
+        for rec in records:
+            text = (rec.get("instruction") or "").strip()
+            extra = (rec.get("input") or "").strip()
+            yield f"{text}\n\n{extra}" if extra else text
+
+    return _unique_prompts("alpaca", texts(), limit)
 
 
 def load_prompts(n: int, sharegpt: str | os.PathLike | None | bool = True,

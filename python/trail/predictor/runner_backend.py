@@ -24,19 +24,13 @@ logger = logging.getLogger(__name__)
 class RunnerTap:
     def __init__(self, model_dir: str | os.PathLike, layer: int, device: str | torch.device,
                  dtype: torch.dtype, max_slots: int = 64, max_len: int = 2048):
-        from trail.kv_cache import KVCache, KVCacheSpec
         from trail.model_runner import ModelRunner
         from trail.models.loader import load_model
 
         self.model = load_model(model_dir, device, dtype)
-        cfg = self.model.config
         self.layer, self.max_slots, self.max_len = layer, max_slots, max_len
-        self.block_size = 16
-        mb = math.ceil(max_len / self.block_size)
-        cache = KVCache(KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype=dtype,
-                                    block_size=self.block_size), max_slots * mb, max_slots, mb, device)
-        cache.block_tables.copy_(torch.arange(max_slots * mb, dtype=torch.int32).view(max_slots, mb))
-        self.runner = ModelRunner(self.model, cache, tap_layer=layer)
+        self.runner = ModelRunner(self.model, _static_cache(self.model, max_slots, max_len, device, dtype),
+                                  tap_layer=layer)
         logger.info("runner tap on layer %d (%d slots x %d tokens)", layer, max_slots, max_len)
 
     def padded_states(self, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -61,6 +55,7 @@ class RunnerTap:
 
 
 def _static_cache(model, max_slots: int, max_len: int, device, dtype):
+    """A cache whose slot i owns a fixed run of blocks (no allocator: every slot holds max_len)."""
     from trail.kv_cache import KVCache, KVCacheSpec
 
     cfg = model.config
