@@ -173,11 +173,3 @@ class TraceWriter:
 # settings that change what a trace means; others (batch size, backend) may differ on resume
 _RESUME_KEYS = ("model", "max_new_tokens", "temperature", "top_p", "repetition_penalty",
                 "chat_template", "seed", "eos_token_ids")
-
-
-def write_trace(path: str | os.PathLike, trace: Trace) -> None:
-    path = Path(path)
-    with _open(path, "w") as f:
-        f.write(header_line(trace.settings) + "\n")
-        for rec in trace.records:
-            f.write(record_line(rec) + "\n")
