@@ -19,11 +19,14 @@ and a decode token (len 1) are the same case.
 
 `max_seqlen_q` / `max_context_len` are host integers (upper bounds are fine): they size the work
 without reading device memory, so no call synchronises with the device. Block tables are trusted:
-a mapped position whose table entry is -1 reads block 0 (the engine maps blocks before a step).
+a mapped position whose table entry is -1 reads block 0 (the engine maps blocks before a step);
+with `TRAIL_KV_DEBUG=1` the Triton kernels trip a device assertion there instead.
 
-Only the torch references exist yet; the Triton kernels slot in behind the same launchers
-(`_TRITON` below) in their own issue. `impl='triton'` raises until then; `auto` uses the
-references everywhere.
+Implementations: the torch references below (`*_reference`, the definition of each function) and
+the Triton kernels of `trail_kernels/paged_attention_triton.py`, registered in `_TRITON` and
+chosen by `trail_kernels.dispatch.use_triton` (auto: Triton on CUDA tensors, reference on CPU).
+A segment with `context_lens[i] == 0` (a padded CUDA-graph row) gives NaN in the reference and
+zeros in the Triton kernels; no real segment has an empty context.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ import torch
 
 from trail_kernels.dispatch import use_triton
 
-# Filled by the Triton implementation when it lands: name -> callable with the launcher's signature.
+# name -> Triton launcher with the reference's signature (filled at the end of this module).
 _TRITON: dict[str, object] = {}
 
 
@@ -192,3 +195,15 @@ def paged_decode(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Te
     fn = _dispatch("paged_decode", (q, kv_layer, block_tables), impl)
     return (fn or paged_decode_reference)(q, kv_layer, block_tables, slot_ids, context_lens,
                                           max_context_len, scale)
+
+
+def _register_triton():
+    from trail_kernels.dispatch import triton_available
+    if not triton_available():
+        return
+    from trail_kernels import paged_attention_triton as kernels
+    _TRITON.update(write_kv=kernels.write_kv_triton, paged_attention=kernels.paged_attention_triton,
+                   paged_decode=kernels.paged_decode_triton)
+
+
+_register_triton()
