@@ -9,6 +9,8 @@ import math
 import numpy as np
 import pytest
 import torch
+
+from trail_kernels import row_flags
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -197,7 +199,7 @@ class Sim:
         assert not set(ids) & {r[0] for r in pre}, "request preempted and scheduled in one step"
         total_tokens = 0
         admitted = []
-        for rid, slot, kind, tokens, ctx_start, blocks, resume, last in sched:
+        for rid, slot, kind, tokens, ctx_start, blocks, resume, last, flags in sched:
             m = self.reqs[rid]
             assert m.slot == slot and tokens >= 1 and ctx_start == m.ctx
             if m.state == State.RUNNING:
@@ -214,8 +216,14 @@ class Sim:
             if m.ctx < m.target:
                 assert kind == Kind.PREFILL and tokens <= min(m.target - m.ctx, cfg.max_prefill_chunk)
                 assert last == int(m.ctx + tokens == m.target)
+                # every chunk of a re-prefill of prompt + generated tokens is marked RECOMPUTE
+                expect_flags = (row_flags.PREFILL | (row_flags.FIRST_CHUNK if m.ctx == 0 else 0)
+                                | (row_flags.LAST_CHUNK | row_flags.SAMPLE if last else 0)
+                                | (row_flags.RECOMPUTE if m.target > m.prompt else 0))
             else:
                 assert kind == Kind.DECODE and tokens == 1 and last == 0
+                expect_flags = row_flags.SAMPLE
+            assert flags == expect_flags, (flags, expect_flags)
             assert blocks == _blocks(m.ctx + tokens, bs)
             m.ctx += tokens
             total_tokens += tokens
@@ -243,7 +251,7 @@ class Sim:
 
         # ---- the engine runs the batch: tokens, stop checks (finished ones reported in one call) ----
         done = []
-        for rid, _slot, kind, _t, _c, _b, _r, last in sched:
+        for rid, _slot, kind, _t, _c, _b, _r, last, _f in sched:
             m = self.reqs[rid]
             if kind == Kind.DECODE or last:
                 m.gen += 1
@@ -277,14 +285,16 @@ def _random_config(data, policy=None) -> SchedulerConfig:
     bs = data.draw(st.sampled_from([1, 4, 16]))
     max_batch = data.draw(st.integers(1, 8))
     tight = data.draw(st.booleans())
+    watermark = data.draw(st.integers(0, 2))
+    # a tight pool still holds the largest request (63 + 63 tokens) above the watermark
     return SchedulerConfig(
         policy=policy, max_slots=64, max_batch=max_batch,
         max_tokens_per_step=data.draw(st.integers(max_batch, 96)),
         max_prefill_chunk=data.draw(st.sampled_from([None, 8, 32])),
         block_size=bs,
-        num_gpu_blocks=(_blocks(128, bs) + data.draw(st.integers(1, 8))) if tight else _blocks(2000, bs),
+        num_gpu_blocks=(_blocks(128, bs) + watermark + data.draw(st.integers(0, 8))) if tight else _blocks(2000, bs),
         num_host_blocks=data.draw(st.sampled_from([0, _blocks(64, bs), _blocks(4000, bs)])),
-        watermark_blocks=data.draw(st.integers(0, 2)),
+        watermark_blocks=watermark,
         c=data.draw(st.sampled_from([None, 0.0, 0.5, 0.8, 1.0, 5.0])),
         margin=data.draw(st.sampled_from([0.0, 5.0])),
         max_preemptions=data.draw(st.integers(0, 3)),
@@ -612,21 +622,32 @@ def test_bad_input_is_rejected_without_corrupting_state(impl):
     assert s.num_active == 1
     sched, _ = _step(s, pred, gen, free_gpu=20)
     assert [r[SCHED.ID] for r in sched] == [7]
-    gen[sched[0][SCHED.SLOT]] = -3
-    with pytest.raises(ValueError, match="negative"):
-        s.step(pred, gen, 20, 0, 0.0)
+    slot = sched[0][SCHED.SLOT]
+    gen[slot] = 3
+    _step(s, pred, gen, free_gpu=20)
+    for bad, message in ((-3, "below last step's 3"), (2, "below last step's 3"), (9, "exceeds max_new_tokens 8")):
+        gen[slot] = bad
+        with pytest.raises(ValueError, match=message):
+            s.step(pred, gen, 20, 0, 0.0)
     assert s.state_of(7) == State.RUNNING
+    gen[slot] = 4
+    assert [r[SCHED.ID] for r in _step(s, pred, gen, free_gpu=20)[0]] == [7]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_nan_prediction_rejected(impl):
+def test_nan_infinite_and_negative_predictions_rejected(impl):
     s = make_scheduler(_cfg(), impl)
     pred, gen = _arrays()
     a = s.add(1, 0.0, 4, 8, 3.0)
     _step(s, pred, gen)
-    pred[a] = float("nan")
-    with pytest.raises(ValueError, match="NaN"):
-        s.step(pred, gen, 200, 100, 0.0)
+    for bad in (float("nan"), float("inf"), -1.0):
+        pred[a] = bad
+        with pytest.raises(ValueError, match="not a finite number >= 0"):
+            s.step(pred, gen, 200, 100, 0.0)
+        with pytest.raises(ValueError, match="not a finite number >= 0"):
+            s.set_predictions(torch.tensor([a], dtype=torch.int32), torch.tensor([bad]))
+        with pytest.raises(ValueError, match="not a finite number >= 0"):
+            s.add(2, 0.0, 4, 8, bad)
     pred[a] = 2.0
     assert [r[SCHED.ID] for r in _step(s, pred, gen)[0]] == [1]
 

@@ -8,7 +8,8 @@ the expected remaining length per slot. Everything stays on the device: no host 
 allocation on the decode path, fixed grid per batch size, so the decode launch lives in a CUDA graph.
 
 A step is a batch of *segments*, one per request: segment i owns the states
-`states[cu_seqlens[i]:cu_seqlens[i+1]]`, the request slot `slot_ids[i]` and the int32 flags
+`states[cu_seqlens[i]:cu_seqlens[i+1]]`, the request slot `slot_ids[i]` and the int32 flags (trail_kernels/row_flags.py;
+SAMPLE is ignored here)
 
     0                       decode row: the segment's last token is the newest token's state
     PREFILL | [FIRST_CHUNK] | [LAST_CHUNK]
@@ -58,11 +59,8 @@ import torch
 
 from trail_kernels.dispatch import interpreter_on, triton_available, use_triton
 
-PREFILL = 1
-FIRST_CHUNK = 2
-LAST_CHUNK = 4
-RECOMPUTE = 8
-_KNOWN_FLAGS = PREFILL | FIRST_CHUNK | LAST_CHUNK | RECOMPUTE
+from trail_kernels.row_flags import ALL as _KNOWN_FLAGS
+from trail_kernels.row_flags import FIRST_CHUNK, LAST_CHUNK, PREFILL, RECOMPUTE, SAMPLE  # noqa: F401
 
 RULES = ("bayes", "trail")
 POW_BITS = 16                      # predict steps are clamped to 2**POW_BITS - 1 per row

@@ -78,7 +78,8 @@ void Scheduler::check_add(int64_t id, double arrival, int64_t prompt_len, int64_
   if (!std::isfinite(arrival)) bad(who + ": arrival must be finite");
   if (prompt_len < 1) bad(who + ": prompt_len must be >= 1, got " + std::to_string(prompt_len));
   if (max_new_tokens < 1) bad(who + ": max_new_tokens must be >= 1, got " + std::to_string(max_new_tokens));
-  if (std::isnan(prompt_prediction)) bad(who + ": prompt_prediction is NaN");
+  if (!(std::isfinite(prompt_prediction) && prompt_prediction >= 0))
+    bad(who + ": prompt_prediction " + std::to_string(prompt_prediction) + " is not a finite number >= 0");
   if (cfg_.policy == Policy::kOracle && true_length < 1)
     bad(who + ": the oracle policy needs true_length >= 1, got " + std::to_string(true_length));
   const int64_t most = blocks(prompt_len + max_new_tokens);
@@ -208,7 +209,9 @@ void Scheduler::set_predictions(const int32_t* slots, const float* values, int64
     const int32_t s = slots[i];
     if (s < 0 || s >= cfg_.max_slots || table_[s].state == State::kFree)
       bad("set_predictions: slot " + std::to_string(s) + " holds no request");
-    if (std::isnan(values[i])) bad("set_predictions: prediction for slot " + std::to_string(s) + " is NaN");
+    if (!(std::isfinite(values[i]) && values[i] >= 0))
+      bad("set_predictions: prediction " + std::to_string(values[i]) + " for slot " + std::to_string(s) +
+          " is not a finite number >= 0");
   }
   for (int64_t i = 0; i < n; ++i) {
     const int32_t s = slots[i];
@@ -325,9 +328,15 @@ const StepOutput& Scheduler::step(const float* predictions, const int32_t* gener
   if (!std::isfinite(now)) bad("step: now must be finite");
   const bool trail = cfg_.policy == Policy::kTrail;
   for (int32_t s : running_) {
-    if (generated[s] < 0) bad("step: generated count of slot " + std::to_string(s) + " is negative");
-    if (trail && table_[s].ctx >= table_[s].target && std::isnan(predictions[s]))
-      bad("step: prediction of slot " + std::to_string(s) + " is NaN");
+    const Request& r = table_[s];
+    const std::string who = "step: slot " + std::to_string(s) + " (id " + std::to_string(r.id) + ")";
+    if (generated[s] < r.gen)
+      bad(who + ": generated count " + std::to_string(generated[s]) + " is below last step's " + std::to_string(r.gen));
+    if (generated[s] > r.max_new)
+      bad(who + ": generated count " + std::to_string(generated[s]) + " exceeds max_new_tokens " +
+          std::to_string(r.max_new));
+    if (trail && r.ctx >= r.target && !(std::isfinite(predictions[s]) && predictions[s] >= 0))
+      bad(who + ": prediction " + std::to_string(predictions[s]) + " is not a finite number >= 0");
   }
 
   out_.scheduled.clear();
@@ -464,9 +473,16 @@ const StepOutput& Scheduler::step(const float* predictions, const int32_t* gener
     Request& r = table_[s];
     if (r.plan_tokens <= 0) continue;
     const bool prefill = r.ctx < r.target;
+    const bool last = prefill && r.ctx + r.plan_tokens == r.target;
+    int64_t flags = prefill ? kFlagPrefill : kFlagSample;
+    if (prefill) {
+      if (r.ctx == 0) flags |= kFlagFirstChunk;
+      if (last) flags |= kFlagLastChunk | kFlagSample;
+      if (r.target > r.prompt_len) flags |= kFlagRecompute;  // only a recompute extends the target
+    }
     const int64_t row[kSchedCols] = {
         r.id, s, prefill ? kPrefill : kDecode, r.plan_tokens, r.ctx, blocks(r.ctx + r.plan_tokens), r.resume,
-        (prefill && r.ctx + r.plan_tokens == r.target) ? 1 : 0};
+        last ? 1 : 0, flags};
     out_.scheduled.insert(out_.scheduled.end(), row, row + kSchedCols);
     r.ctx += r.plan_tokens;
     r.resume = kResumeNone;

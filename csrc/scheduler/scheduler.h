@@ -32,9 +32,14 @@ enum Kind : int32_t { kDecode = 0, kPrefill = 1 };
 enum Resume : int32_t { kResumeNone = 0, kResumeKeep = 1, kResumeSwapIn = 2, kResumeRecompute = 3 };
 enum Mode : int32_t { kModeKeep = 1, kModeSwap = 2, kModeRecompute = 3 };
 
+// Row flags (the same values as trail_kernels/row_flags.py): the plan's kSFlags column, read by
+// the model runner and the probe kernel. A recompute is marked on every chunk of it.
+enum RowFlag : int32_t {
+  kFlagPrefill = 1, kFlagFirstChunk = 2, kFlagLastChunk = 4, kFlagRecompute = 8, kFlagSample = 16
+};
 // Columns of the scheduled rows (int64, row-major, kSchedCols per row).
 enum SchedCol : int32_t {
-  kSId = 0, kSSlot, kSKind, kSTokens, kSCtxStart, kSBlocks, kSResume, kSLastChunk, kSchedCols
+  kSId = 0, kSSlot, kSKind, kSTokens, kSCtxStart, kSBlocks, kSResume, kSLastChunk, kSFlags, kSchedCols
 };
 // Columns of the preempted rows.
 enum PreemptCol : int32_t { kPId = 0, kPSlot, kPMode, kPForced, kPFromKept, kPBlocks, kPreemptCols };
@@ -98,7 +103,9 @@ class Scheduler {
   void set_predictions(const int32_t* slots, const float* values, int64_t n);
 
   // One policy step. predictions / generated: [max_slots], indexed by slot (read for running
-  // requests only). The returned reference stays valid until the next step().
+  // requests only). Rejected (std::invalid_argument, nothing changed): a prediction that is NaN,
+  // infinite or negative (trail, once the request's prefill is done), a generated count that is
+  // negative, exceeds the request's max_new_tokens, or is below the count read last step. The returned reference stays valid until the next step().
   const StepOutput& step(const float* predictions, const int32_t* generated, int64_t free_gpu_blocks,
                          int64_t free_host_blocks, double now);
 

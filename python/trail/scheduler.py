@@ -22,155 +22,13 @@ with the same API, used by the tests.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, replace
-from enum import IntEnum
-
 import torch
 
 import trail._native  # noqa: F401  (loads trail._C, which registers torch.classes.trail.*)
+from trail.scheduler_types import (PREEMPT, POLICIES, SCHED, SNAP, Kind, Mode, Resume,  # noqa: F401
+                                   SchedulerConfig, State, StepOutput, Stop, add_many_args)
 
 logger = logging.getLogger(__name__)
-
-POLICIES = ("fcfs", "sjf_prompt", "trail", "oracle")
-# Policies whose running requests the policy may preempt by default (fcfs / sjf_prompt run to
-# completion unless memory forces an eviction, like vLLM and S3/SSJF).
-_DEFAULT_C = {"fcfs": 0.0, "sjf_prompt": 0.0, "trail": 0.8, "oracle": 0.8}
-
-
-class State(IntEnum):
-    FREE = 0
-    WAITING = 1   # never started, or dropped for recompute (holds no KV)
-    RUNNING = 2
-    KEPT = 3      # preempted, KV kept on the GPU
-    SWAPPED = 4   # preempted, KV on host
-
-
-class Kind(IntEnum):
-    DECODE = 0
-    PREFILL = 1
-
-
-class Resume(IntEnum):
-    NONE = 0
-    KEEP = 1       # its blocks are still on the GPU
-    SWAP_IN = 2    # copy its blocks back from host before the forward pass
-    RECOMPUTE = 3  # first chunk of a re-prefill of prompt + generated tokens
-
-
-class Mode(IntEnum):
-    KEEP = 1
-    SWAP = 2
-    RECOMPUTE = 3
-
-
-class Stop(IntEnum):
-    EMPTY = 0
-    BATCH = 1
-    TOKENS = 2
-    MEMORY = 3
-
-
-class SCHED:
-    """Columns of `StepOutput.scheduled` (int64 rows)."""
-    ID, SLOT, KIND, TOKENS, CTX_START, BLOCKS, RESUME, LAST_CHUNK = range(8)
-    NCOLS = 8
-
-
-class PREEMPT:
-    """Columns of `StepOutput.preempted` (int64 rows, in decision order)."""
-    ID, SLOT, MODE, FORCED, FROM_KEPT, BLOCKS = range(6)
-    NCOLS = 6
-
-
-class SNAP:
-    """Columns of `snapshot()` (float64 rows, one per active request, in slot order)."""
-    ID, SLOT, STATE, CTX, TARGET, GENERATED, PREEMPTIONS, KEY, INIT, RESUME = range(10)
-    NCOLS = 10
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """Limits, policy parameters and the swap / recompute cost model (constants measured per
-    model: KV bytes per token, pinned PCIe GB/s, recompute seconds per token)."""
-    policy: str = "trail"
-    max_slots: int = 1024
-    max_batch: int = 256
-    max_tokens_per_step: int = 8192
-    max_prefill_chunk: int | None = None   # None: max_tokens_per_step
-    block_size: int = 16
-    num_gpu_blocks: int = 1 << 20
-    num_host_blocks: int = 0
-    watermark_blocks: int = 0
-    c: float | None = None                 # None: the policy's default (_DEFAULT_C)
-    margin: float = 0.0
-    max_preemptions: int = 4
-    aging_rate: float = 0.0
-    allow_keep: bool = True
-    allow_swap: bool = True
-    bytes_per_token: float = 0.0
-    pcie_gbps: float = 25.0
-    recompute_s_per_token: float = 0.0
-
-    def resolved(self) -> "SchedulerConfig":
-        """The same config with policy defaults filled in, validated."""
-        if self.policy not in POLICIES:
-            raise ValueError(f"SchedulerConfig.policy must be one of {POLICIES}, got {self.policy!r}")
-        cfg = replace(
-            self,
-            c=_DEFAULT_C[self.policy] if self.c is None else float(self.c),
-            max_prefill_chunk=self.max_tokens_per_step if self.max_prefill_chunk is None else self.max_prefill_chunk,
-        )
-        cfg._validate()
-        return cfg
-
-    def _validate(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ValueError(f"scheduler config: {msg}")
-
-        finite = lambda x: x == x and abs(x) != float("inf")  # noqa: E731
-        need(self.max_slots >= 1, f"max_slots must be >= 1, got {self.max_slots}")
-        need(self.max_batch >= 1, f"max_batch must be >= 1, got {self.max_batch}")
-        need(self.max_tokens_per_step >= self.max_batch,
-             f"max_tokens_per_step ({self.max_tokens_per_step}) must be >= max_batch ({self.max_batch})")
-        need(self.max_prefill_chunk >= 1, "max_prefill_chunk must be >= 1")
-        need(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
-        need(self.watermark_blocks >= 0, "watermark_blocks must be >= 0")
-        need(self.num_gpu_blocks > self.watermark_blocks,
-             f"num_gpu_blocks ({self.num_gpu_blocks}) must exceed watermark_blocks ({self.watermark_blocks})")
-        need(self.num_host_blocks >= 0, "num_host_blocks must be >= 0")
-        need(finite(self.c) and self.c >= 0, "c must be a finite number >= 0")
-        need(finite(self.margin), "margin must be finite")
-        need(self.max_preemptions >= 0, "max_preemptions must be >= 0")
-        need(finite(self.aging_rate) and self.aging_rate >= 0, "aging_rate must be finite and >= 0")
-        need(finite(self.bytes_per_token) and self.bytes_per_token >= 0, "bytes_per_token must be finite and >= 0")
-        need(finite(self.pcie_gbps) and self.pcie_gbps > 0, "pcie_gbps must be finite and > 0")
-        need(finite(self.recompute_s_per_token) and self.recompute_s_per_token >= 0,
-             "recompute_s_per_token must be finite and >= 0")
-
-    def native_args(self) -> tuple:
-        c = self.resolved()
-        return (POLICIES.index(c.policy), c.max_slots, c.max_batch, c.max_tokens_per_step, c.max_prefill_chunk,
-                c.block_size, c.num_gpu_blocks, c.num_host_blocks, c.watermark_blocks, c.c, float(c.margin),
-                c.max_preemptions, float(c.aging_rate), bool(c.allow_keep), bool(c.allow_swap),
-                float(c.bytes_per_token), float(c.pcie_gbps), float(c.recompute_s_per_token))
-
-    def as_dict(self) -> dict:
-        return asdict(self.resolved())
-
-
-@dataclass
-class StepOutput:
-    """One step's decisions. `scheduled`: int64 [n, SCHED.NCOLS]; `preempted`: int64
-    [m, PREEMPT.NCOLS], to be applied before the scheduled rows, in order."""
-    scheduled: torch.Tensor
-    preempted: torch.Tensor
-    stop_reason: int
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.scheduled[:, SCHED.TOKENS].sum())
-
 
 class Scheduler:
     """The native scheduler (C++ core). Same API as `ReferenceScheduler`."""
@@ -192,7 +50,7 @@ class Scheduler:
     def add_many(self, ids, arrivals, prompt_lens, max_new_tokens, prompt_predictions,
                  true_lengths=None) -> torch.Tensor:
         """Batched `add` (one native call; all or nothing). Returns the int32 slots."""
-        args = _add_many_args(ids, arrivals, prompt_lens, max_new_tokens, prompt_predictions, true_lengths)
+        args = add_many_args(ids, arrivals, prompt_lens, max_new_tokens, prompt_predictions, true_lengths)
         try:
             return self._core.add_many(*args)
         except RuntimeError as exc:
@@ -268,15 +126,6 @@ class Scheduler:
     @property
     def num_active(self) -> int:
         return self._core.num_active()
-
-
-def _add_many_args(ids, arrivals, prompt_lens, max_new_tokens, prompt_predictions, true_lengths) -> tuple:
-    vec = lambda x, dt: torch.as_tensor(x, dtype=dt).reshape(-1).contiguous()  # noqa: E731
-    ids = vec(ids, torch.int64)
-    if true_lengths is None:
-        true_lengths = torch.full((ids.numel(),), -1, dtype=torch.int64)
-    return (ids, vec(arrivals, torch.float64), vec(prompt_lens, torch.int64), vec(max_new_tokens, torch.int64),
-            vec(prompt_predictions, torch.float64), vec(true_lengths, torch.int64))
 
 
 def make_scheduler(config: SchedulerConfig, impl: str = "native"):

@@ -12,8 +12,9 @@ import math
 
 import torch
 
-from trail.scheduler import (PREEMPT, POLICIES, SCHED, Mode, Resume, SchedulerConfig, State, StepOutput, Stop,
-                             _add_many_args)
+from trail.scheduler_types import (PREEMPT, POLICIES, SCHED, Mode, Resume, SchedulerConfig, State, StepOutput,
+                                   Stop, add_many_args)
+from trail_kernels import row_flags
 
 FCFS, SJF_PROMPT, TRAIL, ORACLE = range(4)
 
@@ -198,8 +199,8 @@ class ReferenceScheduler:
             raise ValueError(f"{who}: prompt_len must be >= 1, got {prompt_len}")
         if max_new_tokens < 1:
             raise ValueError(f"{who}: max_new_tokens must be >= 1, got {max_new_tokens}")
-        if math.isnan(prompt_prediction):
-            raise ValueError(f"{who}: prompt_prediction is NaN")
+        if not (math.isfinite(prompt_prediction) and prompt_prediction >= 0):
+            raise ValueError(f"{who}: prompt_prediction {prompt_prediction} is not a finite number >= 0")
         if self._policy == ORACLE and true_length < 1:
             raise ValueError(f"{who}: the oracle policy needs true_length >= 1, got {true_length}")
         most = self._blocks(prompt_len + max_new_tokens)
@@ -218,7 +219,7 @@ class ReferenceScheduler:
 
     def add_many(self, ids, arrivals, prompt_lens, max_new_tokens, prompt_predictions,
                  true_lengths=None) -> torch.Tensor:
-        cols = [t.tolist() for t in _add_many_args(ids, arrivals, prompt_lens, max_new_tokens, prompt_predictions,
+        cols = [t.tolist() for t in add_many_args(ids, arrivals, prompt_lens, max_new_tokens, prompt_predictions,
                                                     true_lengths)]
         rows = list(zip(*cols))
         if len(rows) > len(self._free):
@@ -307,8 +308,8 @@ class ReferenceScheduler:
         for s, v in zip(sl, vals):
             if s < 0 or s >= self.config.max_slots or self._table[s] is None:
                 raise ValueError(f"set_predictions: slot {s} holds no request")
-            if math.isnan(v):
-                raise ValueError(f"set_predictions: prediction for slot {s} is NaN")
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"set_predictions: prediction {v} for slot {s} is not a finite number >= 0")
         for s, v in zip(sl, vals):
             r = self._table[s]
             r.key = v
@@ -346,10 +347,14 @@ class ReferenceScheduler:
         preds = predictions.numpy()[running].tolist() if running else []
         gens = generated.numpy()[running].tolist() if running else []
         for s, g, p in zip(running, gens, preds):
-            if g < 0:
-                raise ValueError(f"step: generated count of slot {s} is negative")
-            if trail and table[s].ctx >= table[s].target and math.isnan(p):
-                raise ValueError(f"step: prediction of slot {s} is NaN")
+            r = table[s]
+            who = f"step: slot {s} (id {r.id})"
+            if g < r.gen:
+                raise ValueError(f"{who}: generated count {g} is below last step's {r.gen}")
+            if g > r.max_new:
+                raise ValueError(f"{who}: generated count {g} exceeds max_new_tokens {r.max_new}")
+            if trail and r.ctx >= r.target and not (math.isfinite(p) and p >= 0):
+                raise ValueError(f"{who}: prediction {p} is not a finite number >= 0")
 
         self._out_sched: list[list[int]] = []
         self._out_pre: list[list[int]] = []
@@ -485,9 +490,14 @@ class ReferenceScheduler:
             if r.plan_tokens <= 0:
                 continue
             prefill = r.ctx < r.target
+            last = prefill and r.ctx + r.plan_tokens == r.target
+            flags = row_flags.PREFILL if prefill else row_flags.SAMPLE
+            if prefill:
+                flags |= (row_flags.FIRST_CHUNK if r.ctx == 0 else 0) | (row_flags.RECOMPUTE if r.target > r.prompt_len else 0)
+                flags |= (row_flags.LAST_CHUNK | row_flags.SAMPLE) if last else 0
             self._out_sched.append([
                 r.id, s, 1 if prefill else 0, r.plan_tokens, r.ctx, self._blocks(r.ctx + r.plan_tokens),
-                int(r.resume), 1 if (prefill and r.ctx + r.plan_tokens == r.target) else 0])
+                int(r.resume), 1 if last else 0, flags])
             r.ctx += r.plan_tokens
             r.resume = Resume.NONE
         for s in admitted:

@@ -1,0 +1,136 @@
+"""One engine configuration from which both the scheduler's `SchedulerConfig` and the `KVCache`
+sizes are derived, so block size, GPU and host block counts and the swap / recompute cost model
+can never disagree between them. The simulator (sim.py) derives its limits from the same object.
+
+    cfg = EngineConfig(policy="trail", max_batch=48, num_gpu_blocks=512, num_host_blocks=128)
+    layout = cfg.kv_layout(spec)                    # KVLayout: blocks on GPU / host, table width
+    sched = cfg.scheduler_config(spec, layout, recompute_s_per_token=...)
+
+Cost model (DESIGN.md "What we remove from TRAIL's costs"): swapping n tokens out and back costs
+2 * n * spec.bytes_per_token / (pcie_gbps * 1e9) seconds; recomputing them costs
+n / prefill_tokens_per_s. The prefill rate is measured by the engine at start-up unless given.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Mapping
+
+from trail.kv_cache import KVCacheSpec
+from trail.scheduler_types import POLICIES, SchedulerConfig
+
+# Fields of SchedulerConfig that EngineConfig owns (derived, never set through policy_options).
+_DERIVED = ("policy", "max_slots", "max_batch", "max_tokens_per_step", "max_prefill_chunk", "block_size",
+            "num_gpu_blocks", "num_host_blocks", "bytes_per_token", "pcie_gbps", "recompute_s_per_token")
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Resolved KV sizes: what the KVCache allocates and what the scheduler counts."""
+    block_size: int
+    num_gpu_blocks: int
+    num_host_blocks: int
+    max_blocks_per_request: int
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Limits, memory and policy of one engine (or one simulated engine).
+
+    policy / policy_options: the scheduling policy (fcfs, sjf_prompt, trail, oracle) and any other
+      SchedulerConfig field that is not a size (c, margin, aging_rate, max_preemptions, allow_keep,
+      allow_swap, watermark_blocks, ...).
+    max_batch: running requests per step; max_slots: requests held at once (waiting + running);
+      max_tokens_per_step: tokens per forward (decodes + prefill chunks); max_model_len: prompt +
+      output tokens of one request.
+    Memory: num_gpu_blocks, else gpu_memory_utilization on CUDA (vLLM's meaning: the fraction of
+      the device this process may use, weights included), else kv_cache_gib on CPU; host swap space
+      num_host_blocks, else swap_space_gib.
+    Cost model: pcie_gbps (one way, pinned); prefill_tokens_per_s (None: measured at start-up).
+    """
+    policy: str = "trail"
+    policy_options: Mapping[str, Any] = field(default_factory=dict)
+    max_batch: int = 64
+    max_slots: int = 1024
+    max_tokens_per_step: int = 2048
+    max_prefill_chunk: int | None = None
+    max_model_len: int = 2048
+    block_size: int = 16
+    num_gpu_blocks: int | None = None
+    gpu_memory_utilization: float = 0.9
+    kv_cache_gib: float = 1.0
+    num_host_blocks: int | None = None
+    swap_space_gib: float = 1.0
+    pcie_gbps: float = 25.0
+    prefill_tokens_per_s: float | None = None
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise ValueError(f"EngineConfig.policy must be one of {POLICIES}, got {self.policy!r}")
+        known = {f.name for f in fields(SchedulerConfig)}
+        for key in self.policy_options:
+            if key in _DERIVED:
+                raise ValueError(f"EngineConfig.policy_options: {key!r} is derived from the engine config; "
+                                 f"set it on EngineConfig instead")
+            if key not in known:
+                raise ValueError(f"EngineConfig.policy_options: unknown option {key!r}; known: "
+                                 f"{sorted(known - set(_DERIVED))}")
+        positive = ("max_batch", "max_slots", "max_tokens_per_step", "max_model_len", "block_size")
+        for name in positive:
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"EngineConfig.{name} must be an integer >= 1, got {value!r}")
+        if self.max_slots < self.max_batch:
+            raise ValueError(f"EngineConfig.max_slots ({self.max_slots}) must be >= max_batch ({self.max_batch})")
+        for name in ("num_gpu_blocks", "num_host_blocks", "max_prefill_chunk"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and value >= (1 if name != "num_host_blocks" else 0)):
+                raise ValueError(f"EngineConfig.{name} must be a positive integer or None, got {value!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"EngineConfig.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        for name in ("kv_cache_gib", "swap_space_gib", "pcie_gbps"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0) or (name == "pcie_gbps" and value == 0):
+                raise ValueError(f"EngineConfig.{name} must be finite and {'> 0' if name == 'pcie_gbps' else '>= 0'}, "
+                                 f"got {value}")
+        if self.prefill_tokens_per_s is not None and not (math.isfinite(self.prefill_tokens_per_s)
+                                                          and self.prefill_tokens_per_s > 0):
+            raise ValueError(f"EngineConfig.prefill_tokens_per_s must be finite and > 0, got {self.prefill_tokens_per_s}")
+
+    def with_policy(self, policy: str, **policy_options) -> "EngineConfig":
+        """The same limits and memory under another policy (options replace the old ones)."""
+        return replace(self, policy=policy, policy_options=dict(policy_options))
+
+    @property
+    def max_blocks_per_request(self) -> int:
+        return -(-self.max_model_len // self.block_size)
+
+    def kv_layout(self, spec: KVCacheSpec, free_device_bytes: int | None = None) -> KVLayout:
+        """Block counts for `spec`. `free_device_bytes`: what the KV pool may take on a CUDA device
+        (the engine computes it from gpu_memory_utilization); None sizes the pool by
+        `kv_cache_gib` unless `num_gpu_blocks` is set."""
+        if spec.block_size != self.block_size:
+            raise ValueError(f"KV spec block_size {spec.block_size} != EngineConfig.block_size {self.block_size}")
+        per_block = spec.bytes_per_block
+        if self.num_gpu_blocks is not None:
+            gpu = self.num_gpu_blocks
+        elif free_device_bytes is not None:
+            gpu = int(free_device_bytes // per_block)
+        else:
+            gpu = int(self.kv_cache_gib * 2**30 // per_block)
+        host = self.num_host_blocks if self.num_host_blocks is not None else int(self.swap_space_gib * 2**30 // per_block)
+        if gpu < self.max_blocks_per_request:
+            raise ValueError(f"KV pool of {gpu} blocks cannot hold one request of max_model_len={self.max_model_len} "
+                             f"({self.max_blocks_per_request} blocks of {self.block_size} tokens); give more memory "
+                             f"or a smaller max_model_len")
+        return KVLayout(self.block_size, gpu, host, self.max_blocks_per_request)
+
+    def scheduler_config(self, spec: KVCacheSpec, layout: KVLayout, recompute_s_per_token: float) -> SchedulerConfig:
+        """The scheduler's config: sizes from `layout`, costs from `spec` and the prefill rate."""
+        return SchedulerConfig(
+            policy=self.policy, max_slots=self.max_slots, max_batch=self.max_batch,
+            max_tokens_per_step=self.max_tokens_per_step, max_prefill_chunk=self.max_prefill_chunk,
+            block_size=layout.block_size, num_gpu_blocks=layout.num_gpu_blocks,
+            num_host_blocks=layout.num_host_blocks, bytes_per_token=float(spec.bytes_per_token),
+            pcie_gbps=self.pcie_gbps, recompute_s_per_token=float(recompute_s_per_token),
+            **dict(self.policy_options)).resolved()
