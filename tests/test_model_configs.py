@@ -44,7 +44,7 @@ def runner_for(model, slots=4, max_blocks=8, tap_layer=None):
                     max_blocks)
     cache.pool.fill_(float("nan"))
     perm = torch.randperm(slots * max_blocks, generator=torch.Generator().manual_seed(3))
-    cache.block_tables.copy_(perm.view(slots, max_blocks).to(torch.int32))
+    cache.assign_tables(perm.view(slots, max_blocks))
     return ModelRunner(model, cache, tap_layer=tap_layer)
 
 

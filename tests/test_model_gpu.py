@@ -31,7 +31,7 @@ def make_runner(model, slots, max_blocks, dtype):
                     slots * max_blocks + 7, slots, max_blocks, device="cuda")
     cache.pool.fill_(float("nan"))
     perm = torch.randperm(slots * max_blocks + 7, generator=torch.Generator().manual_seed(0))[: slots * max_blocks]
-    cache.block_tables.copy_(perm.view(slots, max_blocks).to(torch.int32))
+    cache.assign_tables(perm.view(slots, max_blocks))
     return ModelRunner(model, cache)
 
 

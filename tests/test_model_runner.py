@@ -23,7 +23,7 @@ def make_runner(model, slots=6, max_blocks=6, tap_layer=None):
                     max_blocks)
     cache.pool.zero_()
     perm = torch.randperm(slots * max_blocks, generator=torch.Generator().manual_seed(0))
-    cache.block_tables.copy_(perm.view(slots, max_blocks).to(torch.int32))
+    cache.assign_tables(perm.view(slots, max_blocks))
     return ModelRunner(model, cache, tap_layer=tap_layer)
 
 
@@ -87,18 +87,20 @@ def test_repetition_penalty_history_follows_the_slot(model):
     q = prompt(4, 8)
     runner.step([Segment(1, q, 0)])                    # slot reused by a new request: history reset
     assert runner.seen[1].nonzero().flatten().tolist() == sorted(set(q))
-    runner.rebind_slot(2, p)
-    assert runner.seen[2].nonzero().flatten().tolist() == sorted(set(p))
+    # a recompute re-feeds prompt + generated tokens from position 0: the history is exactly them
+    runner.step([Segment(1, p + q, 0)])
+    assert runner.seen[1].nonzero().flatten().tolist() == sorted(set(p + q))
 
 
 @pytest.mark.parametrize("segs,match", [
     ([], "at least one"),
-    ([Segment(9, [1], 0)], "slot 9"),
+    ([Segment(9, [1], 0)], "slots must lie in"),
     ([Segment(1, [1], 0), Segment(1, [2], 0)], "twice"),
     ([Segment(1, [1, 2], 3, "decode")], "2 tokens"),
     ([Segment(1, [], 0)], "0 tokens"),
     ([Segment(1, [1], 0, "verify")], "kind"),
     ([Segment(1, [1], 96)], "capacity"),
+    ([Segment(1, [1], 95, "decode")], None),   # in capacity: a valid row (control)
     ([Segment(1, [600], 0)], "token ids"),
     ([Segment(1, [1], 0, params=SimpleNamespace(temperature=-1.0, top_p=1.0, top_k=0,
                                                  repetition_penalty=1.0, seed=None))], "temperature"),
@@ -107,9 +109,25 @@ def test_bad_segments_are_rejected_without_side_effects(model, segs, match):
     runner = make_runner(model)
     runner.step([Segment(0, prompt(10, 1), 0)])
     pool, seen = runner.kv_cache.pool.clone(), runner.seen.clone()
+    if match is None:
+        runner.step(segs)
+        return
     with pytest.raises(ValueError, match=match):
         runner.step(segs)
     assert torch.equal(runner.kv_cache.pool, pool) and torch.equal(runner.seen, seen)
+
+
+def test_unmapped_blocks_are_an_error_not_block_zero(model):
+    cfg = model.config
+    cache = KVCache(KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim), 8, 2, 4)
+    runner = ModelRunner(model, cache)
+    cache.allocate({0: 16})
+    runner.step([Segment(0, prompt(16, 1), 0)])        # committed by the runner itself
+    assert cache.tables_committed
+    with pytest.raises(RuntimeError, match="need 2 KV blocks but 1 are mapped"):
+        runner.step([Segment(0, [3], 16, "decode")])
+    with pytest.raises(RuntimeError, match="slot 1"):
+        runner.step([Segment(1, [3], 0)])
 
 
 def test_cache_spec_and_tap_layer_are_checked(model):

@@ -37,7 +37,7 @@ def make_runner(model, tap_layer=None, slots=4, max_blocks=16, seed=0):
     cache.pool.fill_(float("nan"))           # a stale read would show
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(num_blocks, generator=gen)[: slots * max_blocks]
-    cache.block_tables.copy_(perm.view(slots, max_blocks).to(torch.int32))
+    cache.assign_tables(perm.view(slots, max_blocks))
     return ModelRunner(model, cache, tap_layer=tap_layer)
 
 

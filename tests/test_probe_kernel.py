@@ -644,3 +644,30 @@ def test_gpu_repeated_launches_stay_consistent(seeded):
     torch.testing.assert_close(state.log_post, ref.log_post, atol=1e-4, rtol=0)
     torch.testing.assert_close(state.expected_remaining, ref.expected_remaining, atol=1e-2, rtol=1e-4)
     assert int(state.tile_counters.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_a_non_finite_state_does_not_poison_its_slot(impl, seeded):
+    """One NaN (or inf) hidden-state row: its slot only runs the predict step (decode) or starts
+    from the prior (prompt); the next finite row updates it normally; other slots are unaffected."""
+    params = ProbeParams.random(16, 32, 6, generator=seeded, scale=3.0, max_len=64, eps=1e-4)
+    state = _started_state(params, 3, seeded, impl)
+    before, clean = state.clone(), state.clone()
+    step = make_step([(0, 0, 1, 2, 50), (1, 0, 1, 2, 50), (2, PF_ONESHOT, 3, 0, 50)], 16, seeded, "cpu",
+                     torch.float32)
+    probe_step(**step, params=params, state=clean, impl=impl)
+    step["states"][0, 3] = float("nan")
+    step["states"][2:5, 1] = float("inf")
+    probe_step(**step, params=params, state=state, impl=impl)
+    assert torch.isfinite(state.log_post[:3]).all() and torch.isfinite(state.expected_remaining[:3]).all()
+    assert_close_ulps(state.log_post[1], clean.log_post[1])          # the finite row is untouched by the others
+    predicted = log_predict(before.log_post[:1].double(), params.log_transition_pows.double(), torch.tensor([2]))
+    assert int(state.upd_gen[0]) == 0 and int(state.post_gen[0]) == 2    # predicted, no update
+    assert_close_ulps(state.log_post[0].exp(), predicted[0].exp(), ulps=64)
+    prior = params.log_prior_used.double().exp()
+    floored = (prior / prior.sum() + params.eps / params.num_bins) / (1 + params.eps)
+    assert_close_ulps(state.log_post[2].exp(), floored, ulps=64)   # prompt: the (floored) prior
+    # the slot recovers: the next finite decode row is an ordinary update
+    nxt = make_step([(0, 0, 1, 3, 50)], 16, seeded, "cpu", torch.float32)
+    probe_step(**nxt, params=params, state=state, impl=impl)
+    assert int(state.upd_gen[0]) == 3 and torch.isfinite(state.log_post[0]).all()

@@ -35,6 +35,9 @@ The filter per slot (log space, fp32), with q = softmax(probe logits):
                        floor. Between updates (TRAIL's every-8-steps rule) the predict still runs,
                        so the readout follows every generated token.
   floor                p <- (p + eps / K) / (1 + eps), only after an update or the prompt step.
+  bad numbers          a row whose probe output is NaN or +inf (a non-finite hidden state) brings
+                       no evidence: a decode row only predicts, a prompt step starts from pi.
+                       One bad row never poisons its slot for later steps.
   readout              expected_remaining[slot] = sum_k p_k * min(value_k, cap),
                        cap = max(max_new_tokens - num_generated, 0).
   rule 'trail'         TRAIL's plain product: log p += log q (no pi, no tempering), every 8 steps.
@@ -436,9 +439,13 @@ def probe_reference(states, cu_seqlens, slot_ids, flags, num_generated, max_new_
     lp_old = state.log_post[sl]
     steps = torch.where(is_dec, (gen - state.post_gen[sl]).clamp(0, 2 ** POW_BITS - 1), 0)
     lp_pred = log_predict(lp_old, params.log_transition_pows, steps)
-    do_upd = is_dec & ((gen - state.upd_gen[sl]) >= params.update_every)
+    # evidence from a non-finite state (NaN / inf in the layer output) is no evidence: a decode row
+    # skips the update, a prompt step starts from the prior
+    q_ok = ~(torch.isnan(logq) | torch.isposinf(logq)).any(-1)
+    do_upd = is_dec & q_ok & ((gen - state.upd_gen[sl]) >= params.update_every)
     lp = torch.where(do_upd[:, None], lp_pred + params.alpha_used * (logq - params.log_prior_used), lp_pred)
-    lp = torch.where(is_init[:, None], logq, lp)
+    init_lp = torch.where(q_ok[:, None], logq, params.log_prior_used.expand_as(logq))
+    lp = torch.where(is_init[:, None], init_lp, lp)
     lp = _log_normalise_rows(lp)
     if params.eps > 0:
         floored = torch.logaddexp(lp, torch.full_like(lp, math.log(params.eps / k))) - math.log1p(params.eps)
@@ -544,11 +551,15 @@ if triton_available():
             j += 1
 
         # update with the probe's evidence, renormalise, floor
+        # evidence from a non-finite state (NaN / inf in the layer output) is no evidence
+        bad_q = ((logq != logq) | (logq == float("inf"))) & kmask[None, :]
+        q_ok = tl.sum(bad_q.to(tl.int32), axis=1) == 0
         upd_gen = tl.load(upd_gen_ptr + slot, mask=active, other=0)
-        do_upd = is_dec & ((gen - upd_gen) >= update_every)
+        do_upd = is_dec & q_ok & ((gen - upd_gen) >= update_every)
         logpi = tl.load(logpi_ptr + ks, mask=kmask, other=0.0)
         lp = tl.where(do_upd[:, None], lp + alpha * (logq - logpi[None, :]), lp)
-        lp = _log_normalise(tl.where(is_init[:, None], logq, lp))
+        init_lp = tl.where(q_ok[:, None], logq, tl.where(kmask[None, :], logpi[None, :], float("-inf")))
+        lp = _log_normalise(tl.where(is_init[:, None], init_lp, lp))
         if FLOOR:
             mf = tl.maximum(lp, log_floor)
             floored = mf + tl.log(tl.exp(lp - mf) + tl.exp(log_floor - mf)) - eps_log1p

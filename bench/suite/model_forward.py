@@ -69,7 +69,7 @@ def make_runner(model, slots, max_blocks, dtype, fill=None):
     if fill == "random":
         cache.pool.normal_()
     perm = torch.randperm(slots * max_blocks)
-    cache.block_tables.copy_(perm.view(slots, max_blocks).to(torch.int32))
+    cache.assign_tables(perm.view(slots, max_blocks))
     return ModelRunner(model, cache)
 
 

@@ -8,7 +8,8 @@ head_dim]` view that kernels read (never `.contiguous()` it: that copies the poo
 Block tables: `int32 [max_slots, max_blocks_per_request]`, -1 where no block is mapped.
 
 What the scheduler decides, this module carries out, all on host state (no device sync):
-`allocate` (grow slots for the next step, all or nothing), `free` / `drop` (recompute later),
+`allocate` / `allocate_many` (grow slots for the next step, all or nothing), `free` (finished, or
+dropped to recompute later),
 `swap_out` (GPU -> host), `swap_in` (host -> GPU), `discard` (forget a swapped request). Host-side
 block tables are the truth; `commit_block_tables()` pushes the changed entries to
 `block_tables` on the current stream, once per step before the forward.
@@ -36,6 +37,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol, Sequence
 
+import numpy as np
 import torch
 
 from trail._native import ops
@@ -177,6 +179,20 @@ class BlockAllocator:
                 raise ValueError(f"{self.kind} block {b} {what} {count} time(s) but holds "
                                  f"{self._refs[b]} reference(s)")
 
+    def claim(self, blocks: Sequence[int]) -> None:
+        """Takes these specific free blocks (reference count 1). ValueError, nothing changed, if
+        one is not free or repeats."""
+        want = set(blocks)
+        if len(want) != len(blocks):
+            raise ValueError(f"{self.kind}: claim lists a block twice")
+        free = set(self._free)
+        missing = [b for b in blocks if b not in free]
+        if missing:
+            raise ValueError(f"{self.kind}: blocks {missing[:8]} are not free")
+        self._free = [b for b in self._free if b not in want]
+        for b in blocks:
+            self._refs[b] = 1
+
     def incref(self, blocks: Sequence[int]) -> None:
         """One more reference to each (allocated) block: prefix sharing."""
         self._check_held(Counter(set(blocks)), "shared")
@@ -313,6 +329,7 @@ class KVCache:
             self.copy_stream = torch.cuda.Stream(device=self.device)
 
         self._tables: list[list[int]] = [[] for _ in range(max_slots)]
+        self._num_mapped = np.zeros(max_slots, dtype=np.int64)   # len(self._tables[s]), for numpy checks
         self._committed_len = [0] * max_slots    # entries [0, len) valid in block_tables
         self._dirty_from: dict[int, int] = {}     # slot -> first entry changed since commit
         self._swap_in_events: dict[int, Event] = {}  # slot -> its swap-in copy (may be running)
@@ -366,10 +383,9 @@ class KVCache:
         self._check_slot(slot)
         return list(self._tables[slot])
 
-    def capacity(self, slot: int) -> int:
-        """Tokens the slot's blocks hold."""
-        self._check_slot(slot)
-        return len(self._tables[slot]) * self.block_size
+    def mapped_blocks(self, slots: np.ndarray) -> np.ndarray:
+        """Blocks mapped in each slot's table (host truth), int64, for vectorised checks."""
+        return self._num_mapped[slots]
 
     def blocks_needed(self, demands: Mapping[int, int]) -> int:
         """New GPU blocks `allocate(demands)` would take."""
@@ -391,10 +407,48 @@ class KVCache:
         for slot, extra in growth.items():
             new = blocks[i:i + extra]
             i += extra
-            self._touch(slot, len(self._tables[slot]))
-            self._tables[slot].extend(new)
+            self._extend(slot, new)
             out[slot] = new
         return out
+
+    def allocate_many(self, slots: np.ndarray, num_tokens: np.ndarray) -> int:
+        """Vectorised `allocate` for a step's plan (distinct int slots, token counts): only the
+        slots that cross a block boundary are touched in Python. All or nothing; returns the
+        number of new blocks."""
+        slots = np.asarray(slots, dtype=np.int64)
+        if slots.size and (slots.min() < 0 or slots.max() >= self.max_slots):
+            raise IndexError(f"slots out of range [0, {self.max_slots}): {slots.tolist()}")
+        want = -(-np.asarray(num_tokens, dtype=np.int64) // self.block_size)
+        if want.size and want.max() > self.max_blocks_per_request:
+            raise ValueError(f"a slot needs {int(want.max())} blocks, more than "
+                             f"max_blocks_per_request={self.max_blocks_per_request}")
+        extra = want - self._num_mapped[slots]
+        grow = np.flatnonzero(extra > 0)
+        total = int(extra[grow].sum())
+        blocks = self.gpu_allocator.allocate(total)
+        i = 0
+        for j in grow.tolist():
+            n = int(extra[j])
+            self._extend(int(slots[j]), blocks[i:i + n])
+            i += n
+        return total
+
+    def assign_tables(self, tables: torch.Tensor) -> None:
+        """A static layout: slot i maps the blocks of row i of `tables` (int [max_slots, w],
+        -1 = none), taken from the allocator (they must be free; every slot must be empty).
+        For fixed-size uses (teacher forcing, benchmarks) that never allocate per step."""
+        rows = [[int(b) for b in row if b >= 0] for row in torch.as_tensor(tables).tolist()]
+        if len(rows) != self.max_slots:
+            raise ValueError(f"assign_tables: {len(rows)} rows, expected max_slots={self.max_slots}")
+        if any(self._tables):
+            raise ValueError("assign_tables: some slots already hold blocks")
+        flat = [b for row in rows for b in row]
+        if any(len(row) > self.max_blocks_per_request for row in rows):
+            raise ValueError(f"assign_tables: a row maps more than {self.max_blocks_per_request} blocks")
+        self.gpu_allocator.claim(flat)
+        for slot, row in enumerate(rows):
+            if row:
+                self._extend(slot, row)
 
     def free(self, slot: int) -> None:
         """Releases the slot's blocks (finished request, or drop for recompute): reusable now,
@@ -405,10 +459,7 @@ class KVCache:
             event = None
         if self._tables[slot]:
             self.gpu_allocator.free(self._tables[slot], event)
-            self._tables[slot] = []
-            self._touch(slot, 0)
-
-    drop = free
+            self._set_table(slot, [])
 
     def share_prefix(self, src_slot: int, dst_slot: int, num_blocks: int) -> None:
         """Maps the first `num_blocks` blocks of `src_slot` into the empty `dst_slot` (reference
@@ -422,10 +473,9 @@ class KVCache:
                              f"cannot share {num_blocks}")
         shared = self._tables[src_slot][:num_blocks]
         self.gpu_allocator.incref(shared)
-        self._tables[dst_slot] = list(shared)
+        self._set_table(dst_slot, list(shared))
         if src_slot in self._swap_in_events:
             self._swap_in_events[dst_slot] = self._swap_in_events[src_slot]
-        self._touch(dst_slot, 0)
 
     def swap_out(self, slots: Sequence[int], after: Event | None = None) -> list[SwappedKV]:
         """Copies the slots' blocks to host blocks in one batched copy and empties the slots.
@@ -452,8 +502,7 @@ class KVCache:
                 self.gpu_allocator.free(blocks, event)
             # A swap-in into this slot may still run: the swap-out is after it on the copy stream.
             self._swap_in_events.pop(slot, None)
-            self._tables[slot] = []
-            self._touch(slot, 0)
+            self._set_table(slot, [])
             handles.append(SwappedKV(hb, event))
         return handles
 
@@ -485,9 +534,8 @@ class KVCache:
             self.gpu_allocator.free(gpu)
             raise
         for slot, (_, handle), gb in zip(slots, items, per_slot):
-            self._tables[slot] = gb
+            self._set_table(slot, gb)
             self._swap_in_events[slot] = event
-            self._touch(slot, 0)
             if handle.host_blocks:
                 self.host_allocator.free(handle.host_blocks, event)
             handle.released = True
@@ -568,6 +616,21 @@ class KVCache:
             if extra > 0:
                 growth[slot] = extra
         return growth
+
+    def _extend(self, slot: int, blocks: list[int]) -> None:
+        self._touch(slot, len(self._tables[slot]))
+        self._tables[slot].extend(blocks)
+        self._num_mapped[slot] = len(self._tables[slot])
+
+    def _set_table(self, slot: int, blocks: list[int]) -> None:
+        self._tables[slot] = blocks
+        self._num_mapped[slot] = len(blocks)
+        self._touch(slot, 0)
+
+    @property
+    def tables_committed(self) -> bool:
+        """Whether `block_tables` on the device matches the host tables."""
+        return not self._dirty_from
 
     def _touch(self, slot: int, first_changed: int) -> None:
         self._dirty_from[slot] = min(first_changed, self._dirty_from.get(slot, first_changed))

@@ -1,24 +1,30 @@
-"""One engine step on the model: segments in, next tokens (and the layer-L tap) out.
+"""One engine step on the model: a batch plan in (numpy columns), next tokens and the layer-L tap
+out.
+
+The batch contract (shared with the scheduler's plan and the probe kernel): `BatchPlan` holds one
+row per request of the step, as numpy columns — slot, row flags (`trail_kernels.row_flags`), start
+(tokens of the slot already in the cache), number of tokens — and the step's token ids
+concatenated. Rows with the SAMPLE flag draw a next token (in row order); their sampling
+parameters are per slot, written once when a request is admitted (`set_sampling`), never per
+step. No per-request Python objects are touched on this path.
 
     runner = ModelRunner(model, kv_cache, tap_layer=L)
-    out = runner.step([Segment(slot, token_ids, start, "prefill", sample=is_last_chunk, params), ...])
-    out.next_tokens   int64 [R] on the device, one per segment with sample=True (in segment order;
-                      out.sampled lists those segments' indices)
+    runner.set_sampling(slot, params)               # at admission
+    out = runner.execute(plan)                      # commits the block tables itself
+    out.next_tokens   int64 [R] on the device, one per SAMPLE row (out.sampled: their row indices)
     out.tap           LayerTap(states [T, d], cu_seqlens int32 [S+1], slot_ids int32 [S], ...)
 
-A segment is one request's tokens this step: `start` tokens of its slot are already in the cache
-(0 for a fresh prefill; > 0 for a later prefill chunk, a recompute or a decode) and the segment's
-tokens take positions start .. start+len-1. Blocks for all of them must already be mapped in
-`kv_cache.block_tables[slot]`.
+`step(segments)` is the same path for callers that think in `Segment`s (tests, teacher forcing).
 
-The batch description is built on the host and copied to the device once per step (one packed
-buffer); nothing in `forward` or `sample` reads device memory back, so the engine's one sync is
-its own read of `next_tokens`.
+The runner commits the KV block tables before the forward and checks, on the host, that every
+row's positions are mapped (a forgotten allocation would otherwise read block 0). The batch is
+built on the host and copied to the device once per step; nothing in `forward` or `sample` reads
+device memory back, so the engine's one sync is its own read of `next_tokens`.
 
 Repetition penalty needs every token a request has fed to the model; the runner keeps a
 `[max_slots, vocab]` bool mask on the device, set as tokens pass through `forward` and cleared when
-a slot starts over (start == 0). A request that moves to another slot with tokens already cached
-(e.g. swap-in to a new slot) must call `rebind_slot(slot, all_its_tokens)` first.
+a slot starts over (a row starting at position 0: a new request or a recompute, which re-feeds
+prompt + generated tokens). Requests never move between slots.
 """
 from __future__ import annotations
 
@@ -31,7 +37,8 @@ import torch
 
 import trail
 from trail.models.llama import AttentionMetadata, LlamaModel
-from trail.sampling import GREEDY, counter_uniform, sample, validate_params
+from trail.sampling import GREEDY, counter_uniforms, sample, validate_params
+from trail_kernels import row_flags
 
 PREFILL, DECODE = "prefill", "decode"
 
@@ -47,6 +54,21 @@ class Segment:
 
 
 @dataclass
+class BatchPlan:
+    """One step's rows as numpy columns (int64): slots (distinct), flags, starts, num_tokens, and
+    token_ids [sum num_tokens] concatenated in row order."""
+    slots: np.ndarray
+    flags: np.ndarray
+    starts: np.ndarray
+    num_tokens: np.ndarray
+    token_ids: np.ndarray
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.slots)
+
+
+@dataclass
 class LayerTap:
     """Layer-`layer` states of every token this step (DESIGN.md layer convention)."""
     layer: int
@@ -56,6 +78,7 @@ class LayerTap:
     starts: torch.Tensor         # int32 [S], position of each segment's first token
     is_decode: torch.Tensor      # bool [S]
     sampled: torch.Tensor        # bool [S], segment is a request's last prefill chunk or a decode
+    flags: torch.Tensor | None = None   # int32 [S], row flags
 
 
 @dataclass
@@ -67,6 +90,7 @@ class StepBatch:
     starts: torch.Tensor
     is_decode: torch.Tensor
     sampled_mask: torch.Tensor
+    flags: torch.Tensor
     logits_indices: torch.Tensor
     sample_slots: torch.Tensor
     temperature: torch.Tensor
@@ -75,7 +99,7 @@ class StepBatch:
     repetition_penalty: torch.Tensor
     uniforms: torch.Tensor
     reset_slots: torch.Tensor
-    sampled: list[int]           # host: indices of the segments that sample
+    sampled: list[int]           # host: indices of the rows that sample
     num_tokens: int
 
 
@@ -105,16 +129,34 @@ class ModelRunner:
         self.seen = torch.zeros(self.max_slots, cfg.vocab_size, dtype=torch.bool, device=self.device)
         self._rng = random.Random(seed)
         self._pin = self.device.type == "cuda"
+        # per-slot sampling parameters, written at admission (set_sampling)
+        n = self.max_slots
+        self.temperature = np.zeros(n, np.float64)
+        self.top_p = np.ones(n, np.float64)
+        self.top_k = np.zeros(n, np.int64)
+        self.repetition_penalty = np.ones(n, np.float64)
+        self.seed = np.zeros(n, np.uint64)
+
+    # ---- per-slot sampling parameters ---------------------------------------------------------
+    def set_sampling(self, slot: int, params=None) -> None:
+        """The slot's sampling parameters until the next call (None: greedy). A request without
+        a seed gets one drawn here, so its draws do not depend on its batch."""
+        p = params or GREEDY
+        self.temperature[slot] = p.temperature
+        self.top_p[slot] = p.top_p
+        self.top_k[slot] = p.top_k
+        self.repetition_penalty[slot] = p.repetition_penalty
+        self.seed[slot] = p.seed if p.seed is not None else self._rng.getrandbits(63)
 
     # ---- host side ------------------------------------------------------------------------
-    def _check(self, segments: Sequence[Segment]) -> None:
+    def plan_from_segments(self, segments: Sequence[Segment]) -> BatchPlan:
+        """Checks `segments` (nothing changes on a bad one) and turns them into a BatchPlan,
+        setting each sampling segment's slot parameters."""
         if not segments:
             raise ValueError("a step needs at least one segment")
         slots = set()
         for i, s in enumerate(segments):
             n = len(s.token_ids)
-            if not 0 <= s.slot < self.max_slots:
-                raise ValueError(f"segment {i}: slot {s.slot} out of range [0, {self.max_slots})")
             if s.slot in slots:
                 raise ValueError(f"segment {i}: slot {s.slot} appears twice in one step")
             slots.add(s.slot)
@@ -122,47 +164,86 @@ class ModelRunner:
                 raise ValueError(f"segment {i}: kind {s.kind!r} is not 'prefill' or 'decode'")
             if n == 0 or (s.kind == DECODE and n != 1):
                 raise ValueError(f"segment {i}: {n} tokens (a decode has 1, a prefill at least 1)")
-            if s.start < 0 or s.start + n > self.max_context:
-                raise ValueError(f"segment {i}: positions {s.start}..{s.start + n - 1} outside the "
-                                 f"slot's capacity {self.max_context}")
-            window = self.config.sliding_window
-            if window is not None and s.start + n > window:
-                raise NotImplementedError(f"segment {i}: context {s.start + n} exceeds the sliding "
-                                          f"window {window}, which is not implemented")
             if s.sample and s.params is not None:
                 validate_params(s.params)
+        flags = []
+        for s in segments:
+            if s.kind == DECODE:
+                flags.append(row_flags.SAMPLE)
+            else:
+                flags.append(row_flags.PREFILL | (row_flags.FIRST_CHUNK if s.start == 0 else 0)
+                             | ((row_flags.LAST_CHUNK | row_flags.SAMPLE) if s.sample else 0))
+        plan = BatchPlan(np.array([s.slot for s in segments], np.int64), np.array(flags, np.int64),
+                         np.array([s.start for s in segments], np.int64),
+                         np.array([len(s.token_ids) for s in segments], np.int64),
+                         np.concatenate([np.asarray(s.token_ids, dtype=np.int64) for s in segments]))
+        self.check_plan(plan)
+        for s in segments:
+            if s.sample:
+                self.set_sampling(s.slot, s.params)
+        return plan
 
-    def prepare(self, segments: Sequence[Segment]) -> StepBatch:
-        self._check(segments)
-        S = len(segments)
-        lens = np.fromiter((len(s.token_ids) for s in segments), np.int64, S)
-        starts = np.fromiter((s.start for s in segments), np.int64, S)
+    def check_plan(self, plan: BatchPlan) -> None:
+        """Shapes, ranges and block mappings (host state only: no device reads)."""
+        S = plan.num_rows
+        if S == 0:
+            raise ValueError("a step needs at least one row")
+        for name in ("flags", "starts", "num_tokens"):
+            if len(getattr(plan, name)) != S:
+                raise ValueError(f"BatchPlan.{name} has {len(getattr(plan, name))} rows, slots {S}")
+        if plan.slots.min() < 0 or plan.slots.max() >= self.max_slots:
+            raise ValueError(f"slots must lie in [0, {self.max_slots}), got {plan.slots.tolist()}")
+        if len(np.unique(plan.slots)) != S:
+            raise ValueError(f"a slot appears twice in one step: {plan.slots.tolist()}")
+        if plan.num_tokens.min() < 1 or plan.starts.min() < 0:
+            raise ValueError("every row needs >= 1 token and a start >= 0")
+        if int(plan.num_tokens.sum()) != len(plan.token_ids):
+            raise ValueError(f"{len(plan.token_ids)} token ids for rows of {int(plan.num_tokens.sum())} tokens")
+        ends = plan.starts + plan.num_tokens
+        if ends.max() > self.max_context:
+            raise ValueError(f"positions up to {int(ends.max())} exceed a slot's capacity {self.max_context}")
+        window = self.config.sliding_window
+        if window is not None and ends.max() > window:
+            raise NotImplementedError(f"context {int(ends.max())} exceeds the sliding window {window}, "
+                                      "which is not implemented")
+        ids = plan.token_ids
+        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got [{ids.min()}, {ids.max()}]")
+
+    def _check_mapped(self, plan: BatchPlan) -> None:
+        need = -(-(plan.starts + plan.num_tokens) // self.block_size)
+        short = np.flatnonzero(self.kv_cache.mapped_blocks(plan.slots) < need)
+        if short.size:
+            i = int(short[0])
+            raise RuntimeError(f"slot {int(plan.slots[i])}: positions up to {int(plan.starts[i] + plan.num_tokens[i])} "
+                               f"need {int(need[i])} KV blocks but {int(self.kv_cache.mapped_blocks(plan.slots[i:i + 1])[0])} "
+                               f"are mapped (allocate before the step)")
+
+    def prepare_plan(self, plan: BatchPlan) -> StepBatch:
+        """Commits the block tables, checks the plan's blocks are mapped, and copies the batch to
+        the device in one packed buffer."""
+        self.kv_cache.commit_block_tables()
+        self._check_mapped(plan)
+        S = plan.num_rows
+        lens, starts, slots, flags = plan.num_tokens, plan.starts, plan.slots, plan.flags
         cu = np.zeros(S + 1, np.int64)
         np.cumsum(lens, out=cu[1:])
         T = int(cu[-1])
-        ids = np.concatenate([np.asarray(s.token_ids, dtype=np.int64) for s in segments])
-        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
-            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got "
-                             f"[{ids.min()}, {ids.max()}]")
         positions = np.repeat(starts - cu[:-1], lens) + np.arange(T)
-        slots = np.fromiter((s.slot for s in segments), np.int64, S)
-        sampled = [i for i, s in enumerate(segments) if s.sample]
-        R = len(sampled)
-        params = [segments[i].params or GREEDY for i in sampled]
-        new_pos = [int(starts[i] + lens[i]) for i in sampled]
-        seeds = [p.seed if p.seed is not None else self._rng.getrandbits(63) for p in params]
-        is_decode = np.fromiter((s.kind == DECODE for s in segments), np.int64, S)
+        sampled = np.flatnonzero(flags & row_flags.SAMPLE)
+        sample_slots = slots[sampled]
+        new_pos = starts[sampled] + lens[sampled]
+        temperature = self.temperature[sample_slots]
+        uniforms = np.where(temperature > 0, counter_uniforms(self.seed[sample_slots], new_pos.astype(np.uint64)), 0.5)
+        is_decode = (flags & row_flags.PREFILL) == 0
         sampled_mask = np.zeros(S, np.int64)
         sampled_mask[sampled] = 1
 
-        ints = [ids, positions, np.repeat(slots, lens), cu, starts + lens, slots, starts, is_decode,
-                sampled_mask, cu[1:][sampled] - 1, slots[sampled],
-                np.array([p.top_k for p in params], np.int64), slots[starts == 0]]
-        floats = [np.array([p.temperature for p in params], np.float64),
-                  np.array([p.top_p for p in params], np.float64),
-                  np.array([p.repetition_penalty for p in params], np.float64),
-                  np.array([counter_uniform(s, c) for s, c in zip(seeds, new_pos)], np.float64)]
-        parts = ints + [f.view(np.int64) for f in floats]
+        ints = [plan.token_ids, positions, np.repeat(slots, lens), cu, starts + lens, slots, starts,
+                is_decode.astype(np.int64), sampled_mask, flags, cu[1:][sampled] - 1, sample_slots,
+                self.top_k[sample_slots], slots[starts == 0]]
+        floats = [temperature, self.top_p[sample_slots], self.repetition_penalty[sample_slots], uniforms]
+        parts = ints + [np.ascontiguousarray(f, dtype=np.float64).view(np.int64) for f in floats]
         host = torch.from_numpy(np.concatenate(parts))
         if self._pin:
             host = host.pin_memory()
@@ -171,9 +252,9 @@ class ModelRunner:
         for p in parts:
             views.append(dev[off:off + len(p)])
             off += len(p)
-        (input_ids, positions_d, token_slots, cu_d, ctx_d, slots_d, starts_d, dec_d, smask_d,
-         logits_idx, sample_slots, top_k, reset_slots) = views[:len(ints)]
-        temperature, top_p, penalty, uniforms = (v.view(torch.float64) for v in views[len(ints):])
+        (input_ids, positions_d, token_slots, cu_d, ctx_d, slots_d, starts_d, dec_d, smask_d, flags_d,
+         logits_idx, sample_slots_d, top_k, reset_slots) = views[:len(ints)]
+        temperature_d, top_p, penalty, uniforms_d = (v.view(torch.float64) for v in views[len(ints):])
         token_slots = token_slots.to(torch.int32)
         slots_d = slots_d.to(torch.int32)
         block_tables = self.kv_cache.block_tables
@@ -185,14 +266,17 @@ class ModelRunner:
             decode_only=bool((lens == 1).all()))
         return StepBatch(
             input_ids=input_ids, meta=meta, token_slots=token_slots, starts=starts_d.to(torch.int32),
-            is_decode=dec_d.bool(), sampled_mask=smask_d.bool(), logits_indices=logits_idx,
-            sample_slots=sample_slots, temperature=temperature.float(), top_k=top_k,
-            top_p=top_p.float(), repetition_penalty=penalty.float(), uniforms=uniforms,
-            reset_slots=reset_slots, sampled=sampled, num_tokens=T)
+            is_decode=dec_d.bool(), sampled_mask=smask_d.bool(), flags=flags_d.to(torch.int32),
+            logits_indices=logits_idx, sample_slots=sample_slots_d, temperature=temperature_d.float(),
+            top_k=top_k, top_p=top_p.float(), repetition_penalty=penalty.float(), uniforms=uniforms_d,
+            reset_slots=reset_slots, sampled=sampled.tolist(), num_tokens=T)
+
+    def prepare(self, segments: Sequence[Segment]) -> StepBatch:
+        return self.prepare_plan(self.plan_from_segments(segments))
 
     # ---- device side -----------------------------------------------------------------------
     def forward(self, batch: StepBatch) -> tuple[torch.Tensor, LayerTap | None]:
-        """-> (logits fp32 [R, vocab] of the sampling segments' last tokens, layer tap or None)."""
+        """-> (logits fp32 [R, vocab] of the sampling rows' last tokens, layer tap or None)."""
         self.seen.index_fill_(0, batch.reset_slots, False)
         # a flat scatter: indexed assignment (index_put_) checks its indices with a host sync
         flat = batch.token_slots.long() * self.seen.shape[1] + batch.input_ids
@@ -202,7 +286,7 @@ class ModelRunner:
         tap = None
         if states is not None:
             tap = LayerTap(self.tap_layer, states, batch.meta.cu_seqlens_q, batch.meta.slot_ids,
-                           batch.starts, batch.is_decode, batch.sampled_mask)
+                           batch.starts, batch.is_decode, batch.sampled_mask, batch.flags)
         return logits, tap
 
     def sample(self, logits: torch.Tensor, batch: StepBatch) -> torch.Tensor:
@@ -210,17 +294,10 @@ class ModelRunner:
         return sample(logits, batch.temperature, batch.top_k, batch.top_p, batch.repetition_penalty,
                       batch.uniforms, seen)
 
-    def step(self, segments: Sequence[Segment]) -> StepOutput:
-        batch = self.prepare(segments)
+    def execute(self, plan: BatchPlan) -> StepOutput:
+        batch = self.prepare_plan(plan)
         logits, tap = self.forward(batch)
         return StepOutput(self.sample(logits, batch), batch.sampled, tap, batch)
 
-    def rebind_slot(self, slot: int, token_ids: Sequence[int]) -> None:
-        """The repetition-penalty history of `slot` becomes exactly `token_ids`."""
-        if not 0 <= slot < self.max_slots:
-            raise ValueError(f"slot {slot} out of range [0, {self.max_slots})")
-        ids = torch.as_tensor(list(token_ids), dtype=torch.int64)
-        if ids.numel() and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
-        self.seen[slot] = False
-        self.seen[slot, ids.to(self.device)] = True
+    def step(self, segments: Sequence[Segment]) -> StepOutput:
+        return self.execute(self.plan_from_segments(segments))

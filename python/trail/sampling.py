@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 _MASK64 = (1 << 64) - 1
@@ -59,6 +60,20 @@ def counter_uniform(seed: int, counter: int) -> float:
     """A uniform in (0, 1), a pure function of (seed, counter)."""
     h = _splitmix64(_splitmix64(seed & _MASK64) ^ (counter & _MASK64))
     return ((h >> 11) + 0.5) / float(1 << 53)
+
+
+def _splitmix64_np(x: np.ndarray) -> np.ndarray:
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def counter_uniforms(seeds: np.ndarray, counters: np.ndarray) -> np.ndarray:
+    """`counter_uniform` over arrays (uint64 seeds and counters): float64, the same values."""
+    with np.errstate(over="ignore"):
+        h = _splitmix64_np(_splitmix64_np(np.asarray(seeds, np.uint64)) ^ np.asarray(counters, np.uint64))
+    return ((h >> np.uint64(11)).astype(np.float64) + 0.5) / float(1 << 53)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:

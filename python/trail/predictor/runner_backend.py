@@ -62,7 +62,7 @@ def _static_cache(model, max_slots: int, max_len: int, device, dtype):
     mb = math.ceil(max_len / 16)
     cache = KVCache(KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, block_size=16),
                     max_slots * mb, max_slots, mb, device)
-    cache.block_tables.copy_(torch.arange(max_slots * mb, dtype=torch.int32).view(max_slots, mb))
+    cache.assign_tables(torch.arange(max_slots * mb).view(max_slots, mb))
     return cache
 
 

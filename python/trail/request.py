@@ -1,0 +1,153 @@
+"""What a user hands the engine and what comes back: `SamplingParams` (validated once, at
+`add_request`), `Request` (the engine's record of one request: tokens, text, metrics) and
+`RequestOutput` (one step's news about one request: new tokens, text delta, finish reason).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Sequence
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"        # EOS, a stop token id or a stop string
+    LENGTH = "length"    # max_new_tokens reached
+    ABORT = "abort"      # abort(id)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request generation settings. `temperature == 0` is greedy; `top_k = 0` and
+    `top_p = 1` disable those filters; `seed` fixes the request's draws whatever its batch.
+    `stop_token_ids` end the request in addition to the model's EOS ids (unless `ignore_eos`,
+    which ignores only the EOS ids); `stop` strings end it when they appear in the text (the
+    returned text stops before them)."""
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raises ValueError naming the first bad field."""
+        def bad(msg):
+            raise ValueError(f"SamplingParams: {msg}")
+
+        if not (isinstance(self.max_new_tokens, int) and not isinstance(self.max_new_tokens, bool)
+                and self.max_new_tokens >= 1):
+            bad(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature >= 0):
+            bad(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            bad(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            bad(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not (isinstance(self.repetition_penalty, (int, float)) and math.isfinite(self.repetition_penalty)
+                and self.repetition_penalty > 0):
+            bad(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}")
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
+            bad(f"seed must be None or an integer in [0, 2**63), got {self.seed!r}")
+        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
+            bad(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            bad(f"stop strings must be non-empty strings, got {self.stop!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class RequestMetrics:
+    """Times are seconds on the engine's clock (0 = the engine's start)."""
+    arrival: float
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    finished: float | None = None
+    token_times: list[float] = field(default_factory=list)
+    preemptions: dict[str, int] = field(default_factory=lambda: {"keep": 0, "swap": 0, "recompute": 0})
+    forced_preemptions: int = 0
+    swapped_out_blocks: int = 0
+    recomputed_tokens: int = 0
+    prompt_prediction: float | None = None
+    # (generated, predicted remaining) after each step the filter updated; true remaining = final - generated
+    predictions: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def latency(self) -> float | None:
+        return None if self.finished is None else self.finished - self.arrival
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.arrival
+
+    def prediction_mae(self, final_length: int) -> float | None:
+        """Mean |predicted remaining - true remaining| over the steps the request was predicted."""
+        if not self.predictions:
+            return None
+        return sum(abs(p - (final_length - g)) for g, p in self.predictions) / len(self.predictions)
+
+    def as_dict(self, final_length: int | None = None) -> dict:
+        d = asdict(self)
+        d["latency"], d["ttft"] = self.latency, self.ttft
+        if final_length is not None:
+            d["prediction_mae"] = self.prediction_mae(final_length)
+        return d
+
+
+@dataclass(eq=False)
+class Request:
+    """The engine's record of one request (host side; the hot path reads the engine's per-slot
+    numpy arrays, not these objects)."""
+    id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    stop_ids: frozenset[int]
+    prompt_text: str | None = None
+    true_length: int | None = None
+    slot: int = -1
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(0.0))
+    swapped: object | None = None      # the kv_cache.SwappedKV handle while swapped out
+    # incremental detokenization offsets (see Detokenizer)
+    prefix_offset: int = 0
+    read_offset: int = 0
+    sent_tokens: int = 0
+    sent_chars: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    """One step's news about one request. `token_ids` / `text` are everything so far;
+    `new_token_ids` / `text_delta` what this step added."""
+    request_id: int
+    new_token_ids: list[int]
+    text_delta: str
+    token_ids: list[int]
+    text: str
+    finished: bool
+    finish_reason: FinishReason | None
+    metrics: RequestMetrics
+    prompt_ids: Sequence[int] = ()
+
+    def as_dict(self) -> dict:
+        return {"request_id": self.request_id, "token_ids": list(self.token_ids), "text": self.text,
+                "finish_reason": None if self.finish_reason is None else self.finish_reason.value,
+                "metrics": self.metrics.as_dict(len(self.token_ids))}
