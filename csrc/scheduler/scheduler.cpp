@@ -6,6 +6,8 @@
 // (4) admit from the waiting queue in key order; a head that does not fit preempts the largest-key
 // preemptible running request when that key exceeds the head's by `margin`, until it fits, else
 // admission stops. Requests preempted or evicted in this step are not readmitted in it.
+// Options (off by default, see scheduler.h): memory-aware admission (admit_reserve), forced victims
+// by predicted remaining and KV held with a per-request bound, forced-evicted requests resumed first.
 #include "scheduler/scheduler.h"
 
 #include <algorithm>
@@ -17,6 +19,8 @@ namespace trail::sched {
 namespace {
 
 [[noreturn]] void bad(const std::string& msg) { throw std::invalid_argument(msg); }
+
+constexpr double kFrontKey = -1e300;  // waiting key of a forced-evicted request (resume_forced_first)
 
 }  // namespace
 
@@ -43,6 +47,10 @@ void Config::validate() const {
   if (!(pcie_gbps > 0) || !std::isfinite(pcie_gbps)) bad("scheduler config: pcie_gbps must be finite and > 0");
   if (!(recompute_s_per_token >= 0) || !std::isfinite(recompute_s_per_token))
     bad("scheduler config: recompute_s_per_token must be finite and >= 0");
+  if (!(admit_reserve >= 0) || !std::isfinite(admit_reserve)) bad("scheduler config: admit_reserve must be finite and >= 0");
+  if (max_forced_evictions < 0) bad("scheduler config: max_forced_evictions must be >= 0");
+  if (!(evict_kv_weight >= 0) || !std::isfinite(evict_kv_weight))
+    bad("scheduler config: evict_kv_weight must be finite and >= 0");
 }
 
 Scheduler::Scheduler(const Config& config)
@@ -69,6 +77,73 @@ State Scheduler::state_of(int64_t id) const { return table_[lookup(id, "state_of
 
 bool Scheduler::preemptible(const Request& r) const {
   return cfg_.c > 0 && static_cast<double>(r.gen) < cfg_.c * r.init && r.preemptions < cfg_.max_preemptions;
+}
+
+double Scheduler::wait_s(const Request& r) const {
+  if (cfg_.resume_forced_first && r.forced_wait) return kFrontKey;
+  return r.key + cfg_.aging_rate * (r.t_enq - r.waited);
+}
+
+double Scheduler::pred_remaining(const Request& r) const {
+  switch (cfg_.policy) {
+    case Policy::kTrail: return r.key;
+    case Policy::kOracle: return static_cast<double>(std::max<int64_t>(r.true_total - r.gen, 0));
+    default: return std::max(r.prompt_pred - static_cast<double>(r.gen), 0.0);
+  }
+}
+
+bool Scheduler::reserve_fits(int32_t h, int64_t t, int64_t gpu_left) {
+  // Integer arithmetic in units of 1/block_size block: usage(tau) <= sum over requests still
+  // running at tau of (base + tau + bs - 1), an upper bound of their blocks; the peak is at
+  // tau = R_k - 1 for some k (just before a request ends).
+  const int64_t bs = cfg_.block_size;
+  int64_t held = 0;
+  peak_.clear();
+  auto add = [&](const Request& r, int64_t tokens) {
+    held += blocks(r.ctx + tokens);
+    const int64_t base = std::max(r.ctx + tokens, r.target);
+    const int64_t cap = std::max<int64_t>(r.max_new - r.gen, 1);
+    const double want = cfg_.admit_reserve * pred_remaining(r);
+    const int64_t rem = want >= static_cast<double>(cap) ? cap : std::max<int64_t>(static_cast<int64_t>(std::ceil(want)), 1);
+    peak_.emplace_back(rem, base);
+  };
+  for (int32_t s : running_) add(table_[s], table_[s].plan_tokens);
+  add(table_[h], t);
+  std::sort(peak_.begin(), peak_.end(),
+            [](const std::pair<int64_t, int64_t>& a, const std::pair<int64_t, int64_t>& b) { return a.first > b.first; });
+  int64_t sum = 0, best = 0, k = 0;
+  for (const auto& [rem, base] : peak_) {
+    sum += base;
+    ++k;
+    best = std::max(best, sum + k * (rem - 1 + bs - 1));
+  }
+  return best <= (gpu_left + held - cfg_.watermark_blocks) * bs;
+}
+
+int32_t Scheduler::forced_victim() const {
+  if (cfg_.max_forced_evictions == 0 && cfg_.evict_kv_weight == 0) {
+    if (!pre_.empty()) return pre_.top();
+    if (!nonpre_.empty()) return nonpre_.top();
+    return -1;
+  }
+  int32_t best = -1;
+  bool best_ok = false;
+  double best_score = 0;
+  for (int32_t s : running_) {
+    const Request& r = table_[s];
+    const bool ok = cfg_.max_forced_evictions == 0 || r.forced < cfg_.max_forced_evictions;
+    const double score = pred_remaining(r) + cfg_.evict_kv_weight * static_cast<double>(r.ctx);
+    bool better = best < 0;
+    if (!better) {
+      const Request& b = table_[best];
+      if (ok != best_ok) better = ok;
+      else if (score != best_score) better = score > best_score;
+      else if (r.arrival != b.arrival) better = r.arrival > b.arrival;
+      else better = r.id > b.id;
+    }
+    if (better) { best = s; best_ok = ok; best_score = score; }
+  }
+  return best;
 }
 
 void Scheduler::check_add(int64_t id, double arrival, int64_t prompt_len, int64_t max_new_tokens,
@@ -225,7 +300,7 @@ void Scheduler::set_predictions(const int32_t* slots, const float* values, int64
       if (pre_.contains(s)) pre_.update(s, run_key(r));
       else if (nonpre_.contains(s)) nonpre_.update(s, run_key(r));
     } else {
-      r.s = r.key + cfg_.aging_rate * (r.t_enq - r.waited);
+      r.s = wait_s(r);
       waiting_.update(s, wait_key(r));
       if (r.state == State::kKept) kept_.update(s, wait_key(r));
     }
@@ -235,7 +310,7 @@ void Scheduler::set_predictions(const int32_t* slots, const float* values, int64
 void Scheduler::enqueue(int32_t slot, double now) {
   Request& r = table_[slot];
   r.t_enq = now;
-  r.s = r.key + cfg_.aging_rate * (r.t_enq - r.waited);
+  r.s = wait_s(r);
   waiting_.push(slot, wait_key(r));
   if (r.state == State::kKept) kept_.push(slot, wait_key(r));
 }
@@ -286,6 +361,7 @@ int64_t Scheduler::preempt_running(int32_t slot, int32_t mode, bool forced, doub
   emit_preempt(slot, mode, forced, false, held);
   remove_running(slot);
   r.preemptions += 1;
+  if (forced) { r.forced += 1; r.forced_wait = true; }
   if (!r.touched) { r.touched = true; touched_.push_back(slot); }
   int64_t freed = held;
   if (mode == kModeKeep) {
@@ -309,6 +385,14 @@ int64_t Scheduler::evict_kept(int32_t slot, bool forced) {
   const int32_t mode = free_mode(r);
   emit_preempt(slot, mode, forced, true, held);
   kept_.remove(slot);
+  if (forced) {
+    r.forced += 1;
+    r.forced_wait = true;
+    if (cfg_.resume_forced_first) {  // its waiting key moves to the front
+      r.s = wait_s(r);
+      waiting_.update(slot, wait_key(r));
+    }
+  }
   if (mode == kModeSwap) {
     r.state = State::kSwapped;
     r.resume = kResumeSwapIn;
@@ -404,10 +488,8 @@ const StepOutput& Scheduler::step(const float* predictions, const int32_t* gener
       gpu_left += evict_kept(kept_.top(), true);
       continue;
     }
-    int32_t v;
-    if (!pre_.empty()) v = pre_.top();
-    else if (!nonpre_.empty()) v = nonpre_.top();
-    else break;
+    const int32_t v = forced_victim();
+    if (v < 0) break;
     const Request& r = table_[v];
     tokens_left += r.plan_tokens;
     gpu_left += r.plan_need;
@@ -428,17 +510,22 @@ const StepOutput& Scheduler::step(const float* predictions, const int32_t* gener
                               : (tokens_left >= 1 ? 1 : 0);
     const int64_t swap_in = r.state == State::kSwapped ? blocks(r.ctx) : 0;
     const int64_t need = blocks(r.ctx + t) - blocks(r.ctx) + swap_in;
-    const bool mem_short = gpu_left - need < cfg_.watermark_blocks;
+    bool mem_short = gpu_left - need < cfg_.watermark_blocks;
     int32_t lack = -1;
     if (static_cast<int32_t>(running_.size()) >= cfg_.max_batch) lack = kStopBatch;
     else if (t < 1) lack = kStopTokens;
     else if (mem_short) lack = kStopMemory;
+    else if (cfg_.admit_reserve > 0 && !running_.empty() && !reserve_fits(h, t, gpu_left - need)) {
+      mem_short = true;
+      lack = kStopMemory;
+    }
     if (lack < 0) {
       waiting_.pop();
       if (r.state == State::kKept) kept_.remove(h);
       r.waited += now - r.t_enq;
       r.state = State::kRunning;
       r.started = true;
+      r.forced_wait = false;
       if (!r.touched) { r.touched = true; touched_.push_back(h); }
       r.plan_tokens = t;
       r.plan_need = need;
@@ -453,7 +540,7 @@ const StepOutput& Scheduler::step(const float* predictions, const int32_t* gener
       gpu_left += evict_kept(kept_.top(), false);
       continue;
     }
-    if (!pre_.empty()) {
+    if (!pre_.empty() && !(cfg_.resume_forced_first && r.forced_wait)) {
       const int32_t v = pre_.top();
       const Request& vr = table_[v];
       if (vr.key > effective_key(r, now) + cfg_.margin) {

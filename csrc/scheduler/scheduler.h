@@ -70,6 +70,21 @@ struct Config {
   double bytes_per_token = 0.0;      // KV bytes of one token, all layers
   double pcie_gbps = 25.0;           // GB/s one way
   double recompute_s_per_token = 0.0;
+  // Memory-aware admission (0: off). A request is admitted only if the predicted peak KV of the
+  // running set plus it fits the GPU blocks the running set may use, each request assumed to run
+  // min(max_new - generated, ceil(admit_reserve * predicted remaining)) more tokens (the factor is
+  // the margin for prediction error). Skipped when nothing runs (no deadlock).
+  double admit_reserve = 0.0;
+  // Forced evictions: victims with fewer than this many forced evictions are chosen first (0: no
+  // bound); memory still wins when every running request is at the bound.
+  int32_t max_forced_evictions = 0;
+  // Forced victim score = predicted remaining + evict_kv_weight * KV tokens held (largest first).
+  // With both this and max_forced_evictions at 0 the victim is the policy-preemptible request with
+  // the largest key, else any running request with the largest key (TRAIL's rule).
+  double evict_kv_weight = 0.0;
+  // A request evicted by force waits at the front of the queue (arrival order among such) and
+  // never preempts by policy, so its swapped copy does not rot in host memory.
+  bool resume_forced_first = false;
 
   void validate() const;  // throws std::invalid_argument naming the field
 };
@@ -136,6 +151,8 @@ class Scheduler {
     int64_t target = 0;            // prefill target: prompt (+ generated, after a recompute drop)
     int32_t gen = 0;               // generated count, last read
     int32_t preemptions = 0;
+    int32_t forced = 0;            // forced evictions so far
+    bool forced_wait = false;      // waiting after a forced eviction
     double key = 0;                // remaining estimate (arrival for fcfs)
     double init = 0;               // initial prediction (c rule)
     double waited = 0;             // seconds waited before the current wait
@@ -148,6 +165,11 @@ class Scheduler {
 
   int64_t blocks(int64_t tokens) const { return (tokens + cfg_.block_size - 1) / cfg_.block_size; }
   bool preemptible(const Request& r) const;
+  double wait_s(const Request& r) const;             // waiting key with aging / resume-first folded in
+  double pred_remaining(const Request& r) const;     // predicted remaining output tokens
+  // Memory-aware admission: does the predicted peak of running_ (+ h with t tokens this step) fit?
+  bool reserve_fits(int32_t h, int64_t t, int64_t gpu_left);
+  int32_t forced_victim() const;                     // -1 when nothing runs
   HeapKey run_key(const Request& r) const { return HeapKey{r.key, r.arrival, r.id}; }
   HeapKey wait_key(const Request& r) const { return HeapKey{r.s, r.arrival, r.id}; }
   double effective_key(const Request& r, double now) const { return r.s - cfg_.aging_rate * now; }
@@ -180,6 +202,7 @@ class Scheduler {
   std::vector<int32_t> running_;
   // step scratch
   std::vector<int32_t> prefillers_, admitted_, touched_, deferred_, scratch_slots_;
+  std::vector<std::pair<int64_t, int64_t>> peak_;  // (reserved tokens, base tokens) scratch
   int64_t host_left_ = 0;
   StepOutput out_;
 };

@@ -12,9 +12,16 @@ import torch
 logger = logging.getLogger(__name__)
 
 POLICIES = ("fcfs", "sjf_prompt", "trail", "oracle")
-# Policies whose running requests the policy may preempt by default (fcfs / sjf_prompt run to
-# completion unless memory forces an eviction, like vLLM and S3/SSJF).
-_DEFAULT_C = {"fcfs": 0.0, "sjf_prompt": 0.0, "trail": 0.8, "oracle": 0.8}
+# Per-policy defaults of the fields left None. fcfs / sjf_prompt run to completion unless memory
+# forces an eviction (like vLLM and S3/SSJF) and use none of the options; trail and oracle share
+# theirs (the oracle is trail with true lengths), chosen by the simulator sweeps (bench/results/sim/).
+_TRAIL_DEFAULTS = {"c": 0.8, "margin": 0.0, "aging_rate": 0.0, "admit_reserve": 0.0,
+                   "max_forced_evictions": 0, "evict_kv_weight": 0.0, "resume_forced_first": False}
+_BASE_DEFAULTS = {"c": 0.0, "margin": 0.0, "aging_rate": 0.0, "admit_reserve": 0.0,
+                  "max_forced_evictions": 0, "evict_kv_weight": 0.0, "resume_forced_first": False}
+POLICY_DEFAULTS = {"fcfs": _BASE_DEFAULTS, "sjf_prompt": _BASE_DEFAULTS, "trail": _TRAIL_DEFAULTS,
+                   "oracle": _TRAIL_DEFAULTS}
+_DEFAULT_C = {k: v["c"] for k, v in POLICY_DEFAULTS.items()}
 
 
 class State(IntEnum):
@@ -81,23 +88,35 @@ class SchedulerConfig:
     num_gpu_blocks: int = 1 << 20
     num_host_blocks: int = 0
     watermark_blocks: int = 0
-    c: float | None = None                 # None: the policy's default (_DEFAULT_C)
-    margin: float = 0.0
+    # None below: the policy's default (POLICY_DEFAULTS).
+    c: float | None = None                 # preemptible iff generated < c * initial prediction
+    margin: float | None = None            # tokens a victim's remaining must exceed the newcomer's by
     max_preemptions: int = 4
-    aging_rate: float = 0.0
+    aging_rate: float | None = None        # tokens of key per second waited
     allow_keep: bool = True
     allow_swap: bool = True
     bytes_per_token: float = 0.0
     pcie_gbps: float = 25.0
     recompute_s_per_token: float = 0.0
+    # Memory-aware admission: admit only if the predicted peak KV of the running set + the newcomer
+    # fits, each request assumed to need admit_reserve x its predicted remaining tokens (0: off).
+    admit_reserve: float | None = None
+    # Forced evictions: victims with fewer forced evictions than this first (0: no bound).
+    max_forced_evictions: int | None = None
+    # Forced victim = largest (predicted remaining + evict_kv_weight * KV tokens held).
+    evict_kv_weight: float | None = None
+    # Forced-evicted requests wait at the queue's front and never preempt by policy.
+    resume_forced_first: bool | None = None
 
     def resolved(self) -> "SchedulerConfig":
         """The same config with policy defaults filled in, validated."""
         if self.policy not in POLICIES:
             raise ValueError(f"SchedulerConfig.policy must be one of {POLICIES}, got {self.policy!r}")
+        dflt = POLICY_DEFAULTS[self.policy]
+        filled = {k: dflt[k] if getattr(self, k) is None else getattr(self, k) for k in dflt}
+        filled["c"] = float(filled["c"])
         cfg = replace(
-            self,
-            c=_DEFAULT_C[self.policy] if self.c is None else float(self.c),
+            self, **filled,
             max_prefill_chunk=self.max_tokens_per_step if self.max_prefill_chunk is None else self.max_prefill_chunk,
         )
         cfg._validate()
@@ -127,13 +146,18 @@ class SchedulerConfig:
         need(finite(self.pcie_gbps) and self.pcie_gbps > 0, "pcie_gbps must be finite and > 0")
         need(finite(self.recompute_s_per_token) and self.recompute_s_per_token >= 0,
              "recompute_s_per_token must be finite and >= 0")
+        need(finite(self.admit_reserve) and self.admit_reserve >= 0, "admit_reserve must be finite and >= 0")
+        need(self.max_forced_evictions >= 0, "max_forced_evictions must be >= 0")
+        need(finite(self.evict_kv_weight) and self.evict_kv_weight >= 0, "evict_kv_weight must be finite and >= 0")
 
     def native_args(self) -> tuple:
         c = self.resolved()
         return (POLICIES.index(c.policy), c.max_slots, c.max_batch, c.max_tokens_per_step, c.max_prefill_chunk,
                 c.block_size, c.num_gpu_blocks, c.num_host_blocks, c.watermark_blocks, c.c, float(c.margin),
                 c.max_preemptions, float(c.aging_rate), bool(c.allow_keep), bool(c.allow_swap),
-                float(c.bytes_per_token), float(c.pcie_gbps), float(c.recompute_s_per_token))
+                float(c.bytes_per_token), float(c.pcie_gbps), float(c.recompute_s_per_token),
+                float(c.admit_reserve), int(c.max_forced_evictions), float(c.evict_kv_weight),
+                bool(c.resume_forced_first))
 
     def as_dict(self) -> dict:
         return asdict(self.resolved())

@@ -1,0 +1,72 @@
+"""Records per-step predictions of the shipped probe on the requests it never trained on, for the
+simulator: teacher-forced SmolLM2 forwards (layer-L states at every output position), the shipped
+filter (`probe_reference` via filter_adapter) at every g, and the prompt-time totals of the
+shipped bag-of-embeddings prompt predictor (what `sjf_prompt` and trail's pre-prefill order use).
+
+    python bench/sim_record_predictions.py [--splits test,val] [--out bench/results/sim/recorded_predictions.npz]
+
+Output (npz): ids, split, prompt_len, output_len, hit_cap, prompt_pred (boe expected total),
+cu (int64 [N+1]), pred (float16 [sum L]: predicted remaining at g = 0..L-1 of each request, g = 0
+being the value right after the prefill update, i.e. trail's initial prediction minus 0).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+
+import numpy as np
+import torch
+
+from trail.predictor import bins as B
+from trail.predictor import hf_backend
+from trail.predictor.embed import embed_dense
+from trail.predictor.filter_adapter import probe_params, run_filter
+from trail.predictor.probe_file import load_probe, shipped_probe_dir
+from trail.predictor.prompt_predictors import PromptPredictor
+from trail.predictor.trace import read_trace
+
+MODEL = "SmolLM2-135M-Instruct"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--trace", default="bench/results/predictor/trace.jsonl.gz")
+    ap.add_argument("--splits", default="test,val")
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--out", default="bench/results/sim/recorded_predictions.npz")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    torch.set_num_threads(2)
+    trace = read_trace(args.trace)
+    splits = args.splits.split(",")
+    recs = [r for r in trace.records if B.split_of(r.id) in splits]
+    if args.limit:
+        recs = recs[: args.limit]
+    sub = trace.subset([r.id for r in recs])
+    pdir = shipped_probe_dir(f"HuggingFaceTB/{MODEL}")
+    mlp, spec = load_probe(pdir / "probe.json")
+    lm = hf_backend.load()
+    t0 = time.time()
+    dense = embed_dense(lm, sub, spec.layer, max_tokens=4096)
+    t_embed = time.time() - t0
+    pred = run_filter(probe_params(mlp, spec), dense, int(spec.max_new_tokens)).numpy()
+    boe = PromptPredictor(pdir / "prompt_boe.json", embeddings=lm.input_embeddings.detach().float().cpu())
+    prompt_pred = boe.expected_total(sub.records).cpu().numpy()
+    recs = sub.records
+    np.savez_compressed(
+        args.out,
+        ids=np.array([r.id for r in recs]), split=np.array([B.split_of(r.id) for r in recs]),
+        prompt_len=np.array([len(r.prompt_ids) for r in recs], dtype=np.int32),
+        output_len=np.array([r.output_len for r in recs], dtype=np.int32),
+        hit_cap=np.array([r.hit_cap for r in recs]), prompt_pred=prompt_pred.astype(np.float32),
+        cu=dense.cu.numpy(), pred=pred.astype(np.float16),
+        meta=np.array(json.dumps({"model": lm.model_id, "layer": spec.layer, "alpha": spec.alpha,
+                                  "splits": splits, "max_new_tokens": trace.max_new_tokens,
+                                  "embed_seconds": t_embed, "prompt_predictor": "prompt_boe"})))
+    logging.info("wrote %s: %d requests, %d positions, embed %.0f s", args.out, len(recs), len(pred), t_embed)
+
+
+if __name__ == "__main__":
+    main()
