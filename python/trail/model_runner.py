@@ -56,12 +56,15 @@ class Segment:
 @dataclass
 class BatchPlan:
     """One step's rows as numpy columns (int64): slots (distinct), flags, starts, num_tokens, and
-    token_ids [sum num_tokens] concatenated in row order."""
+    token_ids [sum num_tokens] concatenated in row order. num_generated / max_new_tokens are the
+    probe's per-row counts (trail_kernels.probe), carried to the device in the same copy."""
     slots: np.ndarray
     flags: np.ndarray
     starts: np.ndarray
     num_tokens: np.ndarray
     token_ids: np.ndarray
+    num_generated: np.ndarray | None = None
+    max_new_tokens: np.ndarray | None = None
 
     @property
     def num_rows(self) -> int:
@@ -79,6 +82,8 @@ class LayerTap:
     is_decode: torch.Tensor      # bool [S]
     sampled: torch.Tensor        # bool [S], segment is a request's last prefill chunk or a decode
     flags: torch.Tensor | None = None   # int32 [S], row flags
+    num_generated: torch.Tensor | None = None    # int32 [S], the probe's per-row counts
+    max_new_tokens: torch.Tensor | None = None   # int32 [S]
 
 
 @dataclass
@@ -99,6 +104,8 @@ class StepBatch:
     repetition_penalty: torch.Tensor
     uniforms: torch.Tensor
     reset_slots: torch.Tensor
+    num_generated: torch.Tensor
+    max_new_tokens: torch.Tensor
     sampled: list[int]           # host: indices of the rows that sample
     num_tokens: int
 
@@ -241,7 +248,9 @@ class ModelRunner:
 
         ints = [plan.token_ids, positions, np.repeat(slots, lens), cu, starts + lens, slots, starts,
                 is_decode.astype(np.int64), sampled_mask, flags, cu[1:][sampled] - 1, sample_slots,
-                self.top_k[sample_slots], slots[starts == 0]]
+                self.top_k[sample_slots], slots[starts == 0],
+                np.zeros(S, np.int64) if plan.num_generated is None else plan.num_generated,
+                np.zeros(S, np.int64) if plan.max_new_tokens is None else plan.max_new_tokens]
         floats = [temperature, self.top_p[sample_slots], self.repetition_penalty[sample_slots], uniforms]
         parts = ints + [np.ascontiguousarray(f, dtype=np.float64).view(np.int64) for f in floats]
         host = torch.from_numpy(np.concatenate(parts))
@@ -253,7 +262,7 @@ class ModelRunner:
             views.append(dev[off:off + len(p)])
             off += len(p)
         (input_ids, positions_d, token_slots, cu_d, ctx_d, slots_d, starts_d, dec_d, smask_d, flags_d,
-         logits_idx, sample_slots_d, top_k, reset_slots) = views[:len(ints)]
+         logits_idx, sample_slots_d, top_k, reset_slots, num_gen_d, max_new_d) = views[:len(ints)]
         temperature_d, top_p, penalty, uniforms_d = (v.view(torch.float64) for v in views[len(ints):])
         token_slots = token_slots.to(torch.int32)
         slots_d = slots_d.to(torch.int32)
@@ -269,7 +278,8 @@ class ModelRunner:
             is_decode=dec_d.bool(), sampled_mask=smask_d.bool(), flags=flags_d.to(torch.int32),
             logits_indices=logits_idx, sample_slots=sample_slots_d, temperature=temperature_d.float(),
             top_k=top_k, top_p=top_p.float(), repetition_penalty=penalty.float(), uniforms=uniforms_d,
-            reset_slots=reset_slots, sampled=sampled.tolist(), num_tokens=T)
+            reset_slots=reset_slots, num_generated=num_gen_d.to(torch.int32), max_new_tokens=max_new_d.to(torch.int32),
+            sampled=sampled.tolist(), num_tokens=T)
 
     def prepare(self, segments: Sequence[Segment]) -> StepBatch:
         return self.prepare_plan(self.plan_from_segments(segments))
@@ -286,7 +296,8 @@ class ModelRunner:
         tap = None
         if states is not None:
             tap = LayerTap(self.tap_layer, states, batch.meta.cu_seqlens_q, batch.meta.slot_ids,
-                           batch.starts, batch.is_decode, batch.sampled_mask, batch.flags)
+                           batch.starts, batch.is_decode, batch.sampled_mask, batch.flags,
+                           batch.num_generated, batch.max_new_tokens)
         return logits, tap
 
     def sample(self, logits: torch.Tensor, batch: StepBatch) -> torch.Tensor:

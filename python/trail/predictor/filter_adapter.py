@@ -14,22 +14,10 @@ import math
 import torch
 
 from trail.predictor.embed import DenseFeatures
-from trail.predictor.probe_file import ProbeMLP, ProbeSpec
+from trail.predictor.probe_file import probe_params  # noqa: F401  (re-exported for older callers)
 from trail_kernels.probe import FIRST_CHUNK, LAST_CHUNK, PREFILL, ProbeParams, ProbeState, probe_reference
 
 NEVER = 1 << 30
-
-
-def probe_params(mlp: ProbeMLP, spec: ProbeSpec, *, rule: str = "bayes", alpha: float | None = None,
-                 eps: float | None = None, update_every: int | None = None,
-                 device: str | torch.device = "cpu") -> ProbeParams:
-    sd = {k: v.detach().float().to(device) for k, v in mlp.state_dict().items()}
-    return ProbeParams(sd["fc1.weight"], sd["fc1.bias"], sd["fc2.weight"], sd["fc2.bias"],
-                       torch.tensor(spec.bin_edges, dtype=torch.float64),
-                       torch.tensor(spec.bin_values, dtype=torch.float64),
-                       torch.tensor(spec.pi, dtype=torch.float64).log(),
-                       alpha=spec.alpha if alpha is None else alpha,
-                       eps=spec.eps if eps is None else eps, rule=rule, update_every=update_every)
 
 
 def run_filter(params: ProbeParams, dense: DenseFeatures, max_new_tokens: int,

@@ -140,6 +140,11 @@ def load_spec(path: str | os.PathLike) -> ProbeSpec:
     if raw.get("version") != VERSION:
         raise ValueError(f"{js}: probe file version {raw.get('version')!r} not supported (want {VERSION})")
     fields = {k: v for k, v in raw.items() if k not in ("format", "version")}
+    # fitted values are never filled in silently: a probe without them is not the one trained
+    required = ("max_new_tokens",) + (("alpha", "eps") if fields.get("kind") == "layer" else ())
+    missing = [k for k in required if k not in fields]
+    if missing:
+        raise ValueError(f"{js}: missing fitted key(s) {missing}; retrain or add them (see `trail train-probe`)")
     try:
         spec = ProbeSpec(**fields)
     except TypeError as exc:
@@ -184,3 +189,26 @@ def _check_weights(state: dict, spec: ProbeSpec, where: str) -> None:
                              f"expected {shape} (d={spec.d}, h={spec.h}, K={spec.num_bins})")
         if not torch.isfinite(state[name]).all():
             raise ValueError(f"{where}: {name} holds non-finite values")
+
+
+def probe_params(mlp: ProbeMLP, spec: ProbeSpec, *, rule: str = "bayes", alpha: float | None = None,
+                 eps: float | None = None, update_every: int | None = None,
+                 device: str | torch.device = "cpu"):
+    """The kernel-side `trail_kernels.probe.ProbeParams` of a loaded layer probe (fp32 weights on
+    `device`; cast with `.to(device, dtype)`)."""
+    from trail_kernels.probe import ProbeParams
+
+    sd = {k: v.detach().float().to(device) for k, v in mlp.state_dict().items()}
+    return ProbeParams(sd["fc1.weight"], sd["fc1.bias"], sd["fc2.weight"], sd["fc2.bias"],
+                       torch.tensor(spec.bin_edges, dtype=torch.float64),
+                       torch.tensor(spec.bin_values, dtype=torch.float64),
+                       torch.tensor(spec.pi, dtype=torch.float64).log(),
+                       alpha=spec.alpha if alpha is None else alpha,
+                       eps=spec.eps if eps is None else eps, rule=rule, update_every=update_every)
+
+
+def load_probe_params(path: str | os.PathLike, expect_model: str | None = None, expect_d: int | None = None,
+                      device: str | torch.device = "cpu"):
+    """A layer probe file -> (ProbeParams on `device`, ProbeSpec): what an engine needs."""
+    mlp, spec = load_probe(path, expect_model=expect_model, expect_d=expect_d, expect_kind="layer")
+    return probe_params(mlp, spec, device=device), spec
