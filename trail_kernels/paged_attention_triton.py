@@ -214,6 +214,7 @@ def _decode_reduce_kernel(part_o_ptr, part_ml_ptr, out_ptr, o_s0, o_s1, num_spli
     m = tl.load(part_ml_ptr + row * 2, mask=smask, other=float("-inf"))
     l = tl.load(part_ml_ptr + row * 2 + 1, mask=smask, other=0.0)
     m_all = tl.max(m, axis=0)
+    m_all = tl.where(m_all == float("-inf"), 0.0, m_all)     # an empty context: every l is 0
     w = tl.where(l > 0, tl.exp2(m - m_all), 0.0)
     total = tl.sum(w * l, axis=0)
     ds = tl.arange(0, DP)
