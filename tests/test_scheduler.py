@@ -30,7 +30,8 @@ def _blocks(tokens: int, bs: int) -> int:
 # ------------------------------------------------------------------------------------------------
 class Model:
     __slots__ = ("id", "slot", "arrival", "prompt", "max_new", "true_total", "key", "init", "init_pending",
-                 "state", "ctx", "target", "gen", "host", "preemptions", "started", "prompt_pred")
+                 "state", "ctx", "target", "gen", "host", "preemptions", "started", "prompt_pred", "forced",
+                 "forced_wait")
 
 
 class Sim:
@@ -65,6 +66,17 @@ class Sim:
     def used_host(self) -> int:
         return sum(m.host for m in self.reqs.values())
 
+    def pred_remaining(self, m: Model) -> float:
+        if self.cfg.policy == "trail":
+            return m.key
+        if self.cfg.policy == "oracle":
+            return float(max(m.true_total - m.gen, 0))
+        return max(m.prompt_pred - float(m.gen), 0.0)
+
+    def wait_order(self, m: Model) -> tuple:
+        front = self.cfg.resume_forced_first and m.forced_wait
+        return (-math.inf if front else m.key, m.arrival, m.id)
+
     def eligible(self, m: Model) -> bool:
         c = self.cfg.c
         return c > 0 and float(m.gen) < c * m.init and m.preemptions < self.cfg.max_preemptions
@@ -85,6 +97,7 @@ class Sim:
         m.init = float(m.true_total) if self.cfg.policy == "oracle" else m.prompt_pred
         m.init_pending = self.cfg.policy == "trail"
         m.state, m.ctx, m.target, m.gen, m.host, m.preemptions, m.started = State.WAITING, 0, prompt, 0, 0, 0, False
+        m.forced, m.forced_wait = 0, False
         self.reqs[rid] = m
         return rid
 
@@ -148,6 +161,8 @@ class Sim:
         touched = set()
         host_budget = free_host
         eligible_left, kept_left = set(eligible0), set(kept0)
+        running_left = {m.id for m in running0}
+        new_rule = cfg.max_forced_evictions > 0 or cfg.evict_kv_weight > 0
         for rid, slot, mode, forced, from_kept, blocks in pre:
             m = self.reqs[rid]
             assert m.slot == slot and rid not in touched, "preempted twice or wrong slot"
@@ -158,6 +173,8 @@ class Sim:
                 kept_left.discard(rid)
                 if forced:
                     assert ub + cfg.watermark_blocks > free_gpu, "kept request evicted without a memory shortage"
+                    m.forced += 1
+                    m.forced_wait = True
             else:
                 assert m.state == State.RUNNING
                 m.preemptions += 1
@@ -166,13 +183,22 @@ class Sim:
                     assert mode != Mode.KEEP
                     assert ub + cfg.watermark_blocks > free_gpu, "forced eviction without a memory shortage"
                     assert not kept_left, "running request evicted while a kept one still holds memory"
-                    if rid not in eligible0:
+                    if new_rule:  # the largest (under the bound, predicted remaining - w * KV, arrival, id)
+                        def rank(x: Model) -> tuple:
+                            ok = cfg.max_forced_evictions == 0 or x.forced < cfg.max_forced_evictions
+                            return (ok, self.pred_remaining(x) - cfg.evict_kv_weight * float(x.ctx), x.arrival, x.id)
+                        best = max((self.reqs[i] for i in running_left), key=rank)
+                        assert best.id == rid, "forced victim is not the largest by the rule"
+                    elif rid not in eligible0:
                         assert not eligible_left, "non-preemptible request evicted before a preemptible one"
+                    m.forced += 1
+                    m.forced_wait = True
                 else:
                     self.stats["policy_preempt"] += 1
                     # the c rule and the cap: the policy never preempts past them
                     assert rid in eligible0, "the policy preempted a request past its c threshold or cap"
                 eligible_left.discard(rid)
+                running_left.discard(rid)
             if mode == Mode.KEEP:
                 self.stats["keep"] += 1
                 m.state = State.KEPT
@@ -205,11 +231,12 @@ class Sim:
             if m.state == State.RUNNING:
                 assert resume == Resume.NONE
             else:
-                admitted.append(m)
+                admitted.append((m, self.wait_order(m)))
                 expect = {State.KEPT: Resume.KEEP, State.SWAPPED: Resume.SWAP_IN}.get(
                     m.state, Resume.RECOMPUTE if m.started else Resume.NONE)
                 assert resume == expect, (resume, expect, m.state)
                 m.started = True
+                m.forced_wait = False
                 if m.state == State.SWAPPED:
                     m.host = 0
                 m.state = State.RUNNING
@@ -241,10 +268,12 @@ class Sim:
         # ---- SPRPT: admission in key order; nothing waits behind an eligible longer request ----
         waiting = [m for m in self.reqs.values() if m.state != State.RUNNING and m.id not in touched]
         if waiting and cfg.aging_rate == 0:
-            wmin = min(waiting, key=lambda m: (m.key, m.arrival, m.id))
-            for a in admitted:
-                assert (a.key, a.arrival, a.id) < (wmin.key, wmin.arrival, wmin.id), "admitted out of key order"
-            for r in running:
+            wmin = min(waiting, key=self.wait_order)
+            for _a, order in admitted:
+                assert order < self.wait_order(wmin), "admitted out of key order"
+            # a forced-evicted head (resume_forced_first) waits for memory and preempts no one
+            front_blocks = cfg.resume_forced_first and any(m.forced_wait for m in waiting)
+            for r in running if not front_blocks else []:
                 if r.id in eligible0:
                     assert r.key <= wmin.key + cfg.margin, (
                         f"request {wmin.id} (key {wmin.key}) waits behind preemptible {r.id} (key {r.key})")
@@ -303,6 +332,10 @@ def _random_config(data, policy=None) -> SchedulerConfig:
         bytes_per_token=1000.0, pcie_gbps=10.0,
         recompute_s_per_token=data.draw(st.sampled_from([0.0, 1e-5])),
         aging_rate=data.draw(st.sampled_from([0.0, 0.0, 0.0, 50.0])),
+        admit_reserve=data.draw(st.sampled_from([0.0, 0.0, 1.0, 1.5])),
+        max_forced_evictions=data.draw(st.sampled_from([0, 0, 1, 2])),
+        evict_kv_weight=data.draw(st.sampled_from([0.0, 0.0, 1.0])),
+        resume_forced_first=data.draw(st.booleans()),
     )
 
 

@@ -132,7 +132,7 @@ int32_t Scheduler::forced_victim() const {
   for (int32_t s : running_) {
     const Request& r = table_[s];
     const bool ok = cfg_.max_forced_evictions == 0 || r.forced < cfg_.max_forced_evictions;
-    const double score = pred_remaining(r) + cfg_.evict_kv_weight * static_cast<double>(r.ctx);
+    const double score = pred_remaining(r) - cfg_.evict_kv_weight * static_cast<double>(r.ctx);
     bool better = best < 0;
     if (!better) {
       const Request& b = table_[best];

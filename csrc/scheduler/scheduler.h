@@ -78,9 +78,11 @@ struct Config {
   // Forced evictions: victims with fewer than this many forced evictions are chosen first (0: no
   // bound); memory still wins when every running request is at the bound.
   int32_t max_forced_evictions = 0;
-  // Forced victim score = predicted remaining + evict_kv_weight * KV tokens held (largest first).
-  // With both this and max_forced_evictions at 0 the victim is the policy-preemptible request with
-  // the largest key, else any running request with the largest key (TRAIL's rule).
+  // Forced victim = the largest (predicted remaining - evict_kv_weight * KV tokens held): long
+  // requests that hold little KV go first (cheap to swap or recompute, little work lost; the one
+  // furthest along keeps running, so recompute cannot livelock). With both this and
+  // max_forced_evictions at 0 the victim is the policy-preemptible request with the largest key,
+  // else any running request with the largest key (TRAIL's rule).
   double evict_kv_weight = 0.0;
   // A request evicted by force waits at the front of the queue (arrival order among such) and
   // never preempts by policy, so its swapped copy does not rot in host memory.

@@ -17,6 +17,7 @@ from trail.scheduler_types import (PREEMPT, POLICIES, SCHED, Mode, Resume, Sched
 from trail_kernels import row_flags
 
 FCFS, SJF_PROMPT, TRAIL, ORACLE = range(4)
+FRONT_KEY = -1e300  # waiting key of a forced-evicted request (resume_forced_first)
 
 
 class NaiveQueue:
@@ -57,13 +58,14 @@ class NaiveQueue:
 class _Req:
     __slots__ = ("id", "arrival", "prompt_len", "max_new", "true_total", "prompt_pred", "state", "resume",
                  "started", "init_pending", "touched", "ctx", "target", "gen", "preemptions", "key", "init",
-                 "waited", "t_enq", "s", "plan_tokens", "plan_need")
+                 "waited", "t_enq", "s", "plan_tokens", "plan_need", "forced", "forced_wait")
 
     def __init__(self):
         self.state = State.FREE
         self.resume = Resume.NONE
         self.started = self.init_pending = self.touched = False
-        self.ctx = self.target = self.gen = self.preemptions = 0
+        self.ctx = self.target = self.gen = self.preemptions = self.forced = 0
+        self.forced_wait = False
         self.key = self.init = self.waited = self.t_enq = self.s = 0.0
         self.plan_tokens = self.plan_need = 0
 
@@ -95,6 +97,61 @@ class ReferenceScheduler:
         c = self.config.c
         return c > 0 and float(r.gen) < c * r.init and r.preemptions < self.config.max_preemptions
 
+    def _wait_s(self, r: _Req) -> float:
+        if self.config.resume_forced_first and r.forced_wait:
+            return FRONT_KEY
+        return r.key + self.config.aging_rate * (r.t_enq - r.waited)
+
+    def _pred_remaining(self, r: _Req) -> float:
+        if self._policy == TRAIL:
+            return r.key
+        if self._policy == ORACLE:
+            return float(max(r.true_total - r.gen, 0))
+        return max(r.prompt_pred - float(r.gen), 0.0)
+
+    def _reserve_fits(self, h: int, t: int, gpu_left: int) -> bool:
+        """Memory-aware admission (see scheduler.h: admit_reserve), in integer 1/bs-block units."""
+        bs, cfg, table = self._bs, self.config, self._table
+        held = 0
+        peak = []
+
+        def add(r: _Req, tokens: int) -> None:
+            nonlocal held
+            held += self._blocks(r.ctx + tokens)
+            base = max(r.ctx + tokens, r.target)
+            cap = max(r.max_new - r.gen, 1)
+            want = cfg.admit_reserve * self._pred_remaining(r)
+            rem = cap if want >= float(cap) else max(int(math.ceil(want)), 1)
+            peak.append((rem, base))
+
+        for s in self._running:
+            add(table[s], table[s].plan_tokens)
+        add(table[h], t)
+        peak.sort(key=lambda x: -x[0])
+        total = best = 0
+        for k, (rem, base) in enumerate(peak, 1):
+            total += base
+            best = max(best, total + k * (rem - 1 + bs - 1))
+        return best <= (gpu_left + held - cfg.watermark_blocks) * bs
+
+    def _forced_victim(self) -> int:
+        cfg, table = self.config, self._table
+        if cfg.max_forced_evictions == 0 and cfg.evict_kv_weight == 0:
+            if len(self._pre):
+                return self._pre.top()
+            if len(self._nonpre):
+                return self._nonpre.top()
+            return -1
+        if not self._running:
+            return -1
+
+        def rank(s: int) -> tuple:
+            r = table[s]
+            ok = cfg.max_forced_evictions == 0 or r.forced < cfg.max_forced_evictions
+            return (ok, self._pred_remaining(r) - cfg.evict_kv_weight * float(r.ctx), r.arrival, r.id)
+
+        return max(self._running, key=rank)
+
     @staticmethod
     def _run_key(r: _Req) -> tuple:
         return (r.key, r.arrival, r.id)
@@ -112,7 +169,7 @@ class ReferenceScheduler:
     def _enqueue(self, slot: int, now: float) -> None:
         r = self._table[slot]
         r.t_enq = now
-        r.s = r.key + self.config.aging_rate * (r.t_enq - r.waited)
+        r.s = self._wait_s(r)
         self._waiting.push(slot, self._wait_key(r))
         if r.state == State.KEPT:
             self._kept.push(slot, self._wait_key(r))
@@ -160,6 +217,9 @@ class ReferenceScheduler:
         self._out_pre.append([r.id, slot, int(mode), int(forced), 0, held])
         self._remove_running(slot)
         r.preemptions += 1
+        if forced:
+            r.forced += 1
+            r.forced_wait = True
         self._touch(slot)
         freed = held
         if mode == Mode.KEEP:
@@ -178,6 +238,12 @@ class ReferenceScheduler:
         mode = self._free_mode(r)
         self._out_pre.append([r.id, slot, int(mode), int(forced), 1, held])
         self._kept.remove(slot)
+        if forced:
+            r.forced += 1
+            r.forced_wait = True
+            if self.config.resume_forced_first:
+                r.s = self._wait_s(r)
+                self._waiting.update(slot, self._wait_key(r))
         if mode == Mode.SWAP:
             r.state, r.resume = State.SWAPPED, Resume.SWAP_IN
             self._host_left -= held
@@ -323,7 +389,7 @@ class ReferenceScheduler:
                 elif s in self._nonpre:
                     self._nonpre.update(s, self._run_key(r))
             else:
-                r.s = r.key + self.config.aging_rate * (r.t_enq - r.waited)
+                r.s = self._wait_s(r)
                 self._waiting.update(s, self._wait_key(r))
                 if r.state == State.KEPT:
                     self._kept.update(s, self._wait_key(r))
@@ -420,11 +486,8 @@ class ReferenceScheduler:
             if len(kept):
                 gpu_left += self._evict_kept(kept.top(), True)
                 continue
-            if len(pre):
-                v = pre.top()
-            elif len(nonpre):
-                v = nonpre.top()
-            else:
+            v = self._forced_victim()
+            if v < 0:
                 break
             r = table[v]
             tokens_left += r.plan_tokens
@@ -453,6 +516,8 @@ class ReferenceScheduler:
                 lack = Stop.TOKENS
             elif mem_short:
                 lack = Stop.MEMORY
+            elif cfg.admit_reserve > 0 and running and not self._reserve_fits(h, t, gpu_left - need):
+                mem_short, lack = True, Stop.MEMORY
             else:
                 waiting.pop()
                 if r.state == State.KEPT:
@@ -460,6 +525,7 @@ class ReferenceScheduler:
                 r.waited += now - r.t_enq
                 r.state = State.RUNNING
                 r.started = True
+                r.forced_wait = False
                 self._touch(h)
                 r.plan_tokens, r.plan_need = t, need
                 running.append(h)
@@ -472,7 +538,7 @@ class ReferenceScheduler:
                 if k != h and not table[k].touched:
                     gpu_left += self._evict_kept(k, False)
                     continue
-            if len(pre):
+            if len(pre) and not (cfg.resume_forced_first and r.forced_wait):
                 v = pre.top()
                 vr = table[v]
                 if vr.key > (r.s - cfg.aging_rate * now) + cfg.margin:

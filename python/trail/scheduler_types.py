@@ -103,7 +103,7 @@ class SchedulerConfig:
     admit_reserve: float | None = None
     # Forced evictions: victims with fewer forced evictions than this first (0: no bound).
     max_forced_evictions: int | None = None
-    # Forced victim = largest (predicted remaining + evict_kv_weight * KV tokens held).
+    # Forced victim = largest (predicted remaining - evict_kv_weight * KV tokens held).
     evict_kv_weight: float | None = None
     # Forced-evicted requests wait at the queue's front and never preempt by policy.
     resume_forced_first: bool | None = None
