@@ -1,0 +1,452 @@
+"""Discrete-event simulator of serving under each policy (DESIGN.md "How scheduling results are
+judged"). It drives the real policy step (`trail.scheduler.Scheduler` over trail._C), sizes memory
+through `EngineConfig` (`kv_layout`, `scheduler_config`) and keeps GPU / host blocks in
+`trail.kv_cache.BlockAllocator`s; only the model is replaced, by a step-time model
+
+    t = base + per_decode * decode_rows + per_prefill_token * prefill_tokens
+          + per_ctx_token * sum(context after the step) + swapped_bytes / (pcie_gbps * 1e9)
+
+(recomputed tokens are prefill tokens, so recompute costs what prefill costs), optionally times a
+lognormal noise factor. A trace is arrivals + per request prompt length, true output length,
+max_new_tokens, a prompt-time prediction of the total and per-step predictions of the remaining
+length (exact, noisy, or recorded from the probe filter). `SimInput` (trace + engine limits +
+step model) round-trips through JSON: the hook for validating against the GPU serving benchmark.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from trail.engine_config import EngineConfig
+from trail.kv_cache import BlockAllocator, KVCacheSpec
+from trail.scheduler import PREEMPT, SCHED, Mode, Resume, Scheduler
+from trail_kernels import row_flags
+
+logger = logging.getLogger(__name__)
+
+POLICY_ORDER = ("fcfs", "sjf_prompt", "trail", "oracle")
+
+
+# ------------------------------------------------------------------------------------------------
+# Step-time model
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StepTimeModel:
+    """Seconds per engine step from the batch's shape (see the module docstring)."""
+    base_s: float
+    per_decode_s: float
+    per_prefill_token_s: float
+    per_ctx_token_s: float
+    pcie_gbps: float = 25.0
+    source: str = ""
+
+    def step_time(self, decode_rows: int, prefill_tokens: int, ctx_sum: int, swap_bytes: float = 0.0) -> float:
+        return (self.base_s + self.per_decode_s * decode_rows + self.per_prefill_token_s * prefill_tokens
+                + self.per_ctx_token_s * ctx_sum + swap_bytes / (self.pcie_gbps * 1e9))
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "StepTimeModel":
+        d = json.loads(Path(path).read_text())
+        d = d.get("model", d)
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+DEFAULT_FIT = Path(__file__).resolve().parents[2] / "bench" / "results" / "sim" / "step_fit.json"
+DEFAULT_RECORDED = Path(__file__).resolve().parents[2] / "bench" / "results" / "sim" / "recorded_predictions.npz"
+
+
+def default_step_model() -> StepTimeModel:
+    """The committed fit (bench/results/sim/step_fit.json)."""
+    return StepTimeModel.from_json(DEFAULT_FIT)
+
+
+def llama3_8b_kv_spec(block_size: int = 16) -> KVCacheSpec:
+    """KV of Llama-3-8B (32 layers, 8 KV heads, head_dim 128, bf16: 128 KiB per token): the shape the
+    committed step-time fit was measured at."""
+    return KVCacheSpec(num_layers=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16, block_size=block_size)
+
+
+# ------------------------------------------------------------------------------------------------
+# Traces
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class LengthPool:
+    """Requests to draw from: prompt / output lengths, prompt-time predicted totals and per-step
+    predicted remaining (`pred[cu[i] + g]` = estimate of the remaining length at position g)."""
+    prompt_len: np.ndarray
+    output_len: np.ndarray
+    prompt_pred: np.ndarray
+    cu: np.ndarray
+    pred: np.ndarray
+    max_new_tokens: int
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.prompt_len)
+
+
+def load_recorded(path: str | Path = DEFAULT_RECORDED) -> LengthPool:
+    """Recorded lengths and probe predictions (bench/sim_record_predictions.py)."""
+    d = np.load(path)
+    meta = json.loads(str(d["meta"]))
+    return LengthPool(d["prompt_len"].astype(np.int64), d["output_len"].astype(np.int64),
+                      d["prompt_pred"].astype(np.float64), d["cu"].astype(np.int64), d["pred"].astype(np.float32),
+                      int(meta["max_new_tokens"]), source=f"recorded:{Path(path).name}")
+
+
+def poisson_arrivals(n: int, rate: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.cumsum(rng.exponential(1.0 / rate, size=n))
+
+
+def burst_arrivals(n: int, rate: float, seed: int, burst: int = 200, burst_fraction: float = 0.5) -> np.ndarray:
+    """Poisson at `rate` for (1 - burst_fraction) of the requests; the rest in bursts of `burst`
+    requests arriving at once at uniformly chosen times over the same span."""
+    rng = np.random.default_rng(seed)
+    n_burst = int(n * burst_fraction) // burst * burst
+    base = np.cumsum(rng.exponential(1.0 / rate, size=n - n_burst))
+    times = rng.uniform(0, base[-1] if len(base) else 1.0, size=n_burst // burst) if n_burst else np.zeros(0)
+    return np.sort(np.concatenate([base, np.repeat(times, burst)]))
+
+
+@dataclass
+class SimTrace:
+    """One workload: arrays of length N (requests in any order; ids are the indices)."""
+    arrival: np.ndarray
+    prompt_len: np.ndarray
+    output_len: np.ndarray
+    max_new: np.ndarray
+    prompt_pred: np.ndarray
+    pred_cu: np.ndarray
+    pred: np.ndarray        # float32 [sum output_len]: predicted remaining at g = 0 .. L - 1
+    predictions: str = ""   # exact / noisy:<sd> / recorded
+
+    def __len__(self) -> int:
+        return len(self.arrival)
+
+    def to_json(self) -> dict:
+        return {"arrival": self.arrival.tolist(), "prompt_len": self.prompt_len.tolist(),
+                "output_len": self.output_len.tolist(), "max_new": self.max_new.tolist(),
+                "prompt_pred": self.prompt_pred.tolist(), "pred_cu": self.pred_cu.tolist(),
+                "pred": self.pred.astype(float).round(3).tolist(), "predictions": self.predictions}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "SimTrace":
+        out = cls(np.asarray(d["arrival"], np.float64), np.asarray(d["prompt_len"], np.int64),
+                  np.asarray(d["output_len"], np.int64), np.asarray(d["max_new"], np.int64),
+                  np.asarray(d["prompt_pred"], np.float64), np.asarray(d["pred_cu"], np.int64),
+                  np.asarray(d["pred"], np.float32), d.get("predictions", ""))
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        n = len(self.arrival)
+        for name in ("prompt_len", "output_len", "max_new", "prompt_pred"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"SimTrace.{name} has {len(getattr(self, name))} entries, arrival {n}")
+        if (self.prompt_len < 1).any() or (self.output_len < 1).any() or (self.output_len > self.max_new).any():
+            raise ValueError("SimTrace: prompt_len and output_len must be >= 1 and output_len <= max_new")
+        if len(self.pred_cu) != n + 1 or int(self.pred_cu[-1]) != len(self.pred) or \
+                not np.array_equal(np.diff(self.pred_cu), self.output_len):
+            raise ValueError("SimTrace: pred_cu must delimit output_len predictions per request")
+        if not (np.isfinite(self.pred).all() and (self.pred >= 0).all() and np.isfinite(self.arrival).all()):
+            raise ValueError("SimTrace: predictions and arrivals must be finite (predictions >= 0)")
+
+
+def make_trace(pool: LengthPool, arrival: np.ndarray, predictions: str = "recorded", seed: int = 0,
+               resample: bool = True) -> SimTrace:
+    """A trace of len(arrival) requests drawn from `pool` (with replacement when `resample`, else
+    the first N in order). predictions: `recorded` (the pool's own), `exact` (true remaining),
+    `noisy:<sd>` (true lengths times a per-request lognormal factor exp(N(0, sd)), prompt-time and
+    per-step alike)."""
+    n = len(arrival)
+    rng = np.random.default_rng(seed + 7919)
+    idx = rng.integers(0, len(pool), size=n) if resample else np.arange(n) % len(pool)
+    L = pool.output_len[idx]
+    g = np.concatenate([np.arange(x) for x in L]) if n else np.zeros(0, np.int64)
+    cu = np.zeros(n + 1, np.int64)
+    cu[1:] = np.cumsum(L)
+    true_rem = (np.repeat(L, L) - g).astype(np.float32)
+    if predictions == "recorded":
+        pred = np.concatenate([pool.pred[pool.cu[i]: pool.cu[i + 1]] for i in idx]).astype(np.float32)
+        prompt_pred = pool.prompt_pred[idx]
+    elif predictions == "exact":
+        pred, prompt_pred = true_rem, L.astype(np.float64)
+    elif predictions.startswith("noisy:"):
+        sd = float(predictions.split(":", 1)[1])
+        f = np.exp(rng.normal(0.0, sd, size=n))
+        pred = (true_rem * np.repeat(f, L)).astype(np.float32)
+        prompt_pred = L * f
+    else:
+        raise ValueError(f"predictions must be recorded, exact or noisy:<sd>, got {predictions!r}")
+    tr = SimTrace(np.asarray(arrival, np.float64), pool.prompt_len[idx].copy(), L.copy(),
+                  np.full(n, pool.max_new_tokens, np.int64), np.asarray(prompt_pred, np.float64), cu, pred,
+                  predictions)
+    tr.validate()
+    return tr
+
+
+# ------------------------------------------------------------------------------------------------
+# The simulated engine
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class SimResult:
+    policy: str
+    arrival: np.ndarray
+    first_token: np.ndarray
+    finish: np.ndarray
+    output_len: np.ndarray
+    preempt: dict           # counts by kind: policy_keep, policy_swap, policy_recompute, forced_swap, ...
+    swapped_bytes: float
+    recomputed_tokens: int
+    steps: int
+    max_preemptions_of_one: int
+    config: dict = field(default_factory=dict)
+
+    def metrics(self) -> dict:
+        lat = self.finish - self.arrival
+        ttft = self.first_token - self.arrival
+        span = float(self.finish.max() - self.arrival.min()) if len(lat) else math.nan
+        return {"mean_latency": float(lat.mean()), "p50_latency": float(np.percentile(lat, 50)),
+                "p99_latency": float(np.percentile(lat, 99)), "mean_ttft": float(ttft.mean()),
+                "p99_ttft": float(np.percentile(ttft, 99)),
+                "throughput_rps": len(lat) / span, "throughput_tok_s": float(self.output_len.sum()) / span,
+                "preemptions": dict(self.preempt), "preemptions_total": int(sum(self.preempt.values())),
+                "swapped_bytes": self.swapped_bytes, "recomputed_tokens": self.recomputed_tokens,
+                "max_preemptions_of_one": self.max_preemptions_of_one, "steps": self.steps}
+
+
+@dataclass(frozen=True)
+class SimInput:
+    """Everything one run needs, as JSON: trace, engine limits (EngineConfig fields), KV spec,
+    step-time model, step-time noise. The GPU serving benchmark can read the same file."""
+    trace: SimTrace
+    engine: EngineConfig
+    spec: KVCacheSpec
+    step_model: StepTimeModel
+    noise_sd: float = 0.0
+
+    def to_json(self) -> dict:
+        eng = asdict(self.engine)
+        eng["policy_options"] = dict(self.engine.policy_options)
+        return {"trace": self.trace.to_json(), "engine": eng,
+                "kv_spec": {"num_layers": self.spec.num_layers, "num_kv_heads": self.spec.num_kv_heads,
+                            "head_dim": self.spec.head_dim, "dtype": str(self.spec.dtype).replace("torch.", ""),
+                            "block_size": self.spec.block_size},
+                "step_model": asdict(self.step_model), "noise_sd": self.noise_sd}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "SimInput":
+        ks = dict(d["kv_spec"])
+        ks["dtype"] = getattr(torch, ks.get("dtype", "bfloat16"))
+        return cls(SimTrace.from_json(d["trace"]), EngineConfig(**d["engine"]), KVCacheSpec(**ks),
+                   StepTimeModel(**d["step_model"]), float(d.get("noise_sd", 0.0)))
+
+
+def simulate(trace: SimTrace, engine: EngineConfig, spec: KVCacheSpec, step_model: StepTimeModel,
+             noise_sd: float = 0.0, seed: int = 0, max_steps: int | None = None) -> SimResult:
+    """Runs `trace` to completion under `engine.policy`. Each step: arrivals up to now are added,
+    the policy step plans, preempted rows are applied (swap out / free), scheduled rows swap in and
+    allocate, the clock advances by the step-time model, sampled rows gain a token, requests that
+    reached their true length finish."""
+    trace.validate()
+    n = len(trace)
+    layout = engine.kv_layout(spec)
+    sc = engine.scheduler_config(spec, layout, recompute_s_per_token=step_model.per_prefill_token_s)
+    sched = Scheduler(sc)
+    gpu, host = BlockAllocator(layout.num_gpu_blocks, "gpu"), BlockAllocator(layout.num_host_blocks, "host")
+    bpb = spec.bytes_per_block
+    rng = np.random.default_rng(seed + 1)
+    ms = sc.max_slots
+    pred_t, gen_t = torch.zeros(ms, dtype=torch.float32), torch.zeros(ms, dtype=torch.int32)
+    pred_np, gen_np = pred_t.numpy(), gen_t.numpy()
+    order = np.argsort(trace.arrival, kind="stable")
+    arr_sorted = trace.arrival[order]
+    L, cu, predv = trace.output_len, trace.pred_cu, trace.pred
+    true_len = L if sc.policy == "oracle" else None
+    gen = np.zeros(n, np.int64)
+    first = np.full(n, np.nan)
+    finish = np.full(n, np.nan)
+    npre = np.zeros(n, np.int64)
+    gblocks: dict[int, list[int]] = {}
+    hblocks: dict[int, list[int]] = {}
+    kinds = {(0, Mode.KEEP): "policy_keep", (0, Mode.SWAP): "policy_swap", (0, Mode.RECOMPUTE): "policy_recompute",
+             (1, Mode.SWAP): "forced_swap", (1, Mode.RECOMPUTE): "forced_recompute"}
+    counts = {k: 0 for k in kinds.values()}
+    swapped = 0.0
+    recomputed = 0
+    now, nxt, steps, done_n = 0.0, 0, 0, 0
+    cap_active = ms
+    while done_n < n:
+        if nxt < n and sched.num_active < cap_active:
+            j = min(int(np.searchsorted(arr_sorted, now, side="right")), nxt + cap_active - sched.num_active)
+            if j > nxt:
+                ids = order[nxt:j]
+                slots = sched.add_many(ids, trace.arrival[ids], trace.prompt_len[ids], trace.max_new[ids],
+                                       trace.prompt_pred[ids], None if true_len is None else true_len[ids]).numpy()
+                gen_np[slots] = 0
+                pred_np[slots] = 0.0
+                nxt = j
+        if sched.num_active == 0:
+            now = max(now, float(arr_sorted[nxt]))
+            continue
+        out = sched.step(pred_t, gen_t, gpu.num_free, host.num_free, now)
+        steps += 1
+        if max_steps is not None and steps > max_steps:
+            raise RuntimeError(f"simulation exceeded {max_steps} steps ({done_n}/{n} finished)")
+        swap_bytes = 0.0
+        P = out.preempted.numpy()
+        for rid, _slot, mode, forced, _fk, _b in P.tolist():
+            counts[kinds[(forced, mode)]] += 1
+            npre[rid] += 1
+            if mode == Mode.KEEP:
+                continue
+            held = gblocks.pop(rid, [])
+            gpu.free(held)
+            if mode == Mode.SWAP:
+                hblocks[rid] = host.allocate(len(held))
+                swap_bytes += len(held) * bpb
+        S = out.scheduled.numpy()
+        if len(S) == 0:
+            # nothing fits yet and nothing runs (cannot happen with a validated config): jump time
+            if nxt < n:
+                now = max(now, float(arr_sorted[nxt]))
+                continue
+            raise RuntimeError("simulation stalled: nothing scheduled and no arrivals left")
+        rids = S[:, SCHED.ID]
+        for i in np.nonzero(S[:, SCHED.RESUME] == Resume.SWAP_IN)[0].tolist():
+            rid = int(rids[i])
+            hb = hblocks.pop(rid)
+            host.free(hb)
+            gblocks[rid] = gpu.allocate(len(hb))
+            swap_bytes += len(hb) * bpb
+        want = S[:, SCHED.BLOCKS]
+        for i in range(len(S)):
+            rid = int(rids[i])
+            have = gblocks.get(rid)
+            k = int(want[i]) - (len(have) if have is not None else 0)
+            if k > 0:
+                if have is None:
+                    gblocks[rid] = gpu.allocate(k)
+                else:
+                    have.extend(gpu.allocate(k))
+        tokens, flags = S[:, SCHED.TOKENS], S[:, SCHED.FLAGS]
+        prefill = (flags & row_flags.PREFILL) != 0
+        pf_tokens = int(tokens[prefill].sum())
+        recomputed += int(tokens[(flags & row_flags.RECOMPUTE) != 0].sum())
+        dt = step_model.step_time(int(len(S) - prefill.sum()), pf_tokens,
+                                  int((S[:, SCHED.CTX_START] + tokens).sum()), swap_bytes)
+        if noise_sd > 0:
+            dt *= math.exp(rng.normal(0.0, noise_sd))
+        now += dt
+        swapped += swap_bytes
+        samp = (flags & row_flags.SAMPLE) != 0
+        sr = rids[samp]
+        if len(sr):
+            gen[sr] += 1
+            g = gen[sr]
+            new = np.isnan(first[sr])
+            first[sr[new]] = now
+            ss = S[samp, SCHED.SLOT]
+            gen_np[ss] = g
+            pred_np[ss] = np.maximum(predv[np.minimum(cu[sr] + g - 1, cu[sr + 1] - 1)] - 1.0, 0.0)
+            fin = sr[g >= L[sr]]
+            if len(fin):
+                sched.finish_many(fin)
+                for rid in fin.tolist():
+                    gpu.free(gblocks.pop(rid, []))
+                finish[fin] = now
+                done_n += len(fin)
+    return SimResult(sc.policy, trace.arrival.copy(), first, finish, L.copy(), counts, swapped, recomputed, steps,
+                     int(npre.max()) if n else 0, {k: v for k, v in asdict(sc).items()})
+
+
+# ------------------------------------------------------------------------------------------------
+# Regimes, saturation, comparisons
+# ------------------------------------------------------------------------------------------------
+def regime_engine(regime: str, pool: LengthPool, policy: str = "fcfs", max_batch: int = 48,
+                  block_size: int = 16, kv_requests: float = 24.0, host_blocks: int = 128,
+                  max_tokens_per_step: int = 2048, **policy_options) -> EngineConfig:
+    """`ample`: a batch cap (max_batch) with KV for every running request at max length, no host
+    swap space needed. `kv`: a pool for `kv_requests` average requests (mean prompt + output tokens)
+    + `host_blocks` host blocks, so memory binds before the batch cap."""
+    max_len = int(pool.prompt_len.max()) + pool.max_new_tokens
+    max_len = -(-max_len // block_size) * block_size
+    per_req = float((pool.prompt_len + pool.output_len).mean()) / block_size
+    if regime == "ample":
+        gpu, host = max_batch * (max_len // block_size) + 64, 0
+    elif regime == "kv":
+        gpu, host = max(int(round(kv_requests * per_req)), max_len // block_size + 1), host_blocks
+    else:
+        raise ValueError(f"regime must be ample or kv, got {regime!r}")
+    return EngineConfig(policy=policy, policy_options=policy_options, max_batch=max_batch, max_slots=4096,
+                        max_tokens_per_step=max_tokens_per_step, max_model_len=max_len, block_size=block_size,
+                        num_gpu_blocks=gpu, num_host_blocks=host)
+
+
+def saturation_rate(pool: LengthPool, engine: EngineConfig, spec: KVCacheSpec, step_model: StepTimeModel,
+                    n: int = 2000, seed: int = 0) -> float:
+    """Requests per second FCFS serves with an infinite backlog (all arrive at 0): the rate above
+    which queues grow without bound."""
+    tr = make_trace(pool, np.zeros(n), "exact", seed=seed)
+    res = simulate(tr, engine.with_policy("fcfs"), spec, step_model)
+    return n / float(res.finish.max())
+
+
+def compare(results: Mapping[str, Sequence[dict]]) -> dict:
+    """`results[policy]` = metrics per seed (same seeds, same requests). Per policy: mean and
+    spread (std over seeds) of each metric, and per seed the ratio to fcfs (mean / p99 latency,
+    TTFT), the ratio to sjf_prompt, and the fraction of the oracle's mean-latency gain over fcfs
+    (only where the oracle gains >= 10%)."""
+    keys = ("mean_latency", "p50_latency", "p99_latency", "mean_ttft", "throughput_rps", "recomputed_tokens",
+            "swapped_bytes", "preemptions_total", "max_preemptions_of_one")
+    out: dict[str, dict] = {}
+    fc, orc, sj = results.get("fcfs"), results.get("oracle"), results.get("sjf_prompt")
+    for pol, runs in results.items():
+        d: dict[str, Any] = {}
+        for k in keys:
+            v = np.array([r[k] for r in runs], dtype=float)
+            d[k] = float(v.mean())
+            d[k + "_sd"] = float(v.std())
+        if fc:
+            for k in ("mean_latency", "p99_latency", "mean_ttft"):
+                v = np.array([r[k] / f[k] for r, f in zip(runs, fc)])
+                d[f"{k}_vs_fcfs"] = float(v.mean())
+                d[f"{k}_vs_fcfs_sd"] = float(v.std())
+        if sj:
+            v = np.array([r["mean_latency"] / s["mean_latency"] for r, s in zip(runs, sj)])
+            d["mean_latency_vs_sjf_prompt"] = float(v.mean())
+        if fc and orc:
+            fr = []
+            for r, f, o in zip(runs, fc, orc):
+                gain = f["mean_latency"] - o["mean_latency"]
+                fr.append((f["mean_latency"] - r["mean_latency"]) / gain if gain >= 0.1 * f["mean_latency"] else math.nan)
+            fr = np.array(fr)
+            d["oracle_fraction"] = float(np.nanmean(fr)) if np.isfinite(fr).any() else math.nan
+            d["oracle_fraction_sd"] = float(np.nanstd(fr)) if np.isfinite(fr).any() else math.nan
+        d["preemptions"] = {k: float(np.mean([r["preemptions"][k] for r in runs])) for k in runs[0]["preemptions"]}
+        out[pol] = d
+    return out
+
+
+def run_policies(pool: LengthPool, engine: EngineConfig, spec: KVCacheSpec, step_model: StepTimeModel,
+                 arrivals_fn, seeds: Sequence[int], policies: Mapping[str, Mapping[str, Any]],
+                 predictions: str = "recorded", n: int = 2000, noise_sd: float = 0.0) -> dict:
+    """Every policy (name -> (policy, options)) on the same requests per seed. `arrivals_fn(n,
+    seed)` gives arrival times. Returns {name: [metrics per seed]}."""
+    out: dict[str, list] = {name: [] for name in policies}
+    for seed in seeds:
+        tr = make_trace(pool, arrivals_fn(n, seed), predictions, seed=seed)
+        for name, spec_ in policies.items():
+            opts = dict(spec_)
+            pol = opts.pop("policy", name)
+            res = simulate(tr, engine.with_policy(pol, **opts), spec, step_model, noise_sd=noise_sd, seed=seed)
+            out[name].append(res.metrics())
+    return out
