@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from trail.scheduler import (PREEMPT, POLICIES, SCHED, SNAP, Kind, Mode, Resume, Scheduler, SchedulerConfig,
-                             State, make_scheduler)
+                             State, Stop, make_scheduler)
 from trail.scheduler_reference import ReferenceScheduler
 
 IMPLS = ["native", "reference"]
@@ -273,6 +273,8 @@ class Sim:
                 assert order < self.wait_order(wmin), "admitted out of key order"
             # a forced-evicted head (resume_forced_first) waits for memory and preempts no one
             front_blocks = cfg.resume_forced_first and any(m.forced_wait for m in waiting)
+            # without memory preemption, a head stopped by memory waits behind longer requests
+            front_blocks |= not cfg.memory_preemption and out.stop_reason == Stop.MEMORY
             for r in running if not front_blocks else []:
                 if r.id in eligible0:
                     assert r.key <= wmin.key + cfg.margin, (
@@ -336,6 +338,7 @@ def _random_config(data, policy=None) -> SchedulerConfig:
         max_forced_evictions=data.draw(st.sampled_from([0, 0, 1, 2])),
         evict_kv_weight=data.draw(st.sampled_from([0.0, 0.0, 1.0])),
         resume_forced_first=data.draw(st.booleans()),
+        memory_preemption=data.draw(st.sampled_from([True, True, False])),
     )
 
 

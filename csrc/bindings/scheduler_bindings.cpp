@@ -57,7 +57,7 @@ struct SchedulerClass : torch::CustomClassHolder {
                                    int64_t max_preemptions, double aging_rate, bool allow_keep, bool allow_swap,
                                    double bytes_per_token, double pcie_gbps, double recompute_s_per_token,
                                    double admit_reserve, int64_t max_forced_evictions, double evict_kv_weight,
-                                   bool resume_forced_first) {
+                                   bool resume_forced_first, bool memory_preemption) {
     TORCH_CHECK(max_slots > 0 && max_slots < (int64_t{1} << 31), "Scheduler: max_slots out of range: ", max_slots);
     TORCH_CHECK(max_batch > 0 && max_batch < (int64_t{1} << 31), "Scheduler: max_batch out of range: ", max_batch);
     TORCH_CHECK(block_size > 0 && block_size < (int64_t{1} << 31), "Scheduler: block_size out of range: ", block_size);
@@ -88,6 +88,7 @@ struct SchedulerClass : torch::CustomClassHolder {
     cfg.max_forced_evictions = static_cast<int32_t>(max_forced_evictions);
     cfg.evict_kv_weight = evict_kv_weight;
     cfg.resume_forced_first = resume_forced_first;
+    cfg.memory_preemption = memory_preemption;
     return cfg;
   }
 
@@ -96,12 +97,13 @@ struct SchedulerClass : torch::CustomClassHolder {
                  int64_t watermark_blocks, double c, double margin, int64_t max_preemptions, double aging_rate,
                  bool allow_keep, bool allow_swap, double bytes_per_token, double pcie_gbps,
                  double recompute_s_per_token, double admit_reserve, int64_t max_forced_evictions,
-                 double evict_kv_weight, bool resume_forced_first)
+                 double evict_kv_weight, bool resume_forced_first, bool memory_preemption)
       : core(guarded([&] {
           return make_config(policy, max_slots, max_batch, max_tokens_per_step, max_prefill_chunk, block_size,
                              num_gpu_blocks, num_host_blocks, watermark_blocks, c, margin, max_preemptions,
                              aging_rate, allow_keep, allow_swap, bytes_per_token, pcie_gbps, recompute_s_per_token,
-                             admit_reserve, max_forced_evictions, evict_kv_weight, resume_forced_first);
+                             admit_reserve, max_forced_evictions, evict_kv_weight, resume_forced_first,
+                             memory_preemption);
         })) {}
 
   int64_t add(int64_t id, double arrival, int64_t prompt_len, int64_t max_new_tokens, double prompt_prediction,
@@ -184,7 +186,7 @@ TORCH_LIBRARY_FRAGMENT(trail, m) {
   m.class_<SchedulerClass>("Scheduler")
       .def(torch::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double,
                        double, int64_t, double, bool, bool, double, double, double, double, int64_t, double,
-                       bool>())
+                       bool, bool>())
       .def("add", &SchedulerClass::add)
       .def("add_many", &SchedulerClass::add_many)
       .def("finish", &SchedulerClass::finish)

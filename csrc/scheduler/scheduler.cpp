@@ -540,7 +540,7 @@ const StepOutput& Scheduler::step(const float* predictions, const int32_t* gener
       gpu_left += evict_kept(kept_.top(), false);
       continue;
     }
-    if (!pre_.empty() && !(cfg_.resume_forced_first && r.forced_wait)) {
+    if (!pre_.empty() && !(cfg_.resume_forced_first && r.forced_wait) && (cfg_.memory_preemption || !mem_short)) {
       const int32_t v = pre_.top();
       const Request& vr = table_[v];
       if (vr.key > effective_key(r, now) + cfg_.margin) {

@@ -87,6 +87,11 @@ struct Config {
   // A request evicted by force waits at the front of the queue (arrival order among such) and
   // never preempts by policy, so its swapped copy does not rot in host memory.
   bool resume_forced_first = false;
+  // When KV is short (or the admission reserve fails), may the policy preempt a running request
+  // (by swap / recompute) to admit a shorter one? false: only when the batch cap or the token
+  // budget binds (then the victim is kept on the GPU), so memory pressure never causes policy
+  // swaps or recomputes.
+  bool memory_preemption = true;
 
   void validate() const;  // throws std::invalid_argument naming the field
 };

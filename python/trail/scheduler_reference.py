@@ -538,7 +538,7 @@ class ReferenceScheduler:
                 if k != h and not table[k].touched:
                     gpu_left += self._evict_kept(k, False)
                     continue
-            if len(pre) and not (cfg.resume_forced_first and r.forced_wait):
+            if len(pre) and not (cfg.resume_forced_first and r.forced_wait) and (cfg.memory_preemption or not mem_short):
                 v = pre.top()
                 vr = table[v]
                 if vr.key > (r.s - cfg.aging_rate * now) + cfg.margin:

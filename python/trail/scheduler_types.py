@@ -16,9 +16,11 @@ POLICIES = ("fcfs", "sjf_prompt", "trail", "oracle")
 # forces an eviction (like vLLM and S3/SSJF) and use none of the options; trail and oracle share
 # theirs (the oracle is trail with true lengths), chosen by the simulator sweeps (bench/results/sim/).
 _TRAIL_DEFAULTS = {"c": 0.8, "margin": 0.0, "aging_rate": 0.0, "admit_reserve": 0.0,
-                   "max_forced_evictions": 0, "evict_kv_weight": 0.0, "resume_forced_first": False}
+                   "max_forced_evictions": 0, "evict_kv_weight": 0.0, "resume_forced_first": False,
+                   "memory_preemption": True}
 _BASE_DEFAULTS = {"c": 0.0, "margin": 0.0, "aging_rate": 0.0, "admit_reserve": 0.0,
-                  "max_forced_evictions": 0, "evict_kv_weight": 0.0, "resume_forced_first": False}
+                  "max_forced_evictions": 0, "evict_kv_weight": 0.0, "resume_forced_first": False,
+                  "memory_preemption": True}
 POLICY_DEFAULTS = {"fcfs": _BASE_DEFAULTS, "sjf_prompt": _BASE_DEFAULTS, "trail": _TRAIL_DEFAULTS,
                    "oracle": _TRAIL_DEFAULTS}
 _DEFAULT_C = {k: v["c"] for k, v in POLICY_DEFAULTS.items()}
@@ -107,6 +109,9 @@ class SchedulerConfig:
     evict_kv_weight: float | None = None
     # Forced-evicted requests wait at the queue's front and never preempt by policy.
     resume_forced_first: bool | None = None
+    # May the policy swap / recompute a running request to admit a shorter one when KV is short?
+    # (False: policy preemptions only when the batch cap or token budget binds, victims kept.)
+    memory_preemption: bool | None = None
 
     def resolved(self) -> "SchedulerConfig":
         """The same config with policy defaults filled in, validated."""
@@ -157,7 +162,7 @@ class SchedulerConfig:
                 c.max_preemptions, float(c.aging_rate), bool(c.allow_keep), bool(c.allow_swap),
                 float(c.bytes_per_token), float(c.pcie_gbps), float(c.recompute_s_per_token),
                 float(c.admit_reserve), int(c.max_forced_evictions), float(c.evict_kv_weight),
-                bool(c.resume_forced_first))
+                bool(c.resume_forced_first), bool(c.memory_preemption))
 
     def as_dict(self) -> dict:
         return asdict(self.resolved())
