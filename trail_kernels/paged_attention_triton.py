@@ -47,39 +47,61 @@ def kv_debug() -> bool:
 
 
 @triton.jit
-def _block_rows(kv_ptr, bt_row_ptr, offs, nmask, kv_s0, kv_s2, kv_s3, kvh,
-                BS: tl.constexpr, DEBUG: tl.constexpr):
+def _block_rows(bt_row_ptr, offs, nmask, kv_s0, kv_s2, kv_s3, kvh, BS: tl.constexpr, MASKED: tl.constexpr,
+                DEBUG: tl.constexpr):
     """int64 element offsets of cache positions `offs` of one slot and KV head (K half)."""
-    blk = tl.load(bt_row_ptr + offs // BS, mask=nmask, other=0)
-    if DEBUG:
-        tl.device_assert((blk >= 0) | (nmask == 0), "trail: unmapped KV block (-1) inside a context")
+    if MASKED:
+        blk = tl.load(bt_row_ptr + offs // BS, mask=nmask, other=0)
+        if DEBUG:
+            tl.device_assert((blk >= 0) | (nmask == 0), "trail: unmapped KV block (-1) inside a context")
+    else:
+        blk = tl.load(bt_row_ptr + offs // BS)
+        if DEBUG:
+            tl.device_assert(blk >= 0, "trail: unmapped KV block (-1) inside a context")
     blk = tl.maximum(blk, 0).to(tl.int64)
     return blk * kv_s0 + kvh * kv_s2 + (offs % BS).to(tl.int64) * kv_s3
 
 
+# MASK modes of a tile: every position valid / positions >= end masked / also causal per row
+FULL: tl.constexpr = 0
+BOUND: tl.constexpr = 1
+CAUSAL: tl.constexpr = 2
+
+
 @triton.jit
 def _attend_tile(q, m, l, acc, kv_ptr, bt_row, n0, end, qpos, ds, dmask, kv_s0, kv_s1, kv_s2, kv_s3, kvh,
-                 qk_scale, BS: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                 qk_scale, BS: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, DP_EQ_D: tl.constexpr,
                  IEEE: tl.constexpr, DEBUG: tl.constexpr):
     """One tile of BLOCK_N cache positions [n0, n0 + BLOCK_N) folded into the online softmax
-    (m, l in log2 units; acc unnormalised). Positions >= end are masked; CAUSAL also masks
-    positions past each row's own `qpos`."""
+    (m, l in log2 units; acc unnormalised). MASK: FULL (all positions < end), BOUND (positions
+    >= end masked) or CAUSAL (also positions past each row's own `qpos`)."""
     offs = n0 + tl.arange(0, BLOCK_N)
     nmask = offs < end
-    rows = _block_rows(kv_ptr, bt_row, offs, nmask, kv_s0, kv_s2, kv_s3, kvh, BS=BS, DEBUG=DEBUG)
+    rows = _block_rows(bt_row, offs, nmask, kv_s0, kv_s2, kv_s3, kvh, BS=BS, MASKED=MASK != FULL, DEBUG=DEBUG)
     ptrs = kv_ptr + rows[:, None] + ds[None, :]
-    lmask = nmask[:, None] & dmask[None, :]
-    k = tl.load(ptrs, mask=lmask, other=0.0).to(q.dtype)
-    v = tl.load(ptrs + kv_s1, mask=lmask, other=0.0).to(q.dtype)
+    if MASK == FULL:
+        if DP_EQ_D:
+            k = tl.load(ptrs)
+            v = tl.load(ptrs + kv_s1)
+        else:
+            k = tl.load(ptrs, mask=dmask[None, :], other=0.0)
+            v = tl.load(ptrs + kv_s1, mask=dmask[None, :], other=0.0)
+    else:
+        lmask = nmask[:, None] & dmask[None, :]
+        k = tl.load(ptrs, mask=lmask, other=0.0)
+        v = tl.load(ptrs + kv_s1, mask=lmask, other=0.0)
+    k = k.to(q.dtype)
+    v = v.to(q.dtype)
     if IEEE:    # fp32 cache, or the interpreter (whose 16-bit dots are wrong): exact fp32 products
         s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k))
-    if CAUSAL:
-        allowed = (offs[None, :] <= qpos[:, None]) & nmask[None, :]
+    if MASK == CAUSAL:
+        s = tl.where((offs[None, :] <= qpos[:, None]) & nmask[None, :], s * qk_scale, float("-inf"))
+    elif MASK == BOUND:
+        s = tl.where(nmask[None, :], s * qk_scale, float("-inf"))
     else:
-        allowed = nmask[None, :]
-    s = tl.where(allowed, s * qk_scale, float("-inf"))
+        s = s * qk_scale
     m_new = tl.maximum(m, tl.max(s, axis=1))
     alpha = tl.exp2(m - m_new)
     p = tl.exp2(s - m_new[:, None])
@@ -94,22 +116,22 @@ def _attend_tile(q, m, l, acc, kv_ptr, bt_row, n0, end, qpos, ds, dmask, kv_s0, 
 
 @triton.jit
 def _attend_range(q, m, l, acc, kv_ptr, bt_row, start, end, qpos, ds, dmask, kv_s0, kv_s1, kv_s2, kv_s3,
-                  kvh, qk_scale, BS: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                  IEEE: tl.constexpr, DEBUG: tl.constexpr, INTERP: tl.constexpr):
+                  kvh, qk_scale, BS: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+                  DP_EQ_D: tl.constexpr, IEEE: tl.constexpr, DEBUG: tl.constexpr, INTERP: tl.constexpr):
     """Cache positions [start, end) of one slot and KV head. A `for` over device bounds on the GPU
     (software-pipelined); a `while` under the interpreter, whose scalars cannot be range bounds."""
     if INTERP:
         n0 = start
         while n0 < end:
             m, l, acc = _attend_tile(q, m, l, acc, kv_ptr, bt_row, n0, end, qpos, ds, dmask, kv_s0, kv_s1,
-                                     kv_s2, kv_s3, kvh, qk_scale, BS=BS, BLOCK_N=BLOCK_N, CAUSAL=CAUSAL,
-                                     IEEE=IEEE, DEBUG=DEBUG)
+                                     kv_s2, kv_s3, kvh, qk_scale, BS=BS, BLOCK_N=BLOCK_N, MASK=MASK,
+                                     DP_EQ_D=DP_EQ_D, IEEE=IEEE, DEBUG=DEBUG)
             n0 += BLOCK_N
     else:
         for n0 in range(start, end, BLOCK_N):
             m, l, acc = _attend_tile(q, m, l, acc, kv_ptr, bt_row, n0, end, qpos, ds, dmask, kv_s0, kv_s1,
-                                     kv_s2, kv_s3, kvh, qk_scale, BS=BS, BLOCK_N=BLOCK_N, CAUSAL=CAUSAL,
-                                     IEEE=IEEE, DEBUG=DEBUG)
+                                     kv_s2, kv_s3, kvh, qk_scale, BS=BS, BLOCK_N=BLOCK_N, MASK=MASK,
+                                     DP_EQ_D=DP_EQ_D, IEEE=IEEE, DEBUG=DEBUG)
     return m, l, acc
 
 
@@ -189,8 +211,8 @@ def _decode_kernel(q_ptr, kv_ptr, bt_ptr, slot_ptr, ctx_ptr, out_ptr, part_o_ptr
     l = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, DP], tl.float32)
     m, l, acc = _attend_range(q, m, l, acc, kv_ptr, bt_row, start, end, gs, ds, dmask, kv_s0, kv_s1, kv_s2,
-                              kv_s3, kvh, qk_scale, BS=BS, BLOCK_N=BLOCK_N, CAUSAL=False, IEEE=IEEE,
-                              DEBUG=DEBUG, INTERP=INTERP)
+                              kv_s3, kvh, qk_scale, BS=BS, BLOCK_N=BLOCK_N, MASK=BOUND, DP_EQ_D=DP == D,
+                              IEEE=IEEE, DEBUG=DEBUG, INTERP=INTERP)
 
     if SPLIT:
         row = (seq * H + heads).to(tl.int64) * num_splits + split          # [GP]
@@ -238,7 +260,8 @@ def decode_splits(num_segments: int, kv_heads: int, max_context_len: int, device
     want = -(-2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
              // max(1, num_segments * kv_heads))
     cap = -(-max(1, max_context_len) // MIN_SPLIT_TOKENS)
-    return max(1, min(want, cap, MAX_SPLITS))
+    n = max(1, min(want, cap, MAX_SPLITS))
+    return 1 << (n.bit_length() - 1)          # a power of two (33 splits ran 2.8x slower than 32)
 
 
 def decode_config(head_dim: int, dtype: torch.dtype) -> dict:
@@ -338,9 +361,14 @@ def _prefill_kernel(q_ptr, kv_ptr, bt_ptr, slot_ptr, cu_ptr, ctx_ptr, out_ptr,
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DP], tl.float32)
-    m, l, acc = _attend_range(q, m, l, acc, kv_ptr, bt_row, 0, kend, qpos, ds, dmask, kv_s0, kv_s1, kv_s2,
-                              kv_s3, kvh, qk_scale, BS=BS, BLOCK_N=BLOCK_N, CAUSAL=True, IEEE=IEEE,
-                              DEBUG=DEBUG, INTERP=INTERP)
+    # tiles of keys every row of the tile sees (no mask), then the diagonal tiles (causal mask)
+    kfull = tl.where(tile * BLOCK_M < seqlen, (ctx - seqlen + tile * BLOCK_M + 1) // BLOCK_N * BLOCK_N, 0)
+    m, l, acc = _attend_range(q, m, l, acc, kv_ptr, bt_row, 0, kfull, qpos, ds, dmask, kv_s0, kv_s1, kv_s2,
+                              kv_s3, kvh, qk_scale, BS=BS, BLOCK_N=BLOCK_N, MASK=FULL, DP_EQ_D=DP == D,
+                              IEEE=IEEE, DEBUG=DEBUG, INTERP=INTERP)
+    m, l, acc = _attend_range(q, m, l, acc, kv_ptr, bt_row, kfull, kend, qpos, ds, dmask, kv_s0, kv_s1, kv_s2,
+                              kv_s3, kvh, qk_scale, BS=BS, BLOCK_N=BLOCK_N, MASK=CAUSAL, DP_EQ_D=DP == D,
+                              IEEE=IEEE, DEBUG=DEBUG, INTERP=INTERP)
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
     tl.store(out_ptr + tok[:, None] * o_s0 + h * o_s1 + ds[None, :], out.to(out_ptr.dtype.element_ty),
              mask=rmask[:, None] & dmask[None, :])
@@ -351,8 +379,8 @@ def prefill_config(head_dim: int, dtype: torch.dtype) -> dict:
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
-    if head_dim > 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    if head_dim > 64:   # the sweep in bench/suite/kernels_attention.py (H100, d 128)
+        return dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
 
 

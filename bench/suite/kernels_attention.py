@@ -200,13 +200,41 @@ def bench_graph(gen, results, log):
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             step()
-        # no L2 flush between calls: steady-state launch overhead vs replay
+        # do_bench flushes L2 before every call in both
         eager = triton.testing.do_bench(step, warmup=10, rep=60, quantiles=[0.5])
         replay = triton.testing.do_bench(g.replay, warmup=10, rep=60, quantiles=[0.5])
         results["graph"].append(dict(shape=name, batch=batch, context=ctx, eager_us=eager * 1e3,
                                      graph_replay_us=replay * 1e3))
         log(f"graph {name} B={batch} ctx={ctx}: eager {eager * 1e3:.1f} us, replay {replay * 1e3:.1f} us")
         del g, case
+        torch.cuda.empty_cache()
+
+
+def bench_overhead(gen, results, log):
+    """Where eager time goes: the public path vs the launcher, measured twice in turn, split counts
+    around the heuristic's pick, and the host time of one call (no sync)."""
+    for name, batch, ctx in (("llama3_8b", 1, 8192), ("llama3_8b", 16, 512), ("smollm2_135m", 64, 2048),
+                             ("llama3_8b", 1, 512)):
+        heads, kvh, hd = SHAPES[name]
+        case = PagedBatch(gen, heads, kvh, hd, batch, ctx)
+        auto = K.decode_splits(batch, kvh, ctx, case.q.device)
+        row = dict(shape=name, batch=batch, context=ctx, auto_splits=auto)
+        row["public_us"] = bench_ms(case.decode()) * 1e3
+        row["launcher_us"] = bench_ms(case.decode(num_splits=auto)) * 1e3
+        row["public_again_us"] = bench_ms(case.decode()) * 1e3
+        row["by_splits_us"] = {ns: bench_ms(case.decode(num_splits=ns), rep=30) * 1e3
+                               for ns in sorted({1, 2, max(1, auto // 2), auto, auto + 1, 2 * auto})}
+        fn = case.decode()
+        fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(100):
+            fn()
+        row["host_us_per_call"] = (time.perf_counter() - t) / 100 * 1e6
+        torch.cuda.synchronize()
+        results["overhead"].append(row)
+        log(f"overhead {row}")
+        del case
         torch.cuda.empty_cache()
 
 
@@ -251,7 +279,7 @@ def bench_prefill(gen, results, log):
                 row.update(sdpa_backend=backend, sdpa_us=sd * 1e3, sdpa_TFLOPs=flops / (sd * 1e-3) / 1e12,
                            speedup_vs_sdpa=sd / ms,
                            max_rel_err_vs_sdpa=rel_err(run(), fn().transpose(1, 2).reshape(-1, heads, hd)))
-            if name == "llama3_8b" and label == "prompt" and batch == 4:
+            if label == "prompt" and batch == 4:
                 sweep = []
                 for cfg in PREFILL_SWEEP:
                     try:
@@ -325,13 +353,13 @@ def main():
     bw = copy_bandwidth()
     results = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                    copy_bandwidth_rw_Bps=bw, decode=[], decode_sweep=[], prefill=[], graph=[], write_kv=[],
-                   reference=[])
+                   reference=[], overhead=[])
 
     def log(msg):
         print(f"[{time.time() - t0:6.1f} s] {msg}", flush=True)
 
     log(f"copy bandwidth {bw / 1e12:.2f} TB/s")
-    for part in (lambda: bench_decode(gen, bw, results, log), lambda: bench_prefill(gen, results, log),
+    for part in (lambda: bench_overhead(gen, results, log), lambda: bench_decode(gen, bw, results, log), lambda: bench_prefill(gen, results, log),
                  lambda: bench_graph(gen, results, log), lambda: bench_write(gen, bw, results, log),
                  lambda: bench_reference(gen, results, log),
                  None if args.no_sweep else (lambda: sweep_decode(gen, results, log))):
