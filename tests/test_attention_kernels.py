@@ -367,3 +367,63 @@ print("NO ASSERT")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=root)
     assert r.returncode != 0 and "NO ASSERT" not in r.stdout, r.stdout + r.stderr
     assert "unmapped KV block" in r.stderr or "device-side assert" in r.stderr, r.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiling for the H100 without one (Triton lowers to PTX and runs ptxas on the CPU): catches
+# GPU-only compiler failures that the interpreter never sees (globals, layouts, dot shapes, smem).
+# ---------------------------------------------------------------------------------------------
+_SM90_COMPILE = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import trail_kernels.paged_attention_triton as K
+
+target = GPUTarget("cuda", 90, 32)
+n = 0
+
+def build(fn, types, const, **opts):
+    global n
+    names = fn.arg_names
+    sig = {a: types.get(a, "i32") for a in names}
+    for c in const:
+        sig[c] = "constexpr"
+    src = ASTSource(fn, sig, constexprs={(names.index(c),): v for c, v in const.items()})
+    kernel = triton.compile(src, target=target, options=opts)
+    assert kernel.metadata.shared <= 227 * 1024, kernel.metadata.shared
+    n += 1
+    return kernel
+
+for dt, d, group, split, debug in [("bf16", 128, 4, True, False), ("bf16", 64, 3, False, True),
+                                   ("fp32", 128, 8, True, False)]:
+    cfg = K.decode_config(d, dict(bf16=K.torch.bfloat16, fp32=K.torch.float32)[dt])
+    types = dict(q_ptr="*" + dt, kv_ptr="*" + dt, bt_ptr="*i32", slot_ptr="*i32", ctx_ptr="*i32",
+                 out_ptr="*" + dt, part_o_ptr="*fp32", part_ml_ptr="*fp32", qk_scale="fp32")
+    const = dict(H=group * 2, GROUP=group, GP=16, D=d, DP=d, BS=16, BLOCK_N=cfg["BLOCK_N"], SPLIT=split,
+                 IEEE=dt == "fp32", DEBUG=debug, INTERP=False)
+    k = build(K._decode_kernel, types, const, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+              debug=debug)
+    if debug:
+        assert "__assertfail" in k.asm["ptx"]
+build(K._decode_reduce_kernel, dict(part_o_ptr="*fp32", part_ml_ptr="*fp32", out_ptr="*bf16"),
+      dict(H=32, D=128, DP=128, SP=32), num_warps=4)
+for dt, d in [("bf16", 128), ("bf16", 64), ("fp32", 64)]:
+    cfg = K.prefill_config(d, dict(bf16=K.torch.bfloat16, fp32=K.torch.float32)[dt])
+    types = dict(q_ptr="*" + dt, kv_ptr="*" + dt, bt_ptr="*i32", slot_ptr="*i32", cu_ptr="*i32", ctx_ptr="*i32",
+                 out_ptr="*" + dt, qk_scale="fp32")
+    const = dict(GROUP=4, D=d, DP=d, BS=16, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], IEEE=dt == "fp32",
+                 DEBUG=False, INTERP=False)
+    build(K._prefill_kernel, types, const, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+build(K._write_kv_kernel, dict(k_ptr="*fp32", v_ptr="*fp32", slot_ptr="*i64", kv_ptr="*bf16"),
+      dict(KVH=8, D=128, HP=8, DP=128, BS=16), num_warps=4)
+print("compiled", n)
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the kernels themselves")
+def test_kernels_compile_for_sm90_without_a_gpu():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _SM90_COMPILE], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "compiled 8" in done.stdout

@@ -63,9 +63,9 @@ def _block_rows(bt_row_ptr, offs, nmask, kv_s0, kv_s2, kv_s3, kvh, BS: tl.conste
 
 
 # MASK modes of a tile: every position valid / positions >= end masked / also causal per row
-FULL: tl.constexpr = 0
-BOUND: tl.constexpr = 1
-CAUSAL: tl.constexpr = 2
+FULL = tl.constexpr(0)
+BOUND = tl.constexpr(1)
+CAUSAL = tl.constexpr(2)
 
 
 @triton.jit

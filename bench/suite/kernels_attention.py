@@ -127,6 +127,22 @@ def bench_decode(gen, bw, results, log):
                            bytes=nbytes, achieved_Bps=nbytes / (ms * 1e-3),
                            fraction_of_copy_bw=nbytes / (ms * 1e-3) / bw, floor_us=nbytes / bw * 1e6)
                 out = case.decode()()
+                try:    # the same call inside a CUDA graph (no launch overhead)
+                    gout = torch.empty_like(case.q)
+                    step = case.decode()
+                    side = torch.cuda.Stream()
+                    side.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(side):
+                        gout.copy_(step())
+                    torch.cuda.current_stream().wait_stream(side)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        gout.copy_(step())
+                    row["graph_us"] = bench_ms(graph.replay) * 1e3
+                    row["graph_fraction_of_copy_bw"] = nbytes / (row["graph_us"] * 1e-6) / bw
+                    del graph
+                except Exception as exc:
+                    row["graph_error"] = f"{type(exc).__name__}: {exc}"[:200]
                 kd, vd = case.dense_kv()
                 qd = case.q.view(batch, 1, heads, hd).transpose(1, 2)
                 fn, backend = sdpa_call(qd, kd, vd)
@@ -315,11 +331,12 @@ def summary(results) -> str:
     lines = [f"attention kernels on {results['device']} (torch {results['torch']}, triton {results['triton']}); "
              f"copy bw {bw / 1e12:.2f} TB/s (read+write, 1 GiB copy_)",
              "decode (bf16, public paged_decode, auto split): us / % of copy bw / SDPA us (backend) / speedup",
-             f"{'shape':<13}{'B':>5}{'ctx':>6}{'split':>6}{'us':>9}{'%bw':>6}{'nosplit':>9}{'sdpa us':>9}"
-             f"{'x sdpa':>8}  backend"]
+             f"{'shape':<13}{'B':>5}{'ctx':>6}{'split':>6}{'us':>9}{'%bw':>6}{'nosplit':>9}{'graph':>8}{'%bw':>6}"
+             f"{'sdpa us':>9}{'x sdpa':>8}  backend"]
     for r in results["decode"]:
         lines.append(f"{r['shape']:<13}{r['batch']:>5}{r['context']:>6}{r['splits']:>6}{r['triton_us']:>9.1f}"
                      f"{100 * r['fraction_of_copy_bw']:>5.0f}%{r['triton_nosplit_us']:>9.1f}"
+                     f"{r.get('graph_us', float('nan')):>8.1f}{100 * r.get('graph_fraction_of_copy_bw', float('nan')):>5.0f}%"
                      f"{r.get('sdpa_us', float('nan')):>9.1f}{r.get('speedup_vs_sdpa', float('nan')):>8.2f}  "
                      f"{r.get('sdpa_backend')}")
     lines.append("prefill (bf16, causal): us, TFLOP/s vs SDPA")
@@ -333,6 +350,11 @@ def summary(results) -> str:
     for r in results["write_kv"]:
         lines.append(f"write_kv {r['shape']} T={r['tokens']}: {r['us']:.1f} us, "
                      f"{100 * r['fraction_of_copy_bw']:.0f}% of copy bw")
+    for r in results["overhead"]:
+        lines.append(f"overhead {r['shape']} B={r['batch']} ctx={r['context']}: public {r['public_us']:.1f} / launcher "
+                     f"{r['launcher_us']:.1f} / public again {r['public_again_us']:.1f} us, host "
+                     f"{r['host_us_per_call']:.1f} us per call; by splits "
+                     + ", ".join(f"{k}:{v:.1f}" for k, v in r["by_splits_us"].items()))
     for r in results["reference"]:
         lines.append(f"torch reference {r['shape']} B=16 ctx=512: {r['reference_us']:.0f} us -> "
                      f"{r['triton_us']:.1f} us ({r['speedup']:.0f}x)")
