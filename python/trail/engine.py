@@ -110,6 +110,7 @@ class LLMEngine:
         self._seq_len = np.zeros(n, np.int64)
         self._prompt_len = np.zeros(n, np.int64)
         self._max_new = np.zeros(n, np.int64)
+        self._stop_len = np.zeros(n, np.int64)             # max_new_tokens, or a replayed length
         self._ignore_eos = np.zeros(n, bool)
         self._custom_stop = np.zeros(n, bool)              # stop ids beyond EOS, or stop strings
         self._slot_req: list[Request | None] = [None] * n
@@ -201,10 +202,13 @@ class LLMEngine:
 
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None, *,
                     request_id: int | None = None, arrival: float | None = None,
-                    true_length: int | None = None) -> int:
+                    true_length: int | None = None, replay_length: int | None = None) -> int:
         """Queues a request; returns its id. Everything is validated here (a bad request raises
-        ValueError and changes nothing). `true_length`: the real output length, for the oracle
-        policy (and for replaying recorded lengths)."""
+        ValueError and changes nothing). `true_length`: the real output length, known only to the
+        oracle policy. `replay_length`: stop after exactly this many tokens (EOS ignored), as a
+        benchmark replaying recorded lengths does; it is also the request's true length. The
+        predictor and the scheduler still see `params.max_new_tokens` as the cap, so a replayed
+        length never leaks into trail's predictions."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
@@ -225,6 +229,11 @@ class LLMEngine:
         if len(ids) + params.max_new_tokens > limit:
             raise ValueError(f"prompt of {len(ids)} tokens + max_new_tokens={params.max_new_tokens} exceeds "
                              f"max_model_len={limit}")
+        if replay_length is not None:
+            if not (isinstance(replay_length, int) and 1 <= replay_length <= params.max_new_tokens):
+                raise ValueError(f"replay_length must be an integer in [1, max_new_tokens={params.max_new_tokens}], "
+                                 f"got {replay_length!r}")
+            true_length = replay_length
         if true_length is not None and not (isinstance(true_length, int) and true_length >= 1):
             raise ValueError(f"true_length must be an integer >= 1, got {true_length!r}")
         if self.config.policy == "oracle" and true_length is None:
@@ -245,8 +254,9 @@ class LLMEngine:
         self._tokens[slot, :len(ids)] = ids
         self._seq_len[slot] = self._prompt_len[slot] = len(ids)
         self._max_new[slot] = params.max_new_tokens
+        self._stop_len[slot] = params.max_new_tokens if replay_length is None else replay_length
         self._gen[slot] = 0
-        self._ignore_eos[slot] = params.ignore_eos
+        self._ignore_eos[slot] = params.ignore_eos or replay_length is not None
         self._custom_stop[slot] = bool(params.stop_token_ids or params.stop)
         self.runner.set_sampling(slot, params)
         return rid
@@ -439,7 +449,7 @@ class LLMEngine:
         self._gen[slots] += 1
         gen = self._gen[slots]
         eos = np.isin(tokens, self.eos_ids) & ~self._ignore_eos[slots]
-        length = gen >= self._max_new[slots]
+        length = gen >= self._stop_len[slots]
         predicted = (flags[sampled] & row_flags.RECOMPUTE) == 0
         preds = self._pred_host.numpy()[slots] if self.probe is not None else None
         now = self.now()
@@ -495,12 +505,15 @@ class LLMEngine:
 
     # ---- whole batches -------------------------------------------------------------------------
     def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 *, progress: bool = True, true_lengths: Sequence[int] | None = None) -> list[RequestOutput]:
-        """Runs `prompts` to completion; returns their final outputs in prompt order."""
+                 *, progress: bool = True, true_lengths: Sequence[int] | None = None,
+                 replay_lengths: Sequence[int] | None = None) -> list[RequestOutput]:
+        """Runs `prompts` to completion; returns their final outputs in prompt order
+        (`true_lengths` / `replay_lengths`: per prompt, see `add_request`)."""
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
-        ids = [self.add_request(p, sp, true_length=None if true_lengths is None else true_lengths[i])
+        ids = [self.add_request(p, sp, true_length=None if true_lengths is None else true_lengths[i],
+                                replay_length=None if replay_lengths is None else replay_lengths[i])
                for i, (p, sp) in enumerate(zip(prompts, plist))]
         want, final = set(ids), {}
         with tqdm(total=len(ids), disable=not progress, desc=f"generate ({self.config.policy})", unit="req") as bar:
