@@ -31,7 +31,14 @@ def test_runner_collection_agrees_with_transformers_on_gpu(gpu_lm, prompts_ids, 
 
     lm32 = hf_backend.load(smollm2_dir, device="cuda", dtype=torch.float32,
                            model_id="HuggingFaceTB/SmolLM2-135M-Instruct")
-    gen = RunnerGenerator(smollm2_dir, "cuda", torch.float32, max_slots=5, max_len=1024)
+    from trail.engine import LLMEngine
+    from trail.engine_config import EngineConfig
+    from trail.models.loader import load_hf
+
+    engine = LLMEngine(load_hf(smollm2_dir, "cuda", torch.float32), lm32.tokenizer,
+                       EngineConfig(policy="fcfs", max_batch=5, max_model_len=1024, num_gpu_blocks=512),
+                       eos_token_ids=lm32.eos_token_ids())
+    gen = RunnerGenerator(engine)
     ours = {i: o for i, o, _ in gen.generate(prompts_ids, 48, lm32.eos_token_ids(), repetition_penalty=1.1)}
     ref = hf_backend.generate(lm32, prompts_ids, 48, repetition_penalty=1.1)
     agree = []

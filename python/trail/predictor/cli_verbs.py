@@ -39,10 +39,17 @@ def cmd_collect(args) -> int:
     lm = _load_lm(args)
     runner = None
     if args.backend == "runner":
+        from trail.engine import LLMEngine
+        from trail.engine_config import EngineConfig
+        from trail.models.loader import load_model
         from trail.predictor.runner_backend import RunnerGenerator
 
-        runner = RunnerGenerator(_model_source(args), lm.device, lm.dtype, max_slots=args.batch_size,
-                                 max_len=args.max_prompt_tokens + args.max_new_tokens)
+        config = EngineConfig(policy="fcfs", max_batch=args.batch_size, max_slots=max(args.batch_size, 1024),
+                              max_model_len=args.max_prompt_tokens + args.max_new_tokens,
+                              max_tokens_per_step=max(8192, args.batch_size))
+        engine = LLMEngine(load_model(_model_source(args), lm.device, lm.dtype), lm.tokenizer, config,
+                           eos_token_ids=lm.eos_token_ids())
+        runner = RunnerGenerator(engine)
     trace = C.collect(prompts, args.out, lm, max_new_tokens=args.max_new_tokens,
                       repetition_penalty=args.repetition_penalty, temperature=args.temperature,
                       top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,

@@ -1,8 +1,8 @@
 """Our own forward (`trail.model_runner.ModelRunner` over a paged KV cache) as a backend of the
 predictor pipeline:
-  RunnerGenerator  `trail collect --backend runner`: continuous batching (a finished request's
-                   slot takes the next prompt at once), per-request sampling with repetition
-                   penalty as transformers orders it, one host sync per step (the tokens);
+  RunnerGenerator  `trail collect --backend runner`: generation on trail's engine (passed in),
+                   continuous batching, per-request sampling with repetition penalty as
+                   transformers orders it, one host sync per step (the tokens);
   RunnerTap        `trail embed --backend runner`: teacher-forced sequences as prefill segments,
                    the runner's layer tap out (what the engine's probe will read).
 transformers (hf_backend) stays the fallback, the oracle, and the all-layer feature path.
@@ -67,58 +67,36 @@ def _static_cache(model, max_slots: int, max_len: int, device, dtype):
 
 
 class RunnerGenerator:
-    def __init__(self, model_dir: str | os.PathLike, device: str | torch.device, dtype: torch.dtype,
-                 max_slots: int = 256, max_len: int = 1536, prefill_tokens: int = 32768):
-        from trail.model_runner import ModelRunner
-        from trail.models.loader import load_model
+    """Collection on trail's own engine, passed in (the predictor imports no engine): any object
+    with `add_request(prompt_ids, SamplingParams, request_id=...)`, `step()` and
+    `has_unfinished()`, e.g. `trail.engine.LLMEngine` under the fcfs policy. The engine does the
+    continuous batching, the sampling and the one sync per step."""
 
-        self.model = load_model(model_dir, device, dtype)
-        self.max_slots, self.max_len, self.prefill_tokens = max_slots, max_len, prefill_tokens
-        self.runner = ModelRunner(self.model, _static_cache(self.model, max_slots, max_len, device, dtype))
-        logger.info("runner generator: %d slots x %d tokens", max_slots, max_len)
+    def __init__(self, engine):
+        self.engine = engine
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_ids: Sequence[int], *,
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_ids: Sequence[int] = (), *,
                  repetition_penalty: float = 1.0, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0, request_keys: Sequence[str] | None = None) -> Iterator[tuple[int, list[int], str]]:
-        """Yields (prompt index, output ids up to and including EOS, 'eos' | 'length') as requests
-        finish. A sampled request's seed comes from `seed` and its key, so batching does not
-        change its draws."""
-        from trail.model_runner import DECODE, PREFILL, Segment
-        from trail.sampling import SampleParams
+        """Yields (prompt index, output ids up to and including the stop token, 'eos' | 'length')
+        as requests finish. A sampled request's seed comes from `seed` and its key, so batching
+        does not change its draws. Prompts are queued as the engine's slots allow."""
+        from trail.request import FinishReason, SamplingParams
 
-        for i, p in enumerate(prompts):
-            if len(p) + max_new_tokens > self.max_len:
-                raise ValueError(f"prompt {i}: {len(p)} + {max_new_tokens} tokens exceed the generator's "
-                                 f"max_len={self.max_len}")
         keys = request_keys or [str(i) for i in range(len(prompts))]
 
         def params_for(i):
             s = None if temperature <= 0 else (seed * 1_000_003 + zlib.crc32(keys[i].encode())) % (1 << 62)
-            return SampleParams(temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty, seed=s)
+            return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                  repetition_penalty=repetition_penalty, seed=s, stop_token_ids=tuple(eos_ids))
 
-        eos = set(int(e) for e in eos_ids)
         pending = deque(range(len(prompts)))
-        free = list(range(self.max_slots - 1, -1, -1))
-        active: dict[int, tuple[int, list[int], SampleParams]] = {}
-        while pending or active:
-            segs, owners = [], []
-            for slot, (i, out, prm) in active.items():
-                segs.append(Segment(slot, [out[-1]], len(prompts[i]) + len(out) - 1, DECODE, params=prm))
-                owners.append(slot)
-            budget = self.prefill_tokens
-            while pending and free and (len(prompts[pending[0]]) <= budget or budget == self.prefill_tokens):
+        engine, capacity = self.engine, getattr(self.engine.config, "max_slots", 256)
+        while pending or engine.has_unfinished():
+            while pending and engine.num_unfinished < capacity:
                 i = pending.popleft()
-                slot = free.pop()
-                budget -= len(prompts[i])
-                active[slot] = (i, [], params_for(i))
-                segs.append(Segment(slot, list(prompts[i]), 0, PREFILL, params=active[slot][2]))
-                owners.append(slot)
-            with torch.inference_mode():
-                toks = self.runner.step(segs).next_tokens.tolist()
-            for slot, tok in zip(owners, toks):
-                i, out, _ = active[slot]
-                out.append(int(tok))
-                if tok in eos or len(out) >= max_new_tokens:
-                    del active[slot]
-                    free.append(slot)
-                    yield i, out, ("eos" if tok in eos else "length")
+                engine.add_request(prompts[i], params_for(i), request_id=i)
+            for out in engine.step():
+                if out.finished:
+                    reason = "eos" if out.finish_reason == FinishReason.STOP else "length"
+                    yield out.request_id, list(out.token_ids), reason
