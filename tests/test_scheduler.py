@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from trail.scheduler import (PREEMPT, POLICIES, SCHED, SNAP, Kind, Mode, Resume, Scheduler, SchedulerConfig,
                              State, Stop, make_scheduler)
 from trail.scheduler_reference import ReferenceScheduler
+from trail.scheduler_types import TRAIL_PAPER
 
 IMPLS = ["native", "reference"]
 
@@ -466,9 +467,11 @@ def test_heapq_baseline_agrees_with_native():
 # Targeted scenarios
 # ------------------------------------------------------------------------------------------------
 def _cfg(**kw) -> SchedulerConfig:
+    """TRAIL's published rules (TRAIL_PAPER) unless a test sets the new options."""
     base = dict(policy="trail", max_slots=16, max_batch=2, max_tokens_per_step=64, block_size=4,
-                num_gpu_blocks=200, num_host_blocks=100, watermark_blocks=0, c=0.8, margin=0.0,
+                num_gpu_blocks=200, num_host_blocks=100, watermark_blocks=0,
                 max_preemptions=4, bytes_per_token=1000.0, pcie_gbps=10.0, recompute_s_per_token=1e-5)
+    base.update(TRAIL_PAPER)
     base.update(kw)
     return SchedulerConfig(**base)
 
@@ -737,3 +740,65 @@ def test_batched_add_finish_cancel_are_all_or_nothing(impl):
         s.cancel_many([11, 99])
     assert s.cancel_many([13, 11]).tolist() == [State.WAITING, State.RUNNING]
     assert s.num_active == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Memory-aware options (issue 12)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", IMPLS)
+def test_admission_reserve_holds_back_a_request_that_would_force_an_eviction(impl):
+    # bs 4; request 0 (prompt 8, predicted 40 more tokens) runs; request 1 (prompt 8, predicted 40)
+    # fits now (free blocks) but not at their predicted peak: (8 + 40) * 2 tokens > 20 blocks.
+    for reserve, admitted in ((0.0, True), (1.0, False), (0.2, True)):
+        s = make_scheduler(_cfg(policy="sjf_prompt", c=0.0, max_batch=4, num_gpu_blocks=22, admit_reserve=reserve),
+                           impl)
+        s.add(0, 0.0, 8, 64, 48.0)
+        pred, gen = _arrays()
+        sched, _ = _step(s, pred, gen, free_gpu=22)
+        assert [r[SCHED.ID] for r in sched] == [0]
+        gen[sched[0][SCHED.SLOT]] = 8   # 8 tokens generated: 40 predicted to go
+        s.add(1, 1.0, 8, 64, 40.0)
+        sched, _ = _step(s, pred, gen, free_gpu=22 - 4, now=1.0)
+        assert (1 in [r[SCHED.ID] for r in sched]) == admitted, reserve
+    # with nothing running the reserve never blocks (no deadlock)
+    s = make_scheduler(_cfg(policy="sjf_prompt", num_gpu_blocks=22, admit_reserve=5.0), impl)
+    s.add(0, 0.0, 8, 64, 500.0)
+    assert [r[SCHED.ID] for r in _step(s, *_arrays(), free_gpu=22)[0]] == [0]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_forced_victim_by_remaining_minus_kv_and_bound(impl):
+    # three running requests, memory runs out: the victim maximises (under the bound)
+    # predicted remaining - w * KV tokens held
+    cfg = _cfg(policy="oracle", max_batch=3, num_gpu_blocks=60, num_host_blocks=0, c=0.0, evict_kv_weight=1.0,
+               max_forced_evictions=1)
+    s = make_scheduler(cfg, impl)
+    for rid, (prompt, true) in enumerate([(40, 60), (4, 50), (20, 30)]):
+        s.add(rid, float(rid), prompt, 64, 10.0, true)
+    pred, gen = _arrays()
+    sched, _ = _step(s, pred, gen, free_gpu=60)
+    assert sorted(r[SCHED.ID] for r in sched) == [0, 1, 2]
+    for r in sched:
+        gen[r[SCHED.SLOT]] = 1
+    # blocks held: 10 + 1 + 5 = 16; each decode needs a block at the boundary: leave none free
+    _, pre = _step(s, pred, gen, free_gpu=0, now=1.0)
+    # scores: 0: 59 - 40 = 19, 1: 49 - 4 = 45, 2: 29 - 20 = 9 -> request 1 goes first
+    assert pre and pre[0][PREEMPT.ID] == 1 and pre[0][PREEMPT.FORCED] == 1
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_forced_evicted_request_resumes_first_and_policy_spares_memory(impl):
+    for front in (False, True):
+        cfg = _cfg(policy="oracle", max_batch=4, num_gpu_blocks=40, num_host_blocks=40, c=0.0,
+                   resume_forced_first=front, memory_preemption=False)
+        s = make_scheduler(cfg, impl)
+        s.add(0, 0.0, 16, 64, 10.0, 60)
+        pred, gen = _arrays()
+        sched, _ = _step(s, pred, gen, free_gpu=40)
+        gen[sched[0][SCHED.SLOT]] = 1
+        _, pre = _step(s, pred, gen, free_gpu=0, now=1.0)        # forced out (swap)
+        assert pre[0][PREEMPT.FORCED] == 1 and pre[0][PREEMPT.MODE] == Mode.SWAP
+        s.add(1, 2.0, 4, 64, 10.0, 5)                              # shorter newcomer
+        sched, pre = _step(s, pred, gen, free_gpu=40, free_host=36, now=2.0)
+        first = sched[0][SCHED.ID]
+        assert first == (0 if front else 1) and pre == []

@@ -15,9 +15,17 @@ POLICIES = ("fcfs", "sjf_prompt", "trail", "oracle")
 # Per-policy defaults of the fields left None. fcfs / sjf_prompt run to completion unless memory
 # forces an eviction (like vLLM and S3/SSJF) and use none of the options; trail and oracle share
 # theirs (the oracle is trail with true lengths), chosen by the simulator sweeps (bench/results/sim/).
-_TRAIL_DEFAULTS = {"c": 0.8, "margin": 0.0, "aging_rate": 0.0, "admit_reserve": 0.0,
-                   "max_forced_evictions": 0, "evict_kv_weight": 0.0, "resume_forced_first": False,
-                   "memory_preemption": True}
+# trail (TRAIL's rule, c = 0.8, plus): margin 32 tokens, aging 10 tokens/s (p99 <= 1.5x fcfs up to
+# 1.1x saturation at the fitted step times; it scales with the step time), admission reserve 0.3 x
+# predicted remaining, forced victims by predicted remaining - KV held with at most 1 forced
+# eviction each before others are chosen, forced-evicted requests resumed first, and no policy
+# swaps / recomputes under memory pressure. TRAIL as published: margin 0, aging 0, admit_reserve 0,
+# max_forced_evictions 0, evict_kv_weight 0, resume_forced_first False, memory_preemption True.
+_TRAIL_DEFAULTS = {"c": 0.8, "margin": 32.0, "aging_rate": 10.0, "admit_reserve": 0.3,
+                   "max_forced_evictions": 1, "evict_kv_weight": 1.0, "resume_forced_first": True,
+                   "memory_preemption": False}
+TRAIL_PAPER = {"c": 0.8, "margin": 0.0, "aging_rate": 0.0, "admit_reserve": 0.0, "max_forced_evictions": 0,
+               "evict_kv_weight": 0.0, "resume_forced_first": False, "memory_preemption": True}
 _BASE_DEFAULTS = {"c": 0.0, "margin": 0.0, "aging_rate": 0.0, "admit_reserve": 0.0,
                   "max_forced_evictions": 0, "evict_kv_weight": 0.0, "resume_forced_first": False,
                   "memory_preemption": True}
