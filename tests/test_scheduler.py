@@ -274,8 +274,9 @@ class Sim:
                 assert order < self.wait_order(wmin), "admitted out of key order"
             # a forced-evicted head (resume_forced_first) waits for memory and preempts no one
             front_blocks = cfg.resume_forced_first and any(m.forced_wait for m in waiting)
-            # without memory preemption, a head stopped by memory waits behind longer requests
-            front_blocks |= not cfg.memory_preemption and out.stop_reason == Stop.MEMORY
+            # without memory preemption, a head short of memory waits behind longer requests (the
+            # stop reason may name the batch cap when both bind)
+            front_blocks |= not cfg.memory_preemption and out.stop_reason != Stop.EMPTY
             for r in running if not front_blocks else []:
                 if r.id in eligible0:
                     assert r.key <= wmin.key + cfg.margin, (
