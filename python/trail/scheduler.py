@@ -15,6 +15,12 @@ Rules (DESIGN.md "Policy"): order by key (fcfs: arrival; sjf_prompt: prompt pred
 newest predicted remaining length; oracle: true remaining length), ties by arrival then id. Running
 requests are preemptible by the policy iff c > 0 and generated < c * initial_prediction and
 preemptions < max_preemptions. Memory always wins: forced evictions ignore c.
+Memory-aware options (SchedulerConfig; on by default for trail / oracle, off for fcfs /
+sjf_prompt, TRAIL's published rules in `scheduler_types.TRAIL_PAPER`): admission reserve for the
+predicted growth of the running set (admit_reserve), forced victims by predicted remaining - KV
+held with a per-request bound (evict_kv_weight, max_forced_evictions), forced-evicted requests
+resumed first (resume_forced_first), no policy swap / recompute under memory pressure
+(memory_preemption), a preemption margin in tokens and aging.
 
 `ReferenceScheduler` (scheduler_reference.py) is a pure-Python implementation of the same step
 with the same API, used by the tests.
