@@ -1,5 +1,5 @@
 """The engine (trail/engine.py) on CPU with real parts: preemption by keep / swap / recompute
-changes no request's tokens (real SmolLM2 in float64, so batch composition cannot flip a greedy
+(TRAIL's published rules with c = 5, so that everything is preemptible) changes no request's tokens (real SmolLM2 in float64, so batch composition cannot flip a greedy
 near-tie), abort in every state returns every block and slot, a seeded soak with cancellations
 loses and duplicates nothing, and a bad request disturbs no other."""
 import math
@@ -16,6 +16,7 @@ from trail.models.loader import load_hf, load_tokenizer
 from trail.predictor.probe_file import load_probe_params, shipped_probe_dir
 from trail.request import FinishReason, SamplingParams
 from trail.scheduler import State
+from trail.scheduler_types import TRAIL_PAPER
 from trail_kernels.probe import ProbeParams
 
 PROMPTS = ["The capital of France is", "A haiku about schedulers:", "Three colours:",
@@ -55,13 +56,13 @@ def test_preemption_keeps_every_request_s_tokens(smollm2_f64):
     # a pool of 7 blocks of 4 tokens (prompts take 1-2, a request up to 5): memory forces evictions.
     # swap is cheaper than a (slow) recompute when host space is there ...
     swapped, t_swap = _run(smollm2_f64, "trail", max_batch=4, num_gpu_blocks=7, num_host_blocks=32, rate=1.0,
-                           policy_options=dict(c=5.0))
+                           policy_options=dict(TRAIL_PAPER, c=5.0))
     # ... without host space every eviction recomputes (every chunk of it marked RECOMPUTE)
     recomputed, t_rec = _run(smollm2_f64, "trail", max_batch=4, num_gpu_blocks=7, num_host_blocks=0,
-                             max_prefill_chunk=4, policy_options=dict(c=5.0))
+                             max_prefill_chunk=4, policy_options=dict(TRAIL_PAPER, c=5.0))
     # ample memory, batch of 2: newcomers with shorter true remaining preempt, KV kept on the GPU
     kept, t_keep = _run(smollm2_f64, "oracle", max_batch=2, num_gpu_blocks=64, num_host_blocks=0,
-                        policy_options=dict(c=5.0))
+                        policy_options=dict(TRAIL_PAPER, c=5.0))
     assert t_swap["swap"] > 0 and t_swap["swap_in_bytes"] > 0, t_swap
     assert t_rec["recompute"] > 0 and t_rec["recomputed_tokens"] > 0 and t_rec["swap"] == 0, t_rec
     assert t_keep["keep"] > 0, t_keep
@@ -100,7 +101,7 @@ def test_abort_in_every_state_returns_every_block_and_slot(tiny):
     seen_states = set()
     for trial in range(8):
         engine = _tiny_engine(tiny, max_batch=3, max_tokens_per_step=24, max_prefill_chunk=8, block_size=4,
-                              num_gpu_blocks=24, num_host_blocks=12 if trial % 2 else 0, policy_options=dict(c=5.0))
+                              num_gpu_blocks=24, num_host_blocks=12 if trial % 2 else 0, policy_options=dict(TRAIL_PAPER, c=5.0))
         ids, finals = [], {}
         for step in range(300):
             if step < 40 and step % 2 == 0:
@@ -131,7 +132,7 @@ def test_abort_in_every_state_returns_every_block_and_slot(tiny):
 def test_seeded_soak_with_cancellations_loses_and_duplicates_nothing(tiny):
     rng = np.random.default_rng(7)
     engine = _tiny_engine(tiny, max_batch=4, max_tokens_per_step=40, max_prefill_chunk=16, num_gpu_blocks=14,
-                          num_host_blocks=8, policy_options=dict(c=0.8, margin=2.0))
+                          num_host_blocks=8, policy_options=dict(TRAIL_PAPER, margin=2.0))
     added, finals, tokens_seen, max_new = [], {}, {}, {}
     for step in range(3000):
         if step < 250 and rng.random() < 0.4:

@@ -84,10 +84,10 @@ def test_run_filter_tolerates_a_request_without_positions(where):
     assert torch.equal(run_filter(params, _with_empty(dense, where), 10, init_log_post=logp), want)
 
 
-@pytest.mark.parametrize("argv", [["demo", "--every", "0"], ["demo", "--max-new-tokens", "0"],
-                                  ["demo", "--every", "-3"]])
+@pytest.mark.parametrize("argv", [["demo", "--num-requests", "0"], ["demo", "--max-new-tokens", "0"],
+                                  ["demo", "--max-batch", "-3"]])
 def test_demo_rejects_non_positive_counts_at_parse_time(argv, capsys):
-    """cli.py: `--every 0` crashed with ZeroDivisionError after loading the model."""
+    """cli.py: counts are checked at parse time, before the model loads."""
     from trail.cli import build_parser
 
     with pytest.raises(SystemExit):

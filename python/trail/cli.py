@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 
 
@@ -21,60 +22,99 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_PROMPTS = (
-    "What is the capital of France? Answer in one word.",
-    "Write a haiku about schedulers.",
-    "Explain in detail how a hash table works, with an example in Python.",
-    "List three colours.",
-)
+def _demo_requests(n: int, seed: int):
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    import trail
+    from trail.compare import ReplayRequest
+
+    data = json.loads((Path(trail.__file__).parent / "data" / "demo_requests.json").read_text())["requests"]
+    pick = np.unique(np.round(np.linspace(0, len(data) - 1, min(n, len(data)))).astype(int))
+    np.random.default_rng(seed).shuffle(pick)      # arrival order is not length order
+    return [ReplayRequest(data[i]["prompt_ids"], data[i]["output_len"]) for i in pick]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Real SmolLM2-135M-Instruct weights through trail's model runner, paged KV cache and probe
-    kernel: every request's predicted remaining length, refined at every step."""
-    import time
+    """The verdict in miniature: real SmolLM2-135M-Instruct with the shipped probe; held-out prompts
+    arrive at once into a small max batch, so they queue; the same requests run under each policy
+    (output lengths replayed from the recorded trace, so every policy does the same work)."""
+    import json
 
     import torch
 
     import trail
-    from trail.assets import SMOLLM2_ID, smollm2_hf_dir
-    from trail.generate import generate_with_predictions
+    from trail.assets import smollm2_hf_dir
+    from trail.compare import compare, run_interleaved
+    from trail.engine import LLMEngine, generation_eos_ids, prompt_predictor_fn
+    from trail.engine_config import EngineConfig
     from trail.models.loader import load_hf, load_tokenizer
-    from trail.predictor.filter_adapter import probe_params
-    from trail.predictor.hf_backend import chat_ids
-    from trail.predictor.probe_file import load_probe, shipped_probe_dir
-    from trail.sampling import SampleParams
+    from trail.predictor.probe_file import load_probe_params, shipped_probe_dir
+    from trail.request import SamplingParams
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"trail {trail.__version__}, native build: {trail.native_info()['build']}, device: {device}")
     folder = smollm2_hf_dir()
-    model = load_hf(folder, device=device)
-    tok = load_tokenizer(folder)
-    mlp, spec = load_probe(shipped_probe_dir(SMOLLM2_ID) / "probe", expect_model=SMOLLM2_ID,
-                           expect_d=model.config.hidden_size)
-    print(f"probe: layer {spec.layer}, {spec.num_bins} bins, alpha {spec.alpha}, eps {spec.eps}")
-    prompts = args.prompt or list(DEMO_PROMPTS)
-    ids = [chat_ids(tok, p) for p in prompts]
-    params = SampleParams(temperature=0.0, repetition_penalty=1.1)
-    t0 = time.perf_counter()
-    history = []
-    print(f"{'step':>5}  " + "  ".join(f"req{i}: gen/pred" for i in range(len(prompts))))
-    for rec in generate_with_predictions(model, ids, probe_params(mlp, spec), spec.layer,
-                                         args.max_new_tokens, [tok.eos_token_id], params):
-        history.append(rec)
-        if rec.step % args.every == 0 or all(rec.finished):
-            cells = "  ".join(f"{g:>5}/{p:6.1f}{'*' if f else ' '}" for g, p, f in
-                              zip(rec.generated, rec.predicted_remaining, rec.finished))
-            print(f"{rec.step:>5}  {cells}")
-    elapsed = time.perf_counter() - t0
-    final = history[-1].generated
-    print(f"\n{len(history)} steps in {elapsed:.1f} s ({sum(final) / elapsed:.1f} tokens/s); * = finished")
-    print("request  length  hit cap  MAE of predicted remaining over its steps   text")
-    for i, p in enumerate(prompts):
-        errs = [abs(r.predicted_remaining[i] - (final[i] - r.generated[i] + 1))
-                for r in history if r.new_tokens[i] is not None]
-        print(f"{i:>7}  {final[i]:>6}  {'yes' if final[i] >= args.max_new_tokens else 'no':>7}  "
-              f"{sum(errs) / len(errs):>10.1f}   {p[:40]!r}")
+    model, tok = load_hf(folder, device=device), load_tokenizer(folder)
+    shipped = shipped_probe_dir("SmolLM2-135M-Instruct")
+    probe, spec = load_probe_params(shipped / "probe", expect_d=model.config.hidden_size)
+    predictor = prompt_predictor_fn(shipped / "prompt_boe", model, tok)
+    requests = _demo_requests(args.num_requests, args.seed)
+    lengths = sorted(r.output_len for r in requests)
+    print(f"trail {trail.__version__} ({trail.native_info()['build']} build) on {device}: SmolLM2-135M-Instruct, "
+          f"probe on layer {spec.layer}, bag-of-embeddings prompt predictor")
+    print(f"{len(requests)} held-out prompts arrive at once (a burst) into max batch {args.max_batch}; each output "
+          f"length is replayed from the recorded trace ({lengths[0]}..{lengths[-1]} tokens, EOS ignored), so every "
+          f"policy does the same work; predictors see the cap max_new_tokens={args.max_new_tokens}, never the length.")
+    eos = generation_eos_ids(folder, tok)
+    rate = None
+
+    def make_engine(policy, clock):
+        nonlocal rate
+        config = EngineConfig(policy=policy, max_batch=args.max_batch, max_model_len=128 + args.max_new_tokens,
+                              max_tokens_per_step=512, kv_cache_gib=0.25, num_host_blocks=0, prefill_tokens_per_s=rate)
+        engine = LLMEngine(model, tok, config, probe=probe, probe_layer=spec.layer, probe_max_new=spec.max_new_tokens,
+                           prompt_predictor=predictor, eos_token_ids=eos, clock=clock)
+        rate = engine.prefill_tokens_per_s       # measured once, the same cost model for every policy
+        return engine
+
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, repetition_penalty=1.1)
+    print("Policies run side by side, one engine step each in turn; each latency is on its engine's own clock "
+          "(the sum of its step times), so background load hits every policy alike.")
+    runs = run_interleaved(make_engine, args.policies, requests, params, progress=True)
+    result = compare(runs)
+    pols = result["policies"]
+    print(f"\n{'policy':<11}{'mean lat':>9}{'p50':>8}{'p99':>8}{'TTFT':>8}{'tok/s':>8}{'preempt':>8}"
+          f"{'vs fcfs':>9}  {'95% CI':<14}{'oracle gain':>11}")
+    for name, s in pols.items():
+        ci = s.get("latency_ratio_ci95")
+        frac = s.get("oracle_gain_fraction")
+        print(f"{name:<11}{s['mean_latency_s']:>8.1f}s{s['p50_latency_s']:>7.1f}s{s['p99_latency_s']:>7.1f}s"
+              f"{s['mean_ttft_s']:>7.1f}s{s['throughput_tok_s']:>8.1f}{s['preemptions']:>8}"
+              f"{s.get('latency_ratio_to_fcfs', float('nan')):>8.2f}x  "
+              f"{'' if ci is None else f'[{ci[0]:.2f}, {ci[1]:.2f}]':<14}"
+              f"{'' if frac is None else f'{100 * frac:.0f}%':>11}")
+    gain = result["oracle_gain"]
+    print()
+    if gain is not None:
+        if gain < 0.10:
+            print(f"The oracle gains only {100 * gain:.0f}% over fcfs here: too little to judge a predictor by.")
+        else:
+            print(f"The oracle (true lengths) cuts mean latency by {100 * gain:.0f}% against fcfs; "
+                  "'oracle gain' is the share of that cut each policy reaches.")
+    for name, s in pols.items():
+        if "within_noise" in s:
+            verdict = ("within noise of fcfs (the 95% interval includes 1.00x)" if s["within_noise"] else
+                       f"{'faster' if s['latency_ratio_to_fcfs'] < 1 else 'slower'} than fcfs beyond noise")
+            print(f"  {name}: mean latency {s['latency_ratio_to_fcfs']:.2f}x fcfs's, {verdict}")
+    if "trail" in pols and not math.isnan(pols["trail"]["prediction_mae"]):
+        print(f"trail's probe: mean |predicted - true remaining| {pols['trail']['prediction_mae']:.1f} tokens per request")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({**result, "requests": len(requests), "max_batch": args.max_batch,
+                       "output_lengths": lengths, "device": device}, f, indent=1)
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -94,10 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="the loaded native build and kernel dispatch")
     p.set_defaults(func=cmd_info)
-    p = sub.add_parser("demo", help="run trail on the real SmolLM2-135M-Instruct (CPU is fine)")
-    p.add_argument("--prompt", action="append", help="a prompt (repeatable; default: four built-in)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=128)
-    p.add_argument("--every", type=_positive_int, default=16, help="print every N steps")
+    p = sub.add_parser("demo", help="fcfs vs sjf_prompt vs trail vs oracle on the real SmolLM2-135M-Instruct "
+                                    "(CPU is fine: ~2-3 minutes)")
+    p.add_argument("--num-requests", type=_positive_int, default=12, help="held-out prompts in the burst (max 16)")
+    p.add_argument("--max-batch", type=_positive_int, default=4, help="running requests per step")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=512,
+                   help="the cap the predictors and scheduler see (outputs stop at their recorded length)")
+    p.add_argument("--policies", nargs="+", default=["fcfs", "sjf_prompt", "trail", "oracle"],
+                   choices=["fcfs", "sjf_prompt", "trail", "oracle"])
+    p.add_argument("--seed", type=int, default=0, help="shuffles the arrival order")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.set_defaults(func=cmd_demo)
     from trail.predictor.cli_verbs import add_subcommands
 

@@ -54,14 +54,18 @@ class LLMEngine:
     probe (`ProbeParams`) and the layer it reads (required by `trail`, optional otherwise: it then
     only feeds telemetry); probe_max_new: the output cap the probe was trained with;
     prompt_predictor: ordering before prefill (required by `sjf_prompt`); eos_token_ids: stop ids
-    of the model (default: the tokenizer's eos id).
+    of the model (default: the tokenizer's eos id); clock: the engine's time source (seconds);
+    profile_phases: record each step's phase times (host: perf_counter; device: CUDA events, read
+    after the step's own sync, so no extra sync) in `telemetry.phases`.
     """
 
     def __init__(self, model, tokenizer=None, config: EngineConfig | None = None, *,
                  probe: ProbeParams | None = None, probe_layer: int | None = None,
                  probe_max_new: int | None = None, prompt_predictor: PromptPredictorFn | None = None,
-                 eos_token_ids: Iterable[int] | None = None, seed: int = 0, clock: Callable[[], float] | None = None):
+                 eos_token_ids: Iterable[int] | None = None, seed: int = 0, clock: Callable[[], float] | None = None,
+                 profile_phases: bool = False):
         self.config = config = config or EngineConfig()
+        self.profile_phases = profile_phases
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.model, self.tokenizer = model, tokenizer
@@ -309,40 +313,51 @@ class LLMEngine:
         outputs, self._aborted = self._aborted, []
         if not self._requests:
             return outputs
-        t_start = time.perf_counter()
+        clock = _PhaseClock(self.device if self.profile_phases else None)
         now = self.now()
         self._collect_device_time()
+        # schedule
         self.kv.reclaim()
         plan = self.scheduler.step(self._pred_host, self._gen_host, self.kv.num_free_blocks,
                                    self.kv.num_free_host_blocks, now)
+        clock.mark("schedule")
+        # apply preemptions, then swap-ins / allocations, then the batch
         counts = self._apply_preemptions(plan.preempted.numpy())
         rows = plan.scheduled.numpy()
         if len(rows) == 0:
             logger.debug("step %d: nothing runnable (stop reason %d)", self._step_index, plan.stop_reason)
             return outputs
         swap_in_bytes = self._prepare_kv(rows, now)
-        batch = self._batch_plan(rows)
+        batch = self.runner.prepare_plan(self._batch_plan(rows))
+        clock.mark("prepare", device=True)
+        # execute: forward (layer tap) -> probe -> sample, all enqueued on the device
         t_dev = self._record_event()
-        out = self.runner.execute(batch)
-        tap = out.tap
+        logits, tap = self.runner.forward(batch)
+        clock.mark("forward", device=True)
         if self.probe is not None:
             expected = probe_step(tap.states, tap.cu_seqlens, tap.slot_ids, tap.flags, tap.num_generated,
                                   tap.max_new_tokens, self.probe, self.probe_state,
-                                  has_prefill=bool((batch.flags & row_flags.PREFILL).any()))
+                                  has_prefill=bool((rows[:, SCHED.FLAGS] & row_flags.PREFILL).any()))
             self._pred_host.copy_(expected[:self.config.max_slots], non_blocking=True)
-        tokens = self._tokens_host[:len(out.sampled)]
-        tokens.copy_(out.next_tokens, non_blocking=True)
-        t_host = time.perf_counter()
+        clock.mark("probe", device=True)
+        tokens = self._tokens_host[:len(batch.sampled)]
+        tokens.copy_(self.runner.sample(logits, batch), non_blocking=True)
+        clock.mark("sample", device=True)
+        # the one sync
         self._sync(t_dev)
-        t_sync = time.perf_counter()
+        clock.mark("sync")
         outputs += self._postprocess(rows, tokens.numpy())
+        clock.mark("postprocess")
         recompute = (rows[:, SCHED.FLAGS] & row_flags.RECOMPUTE) != 0
         prefill = rows[:, SCHED.KIND] == 1
+        host = clock.total() - clock.get("sync")
         self.telemetry.add_step(
             self._step_index, now, len(rows), int(rows[:, SCHED.TOKENS].sum()), int(rows[prefill, SCHED.TOKENS].sum()),
             int((~prefill).sum()), counts[Mode.KEEP], counts[Mode.SWAP], counts[Mode.RECOMPUTE], counts["forced"],
             counts["swap_out_bytes"], swap_in_bytes, int(rows[recompute, SCHED.TOKENS].sum()),
-            (t_host - t_start) + (time.perf_counter() - t_sync), t_sync - t_host, math.nan)
+            host, clock.get("sync"), math.nan)
+        if self.profile_phases:
+            self.telemetry.phases.append(clock.report(len(rows), int(rows[:, SCHED.TOKENS].sum())))
         self._step_index += 1
         return outputs
 
@@ -533,6 +548,43 @@ class LLMEngine:
         assert all(r is None for r in self._slot_req), "a slot is still bound"
         self.kv.gpu_allocator.check()
         self.kv.host_allocator.check()
+
+
+class _PhaseClock:
+    """Host time per phase of one step and, on CUDA when profiling, device time of the device
+    phases (events recorded between them; read once the step has synced)."""
+
+    def __init__(self, device):
+        self.cuda = device is not None and device.type == "cuda"
+        self.profiling = device is not None
+        self.t = time.perf_counter()
+        self.host: dict[str, float] = {}
+        self.events: list[tuple[str, torch.cuda.Event]] = []
+
+    @staticmethod
+    def _event():
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    def mark(self, phase: str, device: bool = False) -> None:
+        t = time.perf_counter()
+        self.host[phase] = t - self.t
+        self.t = t
+        if device and self.cuda and self.profiling:
+            self.events.append((phase, self._event()))
+
+    def get(self, phase: str) -> float:
+        return self.host.get(phase, 0.0)
+
+    def total(self) -> float:
+        return sum(self.host.values())
+
+    def report(self, rows: int, tokens: int) -> dict:
+        out = {"rows": rows, "tokens": tokens, **{f"host_{k}_s": v for k, v in self.host.items()}}
+        for (_, a), (name, b) in zip(self.events, self.events[1:]):
+            out[f"device_{name}_s"] = a.elapsed_time(b) / 1e3
+        return out
 
 
 def prompt_predictor_fn(path, model, tokenizer) -> PromptPredictorFn:

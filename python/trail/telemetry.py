@@ -19,6 +19,7 @@ STEP_FIELDS = ("step", "t", "rows", "tokens", "prefill_tokens", "decode_rows", "
 class Telemetry:
     steps: list[tuple] = field(default_factory=list)     # rows of STEP_FIELDS
     requests: list[dict] = field(default_factory=list)   # finished requests (RequestMetrics.as_dict + ids)
+    phases: list[dict] = field(default_factory=list)     # per step, when the engine profiles phases
     mae_sum: float = 0.0
     mae_count: int = 0
     keep_requests: bool = True
@@ -53,7 +54,7 @@ class Telemetry:
 
     def as_dict(self) -> dict:
         return {"totals": self.totals(), "step_fields": list(STEP_FIELDS), "steps": [list(r) for r in self.steps],
-                "requests": self.requests}
+                "requests": self.requests, "phases": self.phases}
 
     def export_json(self, path: str | Path) -> Path:
         path = Path(path)

@@ -1,0 +1,175 @@
+"""The same requests under several policies, judged as DESIGN.md "How scheduling results are
+judged" says: per policy mean / p50 / p99 latency, mean TTFT, throughput and preemptions; the ratio
+to fcfs, the fraction of the oracle's gain (only where the oracle gains >= 10%), the ratio to
+sjf_prompt; and whether a difference is within noise (a paired bootstrap over the requests: the
+same requests ran under every policy, so each request's latency pairs across policies).
+
+Used by `trail demo` (CPU) and the serving benchmark (GPU). `run_policy` serves in real time (open
+loop); `run_interleaved` steps one engine per policy in turn, each on a clock that runs only while
+it steps, so that on a shared machine every policy meets the same background load. Nothing here
+prints.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from trail.request import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+ORACLE_MIN_GAIN = 0.10
+
+
+@dataclass(frozen=True)
+class ReplayRequest:
+    """A request with its recorded output length (replayed: stop there, EOS ignored)."""
+    prompt_ids: Sequence[int]
+    output_len: int
+    arrival: float = 0.0          # seconds after the run's start
+
+
+class EngineClock:
+    """A clock that advances only while its engine steps: the sum of the engine's own step times
+    (plus jumps to the next arrival when it is idle). Engines stepped in turn on one machine then
+    each see only their own work, and share whatever else the machine does evenly."""
+
+    def __init__(self):
+        self.busy = 0.0
+        self._since: float | None = None
+
+    def __call__(self) -> float:
+        return self.busy + (time.perf_counter() - self._since if self._since is not None else 0.0)
+
+    def start(self) -> None:
+        self._since = time.perf_counter()
+
+    def stop(self) -> None:
+        self.busy += time.perf_counter() - self._since
+        self._since = None
+
+
+def run_interleaved(make_engine: Callable[[str, EngineClock], object], policies: Sequence[str],
+                    requests: Sequence[ReplayRequest], params: SamplingParams, progress: bool = False) -> dict:
+    """Serves the same `requests` under every policy, one step of each engine in turn, each on its
+    own EngineClock (arrivals are on that clock). Returns {policy: run} as `run_policy` does."""
+    from tqdm.auto import tqdm
+
+    order = sorted(range(len(requests)), key=lambda i: requests[i].arrival)
+    state = {}
+    for policy in policies:
+        clock = EngineClock()
+        state[policy] = dict(engine=make_engine(policy, clock), clock=clock, pending=list(order), ids={}, finals={})
+    total = len(requests) * len(policies)
+    with tqdm(total=total, desc="+".join(policies), unit="req", disable=not progress) as bar:
+        while any(len(st["finals"]) < len(requests) for st in state.values()):
+            for st in state.values():
+                if len(st["finals"]) == len(requests):
+                    continue
+                engine, clock = st["engine"], st["clock"]
+                now = clock()
+                if not engine.has_unfinished() and st["pending"] and requests[st["pending"][0]].arrival > now:
+                    clock.busy = requests[st["pending"][0]].arrival      # idle: jump to the next arrival
+                    now = clock.busy
+                while st["pending"] and requests[st["pending"][0]].arrival <= now:
+                    i = st["pending"].pop(0)
+                    r = requests[i]
+                    rid = engine.add_request(list(r.prompt_ids), params, arrival=r.arrival, replay_length=r.output_len)
+                    st["ids"][rid] = i
+                clock.start()
+                outs = engine.step()
+                clock.stop()
+                for out in outs:
+                    if out.finished:
+                        st["finals"][st["ids"][out.request_id]] = out
+                        bar.update(1)
+    return {policy: _run_result(policy, st["engine"], [st["finals"][i] for i in range(len(requests))],
+                                st["clock"].busy) for policy, st in state.items()}
+
+
+def run_policy(make_engine: Callable[[str], object], policy: str, requests: Sequence[ReplayRequest],
+               params: SamplingParams, progress: bool = False) -> dict:
+    """Serves `requests` on `make_engine(policy)` in real time (arrivals relative to the start:
+    open-loop); returns the per-request latency / TTFT arrays, throughput, preemptions and the
+    engine's telemetry totals."""
+    from tqdm.auto import tqdm
+
+    engine = make_engine(policy)
+    order = np.argsort([r.arrival for r in requests], kind="stable")
+    start = engine.now()
+    pending, ids = list(order), {}
+    finals = {}
+    with tqdm(total=len(requests), desc=policy, unit="req", disable=not progress, leave=False) as bar:
+        while len(finals) < len(requests):
+            now = engine.now() - start
+            while pending and requests[pending[0]].arrival <= now:
+                i = pending.pop(0)
+                r = requests[i]
+                rid = engine.add_request(list(r.prompt_ids), params, arrival=start + r.arrival,
+                                         replay_length=r.output_len)
+                ids[rid] = i
+            if not engine.has_unfinished():
+                time.sleep(max(0.0, min(0.01, requests[pending[0]].arrival - now)))
+                continue
+            for out in engine.step():
+                if out.finished:
+                    finals[ids[out.request_id]] = out
+                    bar.update(1)
+    return _run_result(policy, engine, [finals[i] for i in range(len(requests))], engine.now() - start)
+
+
+def _run_result(policy: str, engine, outs: list, makespan: float) -> dict:
+    latency = np.array([o.metrics.latency for o in outs])
+    ttft = np.array([o.metrics.ttft for o in outs])
+    tokens = sum(len(o.token_ids) for o in outs)
+    totals = engine.telemetry.totals()
+    return {"policy": policy, "latency": latency, "ttft": ttft, "tokens": tokens, "makespan_s": makespan,
+            "throughput_tok_s": tokens / makespan, "telemetry": totals,
+            "preemptions": int(totals["keep"] + totals["swap"] + totals["recompute"])}
+
+
+def summarize(run: dict) -> dict:
+    lat, ttft = run["latency"], run["ttft"]
+    return {"mean_latency_s": float(lat.mean()), "p50_latency_s": float(np.percentile(lat, 50)),
+            "p99_latency_s": float(np.percentile(lat, 99)), "mean_ttft_s": float(ttft.mean()),
+            "throughput_tok_s": float(run["throughput_tok_s"]), "preemptions": run["preemptions"],
+            "swaps": int(run["telemetry"]["swap"]), "recomputed_tokens": int(run["telemetry"]["recomputed_tokens"]),
+            "prediction_mae": float(run["telemetry"]["online_prediction_mae"])}
+
+
+def paired_ratio_ci(a: np.ndarray, b: np.ndarray, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of mean(a) / mean(b) over paired requests."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), (resamples, len(a)))
+    ratios = a[idx].mean(1) / b[idx].mean(1)
+    return float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))
+
+
+def compare(runs: dict[str, dict]) -> dict:
+    """Ratios to fcfs (with a 95% paired-bootstrap interval and a within-noise verdict), the
+    fraction of the oracle's mean-latency gain, and the ratio to sjf_prompt."""
+    out = {name: summarize(run) for name, run in runs.items()}
+    base = runs.get("fcfs")
+    oracle = out.get("oracle")
+    gain_oracle = None
+    if base is not None and oracle is not None:
+        gain_oracle = 1.0 - oracle["mean_latency_s"] / out["fcfs"]["mean_latency_s"]
+    for name, s in out.items():
+        run = runs[name]
+        if base is not None:
+            s["latency_ratio_to_fcfs"] = s["mean_latency_s"] / out["fcfs"]["mean_latency_s"]
+            s["ttft_ratio_to_fcfs"] = s["mean_ttft_s"] / max(out["fcfs"]["mean_ttft_s"], 1e-12)
+            s["p99_ratio_to_fcfs"] = s["p99_latency_s"] / out["fcfs"]["p99_latency_s"]
+            if name != "fcfs":
+                lo, hi = paired_ratio_ci(run["latency"], base["latency"])
+                s["latency_ratio_ci95"] = [lo, hi]
+                s["within_noise"] = lo <= 1.0 <= hi
+        if gain_oracle is not None and gain_oracle >= ORACLE_MIN_GAIN and name != "fcfs":
+            s["oracle_gain_fraction"] = (1.0 - s["mean_latency_s"] / out["fcfs"]["mean_latency_s"]) / gain_oracle
+        if "sjf_prompt" in out:
+            s["latency_ratio_to_sjf_prompt"] = s["mean_latency_s"] / out["sjf_prompt"]["mean_latency_s"]
+    return {"policies": out, "oracle_gain": gain_oracle}
