@@ -92,32 +92,73 @@ double Scheduler::pred_remaining(const Request& r) const {
   }
 }
 
+std::pair<int64_t, int64_t> Scheduler::peak_entry(const Request& r, int64_t tokens) const {
+  const int64_t base = std::max(r.ctx + tokens, r.target);
+  const int64_t cap = std::max<int64_t>(r.max_new - r.gen, 1);
+  const double want = cfg_.admit_reserve * pred_remaining(r);
+  const int64_t rem = want >= static_cast<double>(cap) ? cap : std::max<int64_t>(static_cast<int64_t>(std::ceil(want)), 1);
+  return {rem, base};
+}
+
+namespace {
+bool by_rem_desc(const std::pair<int64_t, int64_t>& a, const std::pair<int64_t, int64_t>& b) { return a.first > b.first; }
+}  // namespace
+
+void Scheduler::peak_insert(int32_t slot) {
+  const Request& r = table_[slot];
+  const auto e = peak_entry(r, r.plan_tokens);
+  peak_.insert(std::upper_bound(peak_.begin(), peak_.end(), e, by_rem_desc), e);
+  peak_held_ += blocks(r.ctx + r.plan_tokens);
+}
+
+void Scheduler::peak_remove(int32_t slot) {
+  const Request& r = table_[slot];
+  const auto e = peak_entry(r, r.plan_tokens);
+  auto range = std::equal_range(peak_.begin(), peak_.end(), e, by_rem_desc);
+  auto it = std::find(range.first, range.second, e);
+  if (it == range.second) { peak_valid_ = false; return; }  // cannot happen; rebuild to be safe
+  peak_.erase(it);
+  peak_held_ -= blocks(r.ctx + r.plan_tokens);
+}
+
 bool Scheduler::reserve_fits(int32_t h, int64_t t, int64_t gpu_left) {
   // Integer arithmetic in units of 1/block_size block: usage(tau) <= sum over requests still
   // running at tau of (base + tau + bs - 1), an upper bound of their blocks; the peak is at
-  // tau = R_k - 1 for some k (just before a request ends).
+  // tau = R_k - 1 for some k (just before a request ends). Within equal R the running sum only
+  // grows, so the maximum does not depend on the order of ties (the reference sorts afresh).
   const int64_t bs = cfg_.block_size;
-  int64_t held = 0;
-  peak_.clear();
-  auto add = [&](const Request& r, int64_t tokens) {
-    held += blocks(r.ctx + tokens);
-    const int64_t base = std::max(r.ctx + tokens, r.target);
-    const int64_t cap = std::max<int64_t>(r.max_new - r.gen, 1);
-    const double want = cfg_.admit_reserve * pred_remaining(r);
-    const int64_t rem = want >= static_cast<double>(cap) ? cap : std::max<int64_t>(static_cast<int64_t>(std::ceil(want)), 1);
-    peak_.emplace_back(rem, base);
-  };
-  for (int32_t s : running_) add(table_[s], table_[s].plan_tokens);
-  add(table_[h], t);
-  std::sort(peak_.begin(), peak_.end(),
-            [](const std::pair<int64_t, int64_t>& a, const std::pair<int64_t, int64_t>& b) { return a.first > b.first; });
+  if (!peak_valid_) {
+    peak_.clear();
+    peak_held_ = 0;
+    for (int32_t s : running_) {
+      const Request& r = table_[s];
+      peak_.push_back(peak_entry(r, r.plan_tokens));
+      peak_held_ += blocks(r.ctx + r.plan_tokens);
+    }
+    std::sort(peak_.begin(), peak_.end(), by_rem_desc);
+    peak_valid_ = true;
+  }
+  const Request& rh = table_[h];
+  const auto [rem_h, base_h] = peak_entry(rh, t);
   int64_t sum = 0, best = 0, k = 0;
+  bool placed = false;
   for (const auto& [rem, base] : peak_) {
+    if (!placed && rem_h >= rem) {
+      sum += base_h;
+      ++k;
+      best = std::max(best, sum + k * (rem_h - 1 + bs - 1));
+      placed = true;
+    }
     sum += base;
     ++k;
     best = std::max(best, sum + k * (rem - 1 + bs - 1));
   }
-  return best <= (gpu_left + held - cfg_.watermark_blocks) * bs;
+  if (!placed) {
+    sum += base_h;
+    ++k;
+    best = std::max(best, sum + k * (rem_h - 1 + bs - 1));
+  }
+  return best <= (gpu_left + peak_held_ + blocks(rh.ctx + t) - cfg_.watermark_blocks) * bs;
 }
 
 int32_t Scheduler::forced_victim() const {
@@ -430,6 +471,7 @@ const StepOutput& Scheduler::step(const float* predictions, const int32_t* gener
   touched_.clear();
   admitted_.clear();
   deferred_.clear();
+  peak_valid_ = false;
   host_left_ = free_host_blocks;
 
   // (1) refresh keys and preemptibility of the running requests.
@@ -532,6 +574,7 @@ const StepOutput& Scheduler::step(const float* predictions, const int32_t* gener
       r.run_pos = static_cast<int32_t>(running_.size());
       running_.push_back(h);
       admitted_.push_back(h);
+      if (peak_valid_) peak_insert(h);
       tokens_left -= t;
       gpu_left -= need;
       continue;
@@ -545,6 +588,7 @@ const StepOutput& Scheduler::step(const float* predictions, const int32_t* gener
       const Request& vr = table_[v];
       if (vr.key > effective_key(r, now) + cfg_.margin) {
         const int32_t mode = (mem_short || !cfg_.allow_keep) ? free_mode(vr) : kModeKeep;
+        if (peak_valid_) peak_remove(v);
         tokens_left += vr.plan_tokens;
         gpu_left += vr.plan_need;
         gpu_left += preempt_running(v, mode, false, now);

@@ -209,7 +209,15 @@ class Scheduler {
   std::vector<int32_t> running_;
   // step scratch
   std::vector<int32_t> prefillers_, admitted_, touched_, deferred_, scratch_slots_;
-  std::vector<std::pair<int64_t, int64_t>> peak_;  // (reserved tokens, base tokens) scratch
+  // Memory-aware admission: (reserved tokens, base tokens) of the running set, sorted by reserved
+  // tokens (descending), built at the first check of a step, kept sorted on admissions and policy
+  // preemptions; peak_held_ = blocks the running set holds after this step.
+  std::vector<std::pair<int64_t, int64_t>> peak_;
+  bool peak_valid_ = false;
+  int64_t peak_held_ = 0;
+  std::pair<int64_t, int64_t> peak_entry(const Request& r, int64_t tokens) const;
+  void peak_insert(int32_t slot);
+  void peak_remove(int32_t slot);  // before the running request leaves (its plan still set)
   int64_t host_left_ = 0;
   StepOutput out_;
 };
