@@ -145,8 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="shuffles the arrival order")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.set_defaults(func=cmd_demo)
+    from trail import sim_cli
     from trail.predictor.cli_verbs import add_subcommands
 
+    sim_cli.register(sub)
     add_subcommands(sub)
     return parser
 

@@ -37,7 +37,7 @@ import torch
 
 import trail
 from trail.models.llama import AttentionMetadata, LlamaModel
-from trail.sampling import GREEDY, counter_uniforms, sample, validate_params
+from trail.sampling import GREEDY, apply_repetition_penalty, counter_uniforms, sample, validate_params
 from trail_kernels import row_flags
 
 PREFILL, DECODE = "prefill", "decode"
@@ -108,6 +108,7 @@ class StepBatch:
     max_new_tokens: torch.Tensor
     sampled: list[int]           # host: indices of the rows that sample
     num_tokens: int
+    all_greedy: bool = False     # host: every sampling row is greedy (argmax, no sort)
 
 
 @dataclass
@@ -279,7 +280,7 @@ class ModelRunner:
             logits_indices=logits_idx, sample_slots=sample_slots_d, temperature=temperature_d.float(),
             top_k=top_k, top_p=top_p.float(), repetition_penalty=penalty.float(), uniforms=uniforms_d,
             reset_slots=reset_slots, num_generated=num_gen_d.to(torch.int32), max_new_tokens=max_new_d.to(torch.int32),
-            sampled=sampled.tolist(), num_tokens=T)
+            sampled=sampled.tolist(), num_tokens=T, all_greedy=bool((temperature <= 0).all()))
 
     def prepare(self, segments: Sequence[Segment]) -> StepBatch:
         return self.prepare_plan(self.plan_from_segments(segments))
@@ -302,6 +303,8 @@ class ModelRunner:
 
     def sample(self, logits: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         seen = self.seen.index_select(0, batch.sample_slots)
+        if batch.all_greedy:      # no full-vocabulary sort when no row samples
+            return torch.argmax(apply_repetition_penalty(logits.float(), seen, batch.repetition_penalty), dim=-1)
         return sample(logits, batch.temperature, batch.top_k, batch.top_p, batch.repetition_penalty,
                       batch.uniforms, seen)
 
