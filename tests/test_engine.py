@@ -214,3 +214,18 @@ def test_stop_ids_strings_and_lengths(smollm2_dir):
     assert by_text.text == free.text[:free.text.index(needle)]
     engine.check_idle()
     assert math.isnan(engine.telemetry.online_mae)     # no probe: no prediction telemetry
+
+
+def test_from_pretrained_loads_the_shipped_probe_and_prompt_predictor(smollm2_dir):
+    """The README's snippet: a folder in, the shipped probe and bag-of-embeddings predictor found."""
+    from trail import EngineConfig as PublicConfig
+    from trail import LLMEngine as PublicEngine
+
+    engine = PublicEngine.from_pretrained(smollm2_dir, PublicConfig(policy="trail", max_batch=4, max_model_len=256,
+                                                                      prefill_tokens_per_s=100.0))
+    assert engine.probe is not None and engine.prompt_predictor is not None and engine.runner.tap_layer == 19
+    assert list(engine.eos_ids) == [2]
+    out = engine.generate(["Name three colours."], SamplingParams(max_new_tokens=6), progress=False)[0]
+    assert len(out.token_ids) <= 6 and out.text and out.metrics.prompt_prediction > 0
+    assert len(out.metrics.predictions) == len(out.token_ids)      # one prediction per step, prompt step first
+    engine.check_idle()
