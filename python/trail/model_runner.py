@@ -18,8 +18,17 @@ step. No per-request Python objects are touched on this path.
 
 The runner commits the KV block tables before the forward and checks, on the host, that every
 row's positions are mapped (a forgotten allocation would otherwise read block 0). The batch is
-built on the host and copied to the device once per step; nothing in `forward` or `sample` reads
-device memory back, so the engine's one sync is its own read of `next_tokens`.
+written by numpy into the runner's persistent `StepBuffers` (a pinned staging area with fixed
+column views) and copied to their device mirror once per step; the slot mapping is computed on
+the device; nothing in `forward` or `sample` reads device memory back, so the engine's one sync is
+its own read of `next_tokens`. A `StepBatch` holds views of those buffers: it is valid until the
+next `prepare_plan`.
+
+CUDA graphs (`capture_decode_graphs`, never on CPU): decode-only steps run as one graph per batch
+bucket (slot mapping -> forward -> layer tap -> the attached probe -> sampler, greedy and sampling
+variants). A step of n rows is padded to its bucket: pad rows have one token on no KV slot
+(slot mapping -1), context 0 (attention reads nothing), the probe's scratch slot, the scratch row
+of `seen` and greedy parameters. Prefill and mixed steps run eager.
 
 Repetition penalty needs every token a request has fed to the model; the runner keeps a
 `[max_slots, vocab]` bool mask on the device, set as tokens pass through `forward` and cleared when
@@ -28,17 +37,24 @@ prompt + generated tokens). Requests never move between slots.
 """
 from __future__ import annotations
 
+import bisect
+import logging
 import random
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 import trail
 from trail.models.llama import AttentionMetadata, LlamaModel
-from trail.sampling import GREEDY, apply_repetition_penalty, counter_uniforms, sample, validate_params
+from trail.sampling import (GREEDY, MAX_CANDIDATES, apply_repetition_penalty, counter_uniforms, sample,
+                            sample_reference, validate_params)
 from trail_kernels import row_flags
+from trail_kernels.probe import probe_step
+
+logger = logging.getLogger(__name__)
 
 PREFILL, DECODE = "prefill", "decode"
 
@@ -88,7 +104,8 @@ class LayerTap:
 
 @dataclass
 class StepBatch:
-    """Device tensors of one step (views into one copied buffer) and the host-side bounds."""
+    """Device tensors of one step (fixed views into the runner's device mirror, valid until the
+    next `prepare_plan`) and the host-side bounds."""
     input_ids: torch.Tensor
     meta: AttentionMetadata
     token_slots: torch.Tensor
@@ -109,6 +126,11 @@ class StepBatch:
     sampled: list[int]           # host: indices of the rows that sample
     num_tokens: int
     all_greedy: bool = False     # host: every sampling row is greedy (argmax, no sort)
+    seen_index: torch.Tensor | None = None     # int64 [T], flat index of each token in `seen`
+    probe_slots: torch.Tensor | None = None    # int32 [S], the probe's slot per row (pads: scratch)
+    exact_sampler: bool = False  # host: a row's top_k exceeds MAX_CANDIDATES (sorted sampler)
+    graph: tuple[int, bool] | None = None      # (bucket, greedy) when a captured graph runs the step
+    num_real_rows: int = 0       # rows of the plan (the rest are padding)
 
 
 @dataclass
@@ -119,8 +141,86 @@ class StepOutput:
     batch: StepBatch
 
 
+DEFAULT_GRAPH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
+
+
+def graph_batch_sizes(max_batch: int, sizes: Sequence[int] | None = None) -> list[int]:
+    """The decode batch sizes captured as CUDA graphs: `sizes` (default DEFAULT_GRAPH_SIZES) below
+    `max_batch`, plus `max_batch` itself, so every decode batch has a bucket."""
+    base = DEFAULT_GRAPH_SIZES if sizes is None else sizes
+    return sorted({int(b) for b in base if 1 <= b < max_batch} | {max_batch})
+
+
+def bucket_for(n: int, sizes: Sequence[int]) -> int | None:
+    """The smallest size >= n in sorted `sizes` (None: above all of them)."""
+    i = bisect.bisect_left(sizes, n)
+    return sizes[i] if i < len(sizes) else None
+
+
+# (name, numpy dtype, per token / per row / per row + 1)
+_COLUMNS = (
+    ("input_ids", np.int64, "T"), ("positions", np.int64, "T"), ("seen_index", np.int64, "T"),
+    ("token_slots", np.int32, "T"),
+    ("cu", np.int32, "R1"), ("ctx", np.int32, "R"), ("attn_slots", np.int32, "R"), ("probe_slots", np.int32, "R"),
+    ("starts", np.int32, "R"), ("flags", np.int32, "R"), ("num_gen", np.int32, "R"), ("max_new", np.int32, "R"),
+    ("is_decode", np.uint8, "R"), ("sampled_mask", np.uint8, "R"),
+    ("logits_idx", np.int64, "R"), ("sample_slots", np.int64, "R"), ("top_k", np.int64, "R"),
+    ("reset_slots", np.int64, "R"),
+    ("temperature", np.float32, "R"), ("top_p", np.float32, "R"), ("penalty", np.float32, "R"),
+    ("uniforms", np.float64, "R"),
+)
+_TORCH = {np.int64: torch.int64, np.int32: torch.int32, np.uint8: torch.bool, np.float32: torch.float32,
+          np.float64: torch.float64}
+
+
+class StepBuffers:
+    """The runner's persistent step buffers: one host staging area (pinned on CUDA) with a fixed
+    numpy view per column, one device mirror with the same layout and fixed torch views, sized for
+    `max_tokens` tokens and `max_rows` rows. A step fills the host views in place and copies the
+    mirror's bytes once; on CPU the mirror is the staging area itself (no copy)."""
+
+    ALIGN = 64
+
+    def __init__(self, max_tokens: int, max_rows: int, device: torch.device):
+        self.max_tokens, self.max_rows, self.device = max_tokens, max_rows, device
+        n = {"T": max_tokens, "R": max_rows, "R1": max_rows + 1}
+        layout, off = {}, 0
+        for name, dt, kind in _COLUMNS:
+            size = np.dtype(dt).itemsize * n[kind]
+            layout[name] = (off, dt, n[kind])
+            off += -(-size // self.ALIGN) * self.ALIGN
+        self.nbytes = off
+        cuda = device.type == "cuda"
+        self.host = torch.zeros(off, dtype=torch.uint8, pin_memory=cuda)
+        self.dev = torch.zeros(off, dtype=torch.uint8, device=device) if cuda else self.host
+        raw = self.host.numpy()
+        self.np: dict[str, np.ndarray] = {}
+        self.t: dict[str, torch.Tensor] = {}
+        for name, (o, dt, count) in layout.items():
+            size = np.dtype(dt).itemsize * count
+            self.np[name] = raw[o:o + size].view(dt)
+            self.t[name] = self.dev[o:o + size].view(_TORCH[dt])
+        self._copied = torch.cuda.Event() if cuda else None
+        self._pending = False
+
+    def wait_reusable(self) -> None:
+        """Before the host views are rewritten: the last copy out of them must be done. In the
+        engine it always is (the step's sync comes after it); only back-to-back prepares wait."""
+        if self._pending and not self._copied.query():
+            self._copied.synchronize()
+        self._pending = False
+
+    def upload(self) -> None:
+        if self._copied is None:
+            return
+        self.dev.copy_(self.host, non_blocking=True)
+        self._copied.record()
+        self._pending = True
+
+
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv_cache, tap_layer: int | None = None, seed: int = 0):
+    def __init__(self, model: LlamaModel, kv_cache, tap_layer: int | None = None, seed: int = 0, *,
+                 max_tokens: int = 256, max_rows: int | None = None):
         cfg = model.config
         spec = kv_cache.spec
         if (spec.num_layers, spec.num_kv_heads, spec.head_dim) != (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim):
@@ -134,16 +234,31 @@ class ModelRunner:
         self.block_size = kv_cache.block_size
         self.max_slots, self.max_blocks = kv_cache.block_tables.shape
         self.max_context = self.max_blocks * self.block_size
-        self.seen = torch.zeros(self.max_slots, cfg.vocab_size, dtype=torch.bool, device=self.device)
+        # row max_slots is a scratch row for padded rows (CUDA-graph buckets)
+        self.seen = torch.zeros(self.max_slots + 1, cfg.vocab_size, dtype=torch.bool, device=self.device)
         self._rng = random.Random(seed)
-        self._pin = self.device.type == "cuda"
-        # per-slot sampling parameters, written at admission (set_sampling)
-        n = self.max_slots
+        # per-slot sampling parameters, written at admission (set_sampling); index max_slots = pads
+        n = self.max_slots + 1
         self.temperature = np.zeros(n, np.float64)
         self.top_p = np.ones(n, np.float64)
         self.top_k = np.zeros(n, np.int64)
         self.repetition_penalty = np.ones(n, np.float64)
         self.seed = np.zeros(n, np.uint64)
+        self.buffers = StepBuffers(max_tokens, max_rows or min(self.max_slots, 64), self.device)
+        self._arange = np.arange(max(max_tokens, self.buffers.max_rows) + 1, dtype=np.int64)
+        model.rope().ensure(self.max_context)      # RoPE table sized once, for every position
+        # CUDA graphs of decode-only steps (capture_decode_graphs); the probe they run
+        self.probe = self.probe_state = None
+        self.graph_sizes: list[int] = []
+        self._graphs: dict[tuple[int, bool], tuple] = {}
+        self._graph_batches: dict[int, StepBatch] = {}
+
+    def attach_probe(self, params, state) -> None:
+        """The length probe that captured decode graphs run after the forward (ProbeParams,
+        ProbeState); eager steps leave the probe to the caller."""
+        if self._graphs:
+            raise RuntimeError("attach the probe before capturing graphs")
+        self.probe, self.probe_state = params, state
 
     # ---- per-slot sampling parameters ---------------------------------------------------------
     def set_sampling(self, slot: int, params=None) -> None:
@@ -227,60 +342,195 @@ class ModelRunner:
                                f"need {int(need[i])} KV blocks but {int(self.kv_cache.mapped_blocks(plan.slots[i:i + 1])[0])} "
                                f"are mapped (allocate before the step)")
 
-    def prepare_plan(self, plan: BatchPlan) -> StepBatch:
-        """Commits the block tables, checks the plan's blocks are mapped, and copies the batch to
-        the device in one packed buffer."""
-        self.kv_cache.commit_block_tables()
-        self._check_mapped(plan)
+    # ---- host side: the step's batch in the persistent buffers --------------------------------
+    def _ensure_capacity(self, tokens: int, rows: int) -> None:
+        b = self.buffers
+        if tokens <= b.max_tokens and rows <= b.max_rows:
+            return
+        if self._graphs:
+            logger.warning("a step of %d tokens / %d rows exceeds the step buffers (%d / %d): CUDA graphs dropped, "
+                           "steps run eager", tokens, rows, b.max_tokens, b.max_rows)
+            self._graphs.clear()
+            self._graph_batches.clear()
+            self.graph_sizes = []
+        b.wait_reusable()
+        self.buffers = StepBuffers(max(tokens, 2 * b.max_tokens), max(rows, min(2 * b.max_rows, self.max_slots)),
+                                   self.device)
+        self._arange = np.arange(max(self.buffers.max_tokens, self.buffers.max_rows) + 1, dtype=np.int64)
+
+    def _stage(self, plan: BatchPlan, rows: int) -> tuple[int, np.ndarray, int]:
+        """Fills the host views with `plan` padded to `rows` rows (each pad: one token on no KV
+        slot, context 0, the probe's scratch slot, the scratch `seen` row, greedy) and copies them
+        to the device. -> (tokens incl. pads, sampling rows of the plan, reset rows)."""
         S = plan.num_rows
+        P = rows - S
         lens, starts, slots, flags = plan.num_tokens, plan.starts, plan.slots, plan.flags
         cu = np.zeros(S + 1, np.int64)
         np.cumsum(lens, out=cu[1:])
         T = int(cu[-1])
-        positions = np.repeat(starts - cu[:-1], lens) + np.arange(T)
+        Tt = T + P
+        self._ensure_capacity(Tt, rows)
+        buf = self.buffers
+        buf.wait_reusable()
+        c, ar, pad_slot, V = buf.np, self._arange, self.max_slots, self.config.vocab_size
+        token_slots = np.repeat(slots, lens)
+        c["input_ids"][:T] = plan.token_ids
+        c["input_ids"][T:Tt] = 0
+        c["positions"][:T] = np.repeat(starts - cu[:-1], lens) + ar[:T]
+        c["positions"][T:Tt] = 0
+        c["token_slots"][:T] = token_slots
+        c["token_slots"][T:Tt] = -1
+        c["seen_index"][:T] = token_slots * V + plan.token_ids
+        c["seen_index"][T:Tt] = pad_slot * V
+        c["cu"][:S + 1] = cu
+        c["cu"][S + 1:rows + 1] = T + ar[1:P + 1]
+        for name, real, pad in (("ctx", starts + lens, 0), ("attn_slots", slots, 0), ("probe_slots", slots, pad_slot),
+                                ("starts", starts, 0), ("flags", flags, row_flags.SAMPLE),
+                                ("num_gen", 0 if plan.num_generated is None else plan.num_generated, 0),
+                                ("max_new", 0 if plan.max_new_tokens is None else plan.max_new_tokens, 0),
+                                ("is_decode", (flags & row_flags.PREFILL) == 0, 1),
+                                ("sampled_mask", (flags & row_flags.SAMPLE) != 0, 1)):
+            c[name][:S] = real
+            c[name][S:rows] = pad
+        # sampling rows: the plan's, in row order, then the pads
         sampled = np.flatnonzero(flags & row_flags.SAMPLE)
-        sample_slots = slots[sampled]
-        new_pos = starts[sampled] + lens[sampled]
-        temperature = self.temperature[sample_slots]
-        uniforms = np.where(temperature > 0, counter_uniforms(self.seed[sample_slots], new_pos.astype(np.uint64)), 0.5)
-        is_decode = (flags & row_flags.PREFILL) == 0
-        sampled_mask = np.zeros(S, np.int64)
-        sampled_mask[sampled] = 1
+        n = len(sampled)
+        N = n + P
+        c["logits_idx"][:n] = cu[1:][sampled] - 1
+        c["logits_idx"][n:N] = T + ar[:P]
+        ss = c["sample_slots"]
+        ss[:n] = slots[sampled]
+        ss[n:N] = pad_slot
+        pslots = ss[:N]
+        c["temperature"][:N] = self.temperature[pslots]
+        c["top_p"][:N] = self.top_p[pslots]
+        c["top_k"][:N] = self.top_k[pslots]
+        c["penalty"][:N] = self.repetition_penalty[pslots]
+        new_pos = (starts[sampled] + lens[sampled]).astype(np.uint64)
+        c["uniforms"][:n] = np.where(self.temperature[ss[:n]] > 0, counter_uniforms(self.seed[ss[:n]], new_pos), 0.5)
+        c["uniforms"][n:N] = 0.5
+        reset = slots[starts == 0]
+        c["reset_slots"][:len(reset)] = reset
+        buf.upload()
+        return Tt, sampled, len(reset)
 
-        ints = [plan.token_ids, positions, np.repeat(slots, lens), cu, starts + lens, slots, starts,
-                is_decode.astype(np.int64), sampled_mask, flags, cu[1:][sampled] - 1, sample_slots,
-                self.top_k[sample_slots], slots[starts == 0],
-                np.zeros(S, np.int64) if plan.num_generated is None else plan.num_generated,
-                np.zeros(S, np.int64) if plan.max_new_tokens is None else plan.max_new_tokens]
-        floats = [temperature, self.top_p[sample_slots], self.repetition_penalty[sample_slots], uniforms]
-        parts = ints + [np.ascontiguousarray(f, dtype=np.float64).view(np.int64) for f in floats]
-        host = torch.from_numpy(np.concatenate(parts))
-        if self._pin:
-            host = host.pin_memory()
-        dev = host.to(self.device, non_blocking=True)
-        views, off = [], 0
-        for p in parts:
-            views.append(dev[off:off + len(p)])
-            off += len(p)
-        (input_ids, positions_d, token_slots, cu_d, ctx_d, slots_d, starts_d, dec_d, smask_d, flags_d,
-         logits_idx, sample_slots_d, top_k, reset_slots, num_gen_d, max_new_d) = views[:len(ints)]
-        temperature_d, top_p, penalty, uniforms_d = (v.view(torch.float64) for v in views[len(ints):])
-        token_slots = token_slots.to(torch.int32)
-        slots_d = slots_d.to(torch.int32)
+    def _views(self, tokens: int, rows: int, samples: int, resets: int, max_seqlen_q: int, max_context_len: int,
+               decode_only: bool, slot_mapping: bool) -> StepBatch:
+        t = self.buffers.t
+        positions, token_slots = t["positions"][:tokens], t["token_slots"][:tokens]
         block_tables = self.kv_cache.block_tables
-        slot_mapping = trail.ops.slot_mapping(block_tables, token_slots, positions_d, self.block_size)
         meta = AttentionMetadata(
-            positions=positions_d, slot_mapping=slot_mapping, block_tables=block_tables,
-            slot_ids=slots_d, cu_seqlens_q=cu_d.to(torch.int32), context_lens=ctx_d.to(torch.int32),
-            max_seqlen_q=int(lens.max()), max_context_len=int((starts + lens).max()),
-            decode_only=bool((lens == 1).all()))
+            positions=positions,
+            slot_mapping=(trail.ops.slot_mapping(block_tables, token_slots, positions, self.block_size)
+                          if slot_mapping else None),
+            block_tables=block_tables, slot_ids=t["attn_slots"][:rows], cu_seqlens_q=t["cu"][:rows + 1],
+            context_lens=t["ctx"][:rows], max_seqlen_q=max_seqlen_q, max_context_len=max_context_len,
+            decode_only=decode_only)
         return StepBatch(
-            input_ids=input_ids, meta=meta, token_slots=token_slots, starts=starts_d.to(torch.int32),
-            is_decode=dec_d.bool(), sampled_mask=smask_d.bool(), flags=flags_d.to(torch.int32),
-            logits_indices=logits_idx, sample_slots=sample_slots_d, temperature=temperature_d.float(),
-            top_k=top_k, top_p=top_p.float(), repetition_penalty=penalty.float(), uniforms=uniforms_d,
-            reset_slots=reset_slots, num_generated=num_gen_d.to(torch.int32), max_new_tokens=max_new_d.to(torch.int32),
-            sampled=sampled.tolist(), num_tokens=T, all_greedy=bool((temperature <= 0).all()))
+            input_ids=t["input_ids"][:tokens], meta=meta, token_slots=token_slots, starts=t["starts"][:rows],
+            is_decode=t["is_decode"][:rows], sampled_mask=t["sampled_mask"][:rows], flags=t["flags"][:rows],
+            logits_indices=t["logits_idx"][:samples], sample_slots=t["sample_slots"][:samples],
+            temperature=t["temperature"][:samples], top_k=t["top_k"][:samples], top_p=t["top_p"][:samples],
+            repetition_penalty=t["penalty"][:samples], uniforms=t["uniforms"][:samples],
+            reset_slots=t["reset_slots"][:resets], num_generated=t["num_gen"][:rows], max_new_tokens=t["max_new"][:rows],
+            sampled=[], num_tokens=tokens, seen_index=t["seen_index"][:tokens], probe_slots=t["probe_slots"][:rows])
+
+    def graph_eligible(self, plan: BatchPlan) -> bool:
+        """A decode-only step that a captured graph can run: every row one token, SAMPLE only (no
+        prefill, no recompute), a cached context, and a bucket large enough."""
+        return (bool(self._graphs) and plan.num_rows <= self.graph_sizes[-1]
+                and len(plan.token_ids) == plan.num_rows and bool((plan.flags == row_flags.SAMPLE).all())
+                and int(plan.starts.min()) > 0)
+
+    def prepare_plan(self, plan: BatchPlan, pad_to: int | None = None) -> StepBatch:
+        """Commits the block tables, checks the plan's blocks are mapped, and stages the batch in
+        the persistent buffers (one host-to-device copy). A decode-only step with a captured
+        graph is padded to its bucket (`batch.graph` set); `pad_to` pads any step (tests)."""
+        self.kv_cache.commit_block_tables()
+        self._check_mapped(plan)
+        S = plan.num_rows
+        sample_slots = plan.slots[(plan.flags & row_flags.SAMPLE) != 0]
+        all_greedy = bool((self.temperature[sample_slots] <= 0).all())
+        exact = not all_greedy and bool((self.top_k[sample_slots] > MAX_CANDIDATES).any())
+        graph = None
+        if pad_to is None and not exact and self.graph_eligible(plan):
+            bucket = bucket_for(S, self.graph_sizes)
+            graph = (bucket, all_greedy)
+        rows = graph[0] if graph else (S if pad_to is None else pad_to)
+        if rows < S:
+            raise ValueError(f"pad_to={pad_to} is below the plan's {S} rows")
+        tokens, sampled, resets = self._stage(plan, rows)
+        if graph is not None:
+            batch = replace(self._graph_batches[graph[0]], sampled=sampled.tolist(), all_greedy=all_greedy,
+                            graph=graph, num_real_rows=S)
+            return batch
+        lens, ends = plan.num_tokens, plan.starts + plan.num_tokens
+        batch = self._views(tokens, rows, len(sampled) + rows - S, resets, int(lens.max()), int(ends.max()),
+                            bool((lens == 1).all()), slot_mapping=True)
+        batch.sampled, batch.all_greedy, batch.exact_sampler, batch.num_real_rows = sampled.tolist(), all_greedy, exact, S
+        return batch
+
+    # ---- CUDA graphs of decode-only steps -----------------------------------------------------
+    def capture_decode_graphs(self, sizes: Sequence[int]) -> int:
+        """Captures, per batch size in `sizes`, the decode step (slot mapping, forward with the
+        layer tap, the attached probe, sampling: one greedy and one sampling variant) into CUDA
+        graphs over the persistent buffers, with every row a pad (nothing real is touched).
+        Attention is captured at the static bound `max_context` (its grid then never changes).
+        On CPU nothing is captured. Returns the number of graphs."""
+        if self.device.type != "cuda":
+            logger.info("CUDA graphs: not on CPU (every step runs eager)")
+            return 0
+        sizes = sorted({int(b) for b in sizes})
+        if not sizes or sizes[0] < 1:
+            raise ValueError(f"graph batch sizes must be >= 1, got {sizes}")
+        if self.probe_state is not None and sizes[-1] > self.probe_state.max_rows:
+            raise ValueError(f"graph batch {sizes[-1]} exceeds the probe state's max_rows {self.probe_state.max_rows}")
+        self._graphs.clear()
+        self._graph_batches.clear()
+        self.graph_sizes = []
+        self._ensure_capacity(sizes[-1], sizes[-1])
+        t0 = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(self.device)
+        empty = BatchPlan(*(np.zeros(0, np.int64) for _ in range(5)))
+        graphs, batches = {}, {}
+        for i, size in enumerate(reversed(sizes)):        # largest first: the pool's blocks get reused
+            self._stage(empty, size)
+            batch = self._views(size, size, size, 0, 1, self.max_context, True, slot_mapping=False)
+            batches[size] = batch
+            for greedy in (True, False):
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):            # warm-up: Triton compiles, workspaces settle
+                    self._decode_body(batch, greedy)
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    out = self._decode_body(batch, greedy)
+                graphs[(size, greedy)] = (graph, out)
+            logger.info("CUDA graphs: captured decode batch %d (%d/%d, %.1f s)", size, i + 1, len(sizes),
+                        time.perf_counter() - t0)
+        torch.cuda.synchronize(self.device)
+        self._graphs, self._graph_batches, self.graph_sizes = graphs, batches, sizes
+        return len(graphs)
+
+    def _decode_body(self, batch: StepBatch, greedy: bool):
+        """What a decode graph runs: slot mapping (on the device), forward + tap, probe, sampling."""
+        slot_mapping = trail.ops.slot_mapping(self.kv_cache.block_tables, batch.token_slots, batch.meta.positions,
+                                              self.block_size)
+        batch = replace(batch, meta=replace(batch.meta, slot_mapping=slot_mapping))
+        logits, tap = self.forward(batch)
+        expected = None
+        if self.probe is not None and tap is not None:
+            expected = probe_step(tap.states, tap.cu_seqlens, tap.slot_ids, tap.flags, tap.num_generated,
+                                  tap.max_new_tokens, self.probe, self.probe_state, has_prefill=False)
+        return self._sample(logits, batch, greedy, exact=False), expected, tap
+
+    def replay(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor | None, LayerTap | None]:
+        """Runs a staged graph step: -> (next tokens [sampling rows] int64, the probe's
+        expected_remaining by slot or None, the tap (padded to the bucket))."""
+        graph, (tokens, expected, tap) = self._graphs[batch.graph]
+        graph.replay()
+        return tokens[:len(batch.sampled)], expected, tap
 
     def prepare(self, segments: Sequence[Segment]) -> StepBatch:
         return self.prepare_plan(self.plan_from_segments(segments))
@@ -290,28 +540,34 @@ class ModelRunner:
         """-> (logits fp32 [R, vocab] of the sampling rows' last tokens, layer tap or None)."""
         self.seen.index_fill_(0, batch.reset_slots, False)
         # a flat scatter: indexed assignment (index_put_) checks its indices with a host sync
-        flat = batch.token_slots.long() * self.seen.shape[1] + batch.input_ids
-        self.seen.view(-1).scatter_(0, flat, True)
+        self.seen.view(-1).scatter_(0, batch.seen_index, True)
         logits, states = self.model(batch.input_ids, batch.meta, self.kv_cache,
                                     logits_indices=batch.logits_indices, tap_layer=self.tap_layer)
         tap = None
         if states is not None:
-            tap = LayerTap(self.tap_layer, states, batch.meta.cu_seqlens_q, batch.meta.slot_ids,
+            tap = LayerTap(self.tap_layer, states, batch.meta.cu_seqlens_q, batch.probe_slots,
                            batch.starts, batch.is_decode, batch.sampled_mask, batch.flags,
                            batch.num_generated, batch.max_new_tokens)
         return logits, tap
 
     def sample(self, logits: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        """Next tokens of the sampling rows (pads included when the batch is padded)."""
+        return self._sample(logits, batch, batch.all_greedy, batch.exact_sampler)
+
+    def _sample(self, logits: torch.Tensor, batch: StepBatch, greedy: bool, exact: bool) -> torch.Tensor:
         seen = self.seen.index_select(0, batch.sample_slots)
-        if batch.all_greedy:      # no full-vocabulary sort when no row samples
+        if greedy:                # argmax only when no row samples
             return torch.argmax(apply_repetition_penalty(logits.float(), seen, batch.repetition_penalty), dim=-1)
-        return sample(logits, batch.temperature, batch.top_k, batch.top_p, batch.repetition_penalty,
-                      batch.uniforms, seen)
+        fn = sample_reference if exact else sample    # exact: a row's top_k exceeds the candidates
+        return fn(logits, batch.temperature, batch.top_k, batch.top_p, batch.repetition_penalty, batch.uniforms, seen)
 
     def execute(self, plan: BatchPlan) -> StepOutput:
         batch = self.prepare_plan(plan)
+        if batch.graph is not None:
+            tokens, _, tap = self.replay(batch)
+            return StepOutput(tokens, batch.sampled, tap, batch)
         logits, tap = self.forward(batch)
-        return StepOutput(self.sample(logits, batch), batch.sampled, tap, batch)
+        return StepOutput(self.sample(logits, batch)[:len(batch.sampled)], batch.sampled, tap, batch)
 
     def step(self, segments: Sequence[Segment]) -> StepOutput:
         return self.execute(self.plan_from_segments(segments))

@@ -5,6 +5,14 @@ request has fed to the model: prompt + generated) -> temperature -> top-k -> top
 `temperature <= 0` means greedy (argmax after the penalty). `top_k = 0` and `top_p = 1` disable
 those filters.
 
+`sample` avoids a full-vocabulary sort: rows without top-k / top-p draw from the full softmax by
+inverse CDF in vocabulary order; filtered rows take their `max_candidates` (default
+`MAX_CANDIDATES`) largest logits with `torch.topk` and apply top-k, then top-p, inside them. The
+distribution equals `sample_reference` (the sorted definition) whenever top_k <= max_candidates
+and the top-p nucleus holds at most max_candidates tokens; a wider nucleus is truncated to the
+candidates (renormalised), which callers that know a row's top_k avoid by using the reference.
+Both are graph-safe: no host reads, shapes fixed by [R, V].
+
 Randomness is counter-based: a row's draw is an inverse-CDF lookup of one uniform
 `counter_uniform(seed, position)` computed on the host from the request's seed and the position
 of the token being sampled, so a request's samples do not depend on which other requests share
@@ -18,6 +26,7 @@ import numpy as np
 import torch
 
 _MASK64 = (1 << 64) - 1
+MAX_CANDIDATES = 1024
 
 
 @dataclass(frozen=True)
@@ -107,10 +116,10 @@ def sampling_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torc
     return out.scatter(1, idx, vals.masked_fill(~keep, float("-inf")))
 
 
-def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-           repetition_penalty: torch.Tensor, uniforms: torch.Tensor,
-           seen: torch.Tensor | None = None) -> torch.Tensor:
-    """logits fp32 [R, V] -> next token ids int64 [R]; every parameter tensor is per row [R]."""
+def sample_reference(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                     repetition_penalty: torch.Tensor, uniforms: torch.Tensor,
+                     seen: torch.Tensor | None = None) -> torch.Tensor:
+    """The definition (a full sort per row): logits fp32 [R, V] -> next token ids int64 [R]."""
     logits = logits.float()
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, repetition_penalty)
@@ -124,3 +133,56 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     pos = torch.minimum(pos, keep.sum(-1, keepdim=True) - 1)   # u * total rounding up to total
     drawn = idx.gather(1, pos).squeeze(1)
     return torch.where(temperature > 0, drawn, greedy)
+
+
+def _draw(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse CDF of each row of non-negative `weights` [R, N] at `uniforms` [R]: the first index
+    whose cumulative weight exceeds u * total (the target is kept strictly below the total, so a
+    zero-weight entry is never drawn)."""
+    cdf = torch.cumsum(weights, dim=-1)
+    total = cdf[:, -1:]
+    target = torch.minimum(uniforms[:, None].to(cdf.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True)
+
+
+def candidate_filter(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                     max_candidates: int = MAX_CANDIDATES):
+    """Top-k then top-p over each row's `max_candidates` largest entries (no full sort).
+    -> (candidate indices [R, C] in descending order, their probabilities under the top-k
+    distribution [R, C], keep [R, C]); the kept entries are a prefix of each row."""
+    vocab = scaled.shape[-1]
+    kc = min(max_candidates, vocab)
+    vals, idx = torch.topk(scaled, kc, dim=-1, largest=True, sorted=True)
+    k = torch.where(top_k > 0, top_k.clamp(max=kc), torch.full_like(top_k, kc))
+    kth = vals.gather(1, (k - 1)[:, None])
+    keep = vals >= kth                                    # ties with the k-th value kept, as transformers
+    # normaliser: the kept candidates under top-k; the whole vocabulary without it
+    lse_k = torch.logsumexp(vals.masked_fill(~keep, float("-inf")), dim=-1, keepdim=True)
+    lse = torch.where((top_k > 0)[:, None] & (top_k[:, None] < vocab), lse_k,
+                      torch.logsumexp(scaled, dim=-1, keepdim=True))
+    probs = torch.exp(vals - lse).masked_fill(~keep, 0.0)
+    before = torch.cumsum(probs, dim=-1) - probs          # mass ranked above each candidate
+    top_p = top_p[:, None].to(probs.dtype)
+    keep &= (before < top_p) | (top_p >= 1.0)
+    return idx, probs, keep
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+           repetition_penalty: torch.Tensor, uniforms: torch.Tensor,
+           seen: torch.Tensor | None = None, *, max_candidates: int = MAX_CANDIDATES) -> torch.Tensor:
+    """logits fp32 [R, V] -> next token ids int64 [R]; every parameter tensor is per row [R].
+    The distribution of `sample_reference` without its sort (module docstring: when they agree)."""
+    logits = logits.float()
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+    greedy = torch.argmax(logits, dim=-1)
+    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))[:, None]
+    scaled = logits / t
+    # rows without filters: the full softmax, inverse CDF in vocabulary order
+    probs = torch.exp(scaled - torch.logsumexp(scaled, dim=-1, keepdim=True))
+    full = _draw(probs, uniforms).squeeze(1)
+    # filtered rows: top-k / top-p among the candidates
+    idx, cprobs, keep = candidate_filter(scaled, top_k, top_p, max_candidates)
+    drawn = idx.gather(1, _draw(cprobs.masked_fill(~keep, 0.0), uniforms)).squeeze(1)
+    unfiltered = ((top_k == 0) | (top_k >= logits.shape[-1])) & (top_p >= 1.0)
+    return torch.where(temperature > 0, torch.where(unfiltered, full, drawn), greedy)
