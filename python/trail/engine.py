@@ -12,6 +12,7 @@ One step is one straight walk (DESIGN.md "Data flow of one engine step"):
   KV          swap-ins (one batched copy, the compute stream waits for it), allocations; the
               runner commits the block tables
   execute     forward with the layer tap -> probe (pool / MLP / Bayes filter by slot) -> sample
+              (a decode-only step on CUDA: one replay of a graph captured at start-up)
   sync        predictions, then tokens, copied to pinned host; ONE sync (the tokens)
   postprocess append tokens, stop checks (EOS, stop ids / strings, max_new_tokens), outputs,
               finish + free (scheduler and KV cache)
@@ -33,7 +34,7 @@ from tqdm.auto import tqdm
 from trail.detokenize import find_stop, text_delta
 from trail.engine_config import EngineConfig
 from trail.kv_cache import KVCache, KVCacheSpec
-from trail.model_runner import BatchPlan, ModelRunner
+from trail.model_runner import BatchPlan, ModelRunner, graph_batch_sizes
 from trail.request import FinishReason, Request, RequestMetrics, RequestOutput, SamplingParams
 from trail.scheduler import PREEMPT, SCHED, Mode, Resume, Scheduler, State
 from trail.telemetry import Telemetry
@@ -91,12 +92,15 @@ class LLMEngine:
         self.kv = KVCache(self.kv_spec, self.layout.num_gpu_blocks, config.max_slots,
                           self.layout.max_blocks_per_request, self.device,
                           num_host_blocks=self.layout.num_host_blocks)
-        self.runner = ModelRunner(model, self.kv, tap_layer=probe_layer if probe is not None else None, seed=seed)
+        self.runner = ModelRunner(model, self.kv, tap_layer=probe_layer if probe is not None else None, seed=seed,
+                                  max_tokens=max(config.max_tokens_per_step, config.max_batch),
+                                  max_rows=config.max_batch)
         self.probe = None
         if probe is not None:
             self.probe = probe.to(self.device, self.dtype if self.device.type == "cuda" else None)
             self.probe_state = ProbeState.for_params(self.probe, max_slots=config.max_slots,
                                                      max_rows=config.max_batch, device=self.device)
+            self.runner.attach_probe(self.probe, self.probe_state)
         self.probe_max_new = probe_max_new
         self.prompt_predictor = prompt_predictor
         self._default_prediction = (float(probe.bin_values @ probe.log_prior.exp()) if probe is not None else 0.0)
@@ -104,6 +108,10 @@ class LLMEngine:
         self.prefill_tokens_per_s = rate
         self.scheduler_config = config.scheduler_config(self.kv_spec, self.layout, 1.0 / rate)
         self.scheduler = Scheduler(self.scheduler_config)
+        if self.device.type == "cuda" and not config.enforce_eager:
+            sizes = graph_batch_sizes(config.max_batch, config.cuda_graph_sizes)
+            logger.info("engine: capturing decode CUDA graphs for batch sizes %s", sizes)
+            self.runner.capture_decode_graphs(sizes)
         logger.info("engine: %s, %d GPU + %d host KV blocks of %d tokens, prefill %.0f tok/s, policy %s",
                     self.device, self.layout.num_gpu_blocks, self.layout.num_host_blocks, config.block_size,
                     rate, config.policy)
@@ -330,18 +338,25 @@ class LLMEngine:
         swap_in_bytes = self._prepare_kv(rows, now)
         batch = self.runner.prepare_plan(self._batch_plan(rows))
         clock.mark("prepare", device=True)
-        # execute: forward (layer tap) -> probe -> sample, all enqueued on the device
+        # execute: forward (layer tap) -> probe -> sample, all enqueued on the device (a decode
+        # step with a captured graph: one replay of all three; its phases then read as forward)
         t_dev = self._record_event()
-        logits, tap = self.runner.forward(batch)
+        if batch.graph is not None:
+            next_tokens, expected, _ = self.runner.replay(batch)
+        else:
+            logits, tap = self.runner.forward(batch)
         clock.mark("forward", device=True)
         if self.probe is not None:
-            expected = probe_step(tap.states, tap.cu_seqlens, tap.slot_ids, tap.flags, tap.num_generated,
-                                  tap.max_new_tokens, self.probe, self.probe_state,
-                                  has_prefill=bool((rows[:, SCHED.FLAGS] & row_flags.PREFILL).any()))
+            if batch.graph is None:
+                expected = probe_step(tap.states, tap.cu_seqlens, tap.slot_ids, tap.flags, tap.num_generated,
+                                      tap.max_new_tokens, self.probe, self.probe_state,
+                                      has_prefill=bool((rows[:, SCHED.FLAGS] & row_flags.PREFILL).any()))
             self._pred_host.copy_(expected[:self.config.max_slots], non_blocking=True)
         clock.mark("probe", device=True)
+        if batch.graph is None:
+            next_tokens = self.runner.sample(logits, batch)
         tokens = self._tokens_host[:len(batch.sampled)]
-        tokens.copy_(self.runner.sample(logits, batch), non_blocking=True)
+        tokens.copy_(next_tokens[:len(batch.sampled)], non_blocking=True)
         clock.mark("sample", device=True)
         # the one sync
         self._sync(t_dev)

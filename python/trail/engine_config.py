@@ -47,6 +47,9 @@ class EngineConfig:
       the device this process may use, weights included), else kv_cache_gib on CPU; host swap space
       num_host_blocks, else swap_space_gib.
     Cost model: pcie_gbps (one way, pinned); prefill_tokens_per_s (None: measured at start-up).
+    Speed: enforce_eager (no CUDA graphs); cuda_graph_sizes (decode batch buckets captured at
+      start-up on CUDA, None: trail.model_runner.DEFAULT_GRAPH_SIZES below max_batch, plus
+      max_batch). On CPU every step runs eager.
     """
     policy: str = "trail"
     policy_options: Mapping[str, Any] = field(default_factory=dict)
@@ -63,6 +66,8 @@ class EngineConfig:
     swap_space_gib: float = 1.0
     pcie_gbps: float = 25.0
     prefill_tokens_per_s: float | None = None
+    enforce_eager: bool = False
+    cuda_graph_sizes: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -96,6 +101,11 @@ class EngineConfig:
         if self.prefill_tokens_per_s is not None and not (math.isfinite(self.prefill_tokens_per_s)
                                                           and self.prefill_tokens_per_s > 0):
             raise ValueError(f"EngineConfig.prefill_tokens_per_s must be finite and > 0, got {self.prefill_tokens_per_s}")
+
+        if self.cuda_graph_sizes is not None and not (
+                all(isinstance(b, int) and 1 <= b <= self.max_batch for b in self.cuda_graph_sizes)):
+            raise ValueError(f"EngineConfig.cuda_graph_sizes must be integers in [1, max_batch={self.max_batch}], "
+                             f"got {self.cuda_graph_sizes!r}")
 
     def with_policy(self, policy: str, **policy_options) -> "EngineConfig":
         """The same limits and memory under another policy (options replace the old ones)."""
