@@ -119,3 +119,46 @@ def test_params_are_validated():
                 dict(top_k=1.5), dict(repetition_penalty=0.0), dict(seed=-3), dict(temperature=math.nan)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SampleParams(**bad)
+
+
+# ---- the sort-free sampler against the sorted definition -------------------------------------
+from trail.sampling import candidate_filter, sample_reference  # noqa: E402
+
+
+def test_candidate_filter_keeps_the_reference_set(seeded):
+    logits = torch.randn(len(ROWS), 1000, generator=seeded) * 3
+    t, k, p = _params(ROWS)
+    ref = ~torch.isinf(sampling_logits(logits, t, k, p))
+    idx, _, keep = candidate_filter(logits / t[:, None], k, p, max_candidates=1000)
+    ours = torch.zeros_like(ref).scatter(1, idx, keep)
+    assert torch.equal(ours, ref)
+    # with fewer candidates than the vocabulary: the same sets wherever the nucleus fits
+    idx, _, keep = candidate_filter(logits / t[:, None], k, p, max_candidates=400)
+    ours = torch.zeros_like(ref).scatter(1, idx, keep)
+    fits = ref.sum(-1) < 400
+    assert fits.sum() >= 5 and torch.equal(ours[fits], ref[fits])
+
+
+@pytest.mark.parametrize("temp,top_k,top_p", [(1.0, 0, 1.0), (0.8, 6, 1.0), (1.5, 0, 0.7), (1.0, 4, 0.8)])
+def test_fast_and_reference_samplers_draw_the_same_distribution(seeded, temp, top_k, top_p):
+    vocab, n = 12, 20000
+    logits = (torch.randn(1, vocab, generator=seeded) * 1.5).expand(n, -1)
+    u = torch.tensor([counter_uniform(7, c) for c in range(n)], dtype=torch.float64)
+    args = (torch.full((n,), temp), torch.full((n,), top_k), torch.full((n,), top_p), torch.ones(n), u)
+    fast = torch.bincount(sample(logits, *args, max_candidates=8), minlength=vocab).double()
+    ref = torch.bincount(sample_reference(logits, *args), minlength=vocab).double()
+    assert torch.equal(fast == 0, ref == 0)                     # the same support
+    kept = ref > 0                                             # two-sample chi-square, <= 11 dof
+    chi2 = ((fast[kept] - ref[kept]) ** 2 / (fast[kept] + ref[kept])).sum()
+    assert chi2 < 40, f"chi2={chi2:.1f}"
+
+
+def test_fast_sampler_never_sorts_and_handles_non_finite_rows(seeded, monkeypatch):
+    logits = torch.randn(3, 5000, generator=seeded)
+    logits[2] = float("nan")                                   # a padded row's logits (greedy)
+    def no_sort(*a, **k):
+        raise AssertionError("full sort")
+    monkeypatch.setattr(torch, "sort", no_sort)
+    out = sample(logits, torch.tensor([1.0, 0.7, 0.0]), torch.tensor([0, 50, 0]), torch.tensor([1.0, 0.9, 1.0]),
+                 torch.ones(3), torch.tensor([0.3, 0.999999, 0.5], dtype=torch.float64))
+    assert out.shape == (3,) and int(out[:2].min()) >= 0 and int(out[:2].max()) < 5000

@@ -1,18 +1,23 @@
-"""GPU breakdown of one engine step (issue 11): SmolLM2-135M shape (random bf16 weights: timing
-only), trail policy with a probe of the shipped size (d=576, h=512, K=10), 64 requests decoding
-together at ~66 tokens of context (prompts of 50 tokens), as in the runner's earlier anchor.
+"""GPU breakdown of one engine step (issues 11, 14): decode steps of the trail engine with a probe
+of the shipped size (h=512, K=10), random bf16 weights (timing only), CUDA graphs against eager
+(EngineConfig.enforce_eager).
 
-Per decode step at batch 64: host time of scheduler / preparation (preemptions, KV, batch plan and
-the packed copy) / launches, the device time of forward / probe / sample (CUDA events, read after
-the step's own sync), and the sync wait; plus the steady-state step time without profiling.
+Per configuration (model shape, batch, context): the steady step time (median wall time of the
+decode steps, no profiling), its host part (CPU time in the step outside the sync wait) and device
+part (CUDA events from the execute phase to the sync), tokens/s; for SmolLM2 at batch 64 also the
+profiled per-phase split (host: CPU time per phase; device: GPU time per phase, events read after
+the step's own sync). Llama-3-8B shape rows are set beside the HBM floor and gpt-fast (DESIGN.md).
 
-    python bench/suite/model_engine_step.py --out DIR
+    python bench/suite/model_engine_step.py --out DIR [--quick]
 Writes DIR/engine_step.json and DIR/engine_step.summary.txt.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import logging
+import math
 import statistics
 import time
 from pathlib import Path
@@ -23,53 +28,94 @@ from trail.engine import LLMEngine
 from trail.engine_config import EngineConfig
 from trail.models import random_model
 from trail.request import SamplingParams
+from trail.telemetry import STEP_FIELDS
 from trail_kernels.probe import ProbeParams
 
+# Llama-3-8B shape anchors at ctx 512 (DESIGN.md measured facts): HBM floor, gpt-fast
+ANCHORS_8B = {1: (5.36, 7.13), 16: (5.69, 10.69), 64: (6.76, 22.18)}
 
-def run(batch: int, prompt_len: int, steps: int, profile: bool) -> tuple[list[dict], list[float], LLMEngine]:
-    model = random_model("smollm2-135m", device="cuda", dtype=torch.bfloat16, seed=0)
+
+def run(model, layer: int, batch: int, prompt_len: int, steps: int, eager: bool, profile: bool) -> dict:
     probe = ProbeParams.random(model.config.hidden_size, 512, 10, generator=torch.Generator().manual_seed(0))
-    engine = LLMEngine(model, None, EngineConfig(policy="trail", max_batch=batch, max_model_len=1024,
-                                                 max_tokens_per_step=batch * prompt_len, num_gpu_blocks=8192,
-                                                 prefill_tokens_per_s=1e5),
-                       probe=probe, probe_layer=19, profile_phases=profile)
+    total = prompt_len + steps + 48
+    blocks = batch * (-(-total // 16)) + 64
+    t0 = time.perf_counter()
+    engine = LLMEngine(model, None, EngineConfig(policy="trail", max_batch=batch, max_slots=max(batch, 64),
+                                                 max_model_len=total, max_tokens_per_step=max(2048, batch * prompt_len),
+                                                 num_gpu_blocks=blocks, prefill_tokens_per_s=1e5, enforce_eager=eager),
+                       probe=probe, probe_layer=layer, profile_phases=profile)
+    start_s = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(0)
     for _ in range(batch):
-        engine.add_request(torch.randint(0, 49152, (prompt_len,), generator=gen).tolist(),
-                           SamplingParams(max_new_tokens=512, repetition_penalty=1.1), replay_length=steps + 40)
+        engine.add_request(torch.randint(0, model.config.vocab_size, (prompt_len,), generator=gen).tolist(),
+                           SamplingParams(max_new_tokens=steps + 40, repetition_penalty=1.1), replay_length=steps + 40)
     walls = []
-    for i in range(steps + 20):
+    for _ in range(steps + 10):
         t = time.perf_counter()
         engine.step()
         walls.append(time.perf_counter() - t)
-    decode = [p for p in engine.telemetry.phases if p["rows"] == batch and p["tokens"] == batch]
-    return decode[20:], walls[20:], engine
+    engine._collect_device_time()
+    idx = {n: i for i, n in enumerate(STEP_FIELDS)}
+    rows = [r for r in engine.telemetry.steps if r[idx["rows"]] == batch and r[idx["tokens"]] == batch][5:]
+    host = [r[-3] for r in rows]
+    dev = [r[-1] for r in rows if not math.isnan(r[-1])]
+    decode_walls = walls[-len(rows):] if rows else walls[10:]
+    out = {"batch": batch, "context": f"{prompt_len}..{prompt_len + steps}", "eager": eager,
+           "step_ms": 1e3 * statistics.median(decode_walls), "host_ms": 1e3 * statistics.median(host) if host else None,
+           "device_ms": 1e3 * statistics.median(dev) if dev else None, "engine_start_s": start_s,
+           "graphs": len(engine.runner._graphs), "steps": len(rows)}
+    out["tokens_per_s"] = batch / (out["step_ms"] / 1e3)
+    if profile:
+        phases = [p for p in engine.telemetry.phases if p["rows"] == batch and p["tokens"] == batch][5:]
+        keys = sorted({k for p in phases for k in p if k.endswith("_s")})
+        out["median_phase_ms"] = {k: 1e3 * statistics.median(p[k] for p in phases if k in p) for k in keys}
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--prompt-len", type=int, default=50)
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--quick", action="store_true", help="SmolLM2 batch 64 only")
+    ap.add_argument("--no-8b", action="store_true")
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    phases, _, _ = run(args.batch, args.prompt_len, args.steps, profile=True)
-    _, walls, engine = run(args.batch, args.prompt_len, args.steps, profile=False)
-    keys = sorted({k for p in phases for k in p if k.endswith("_s")})
-    med = {k: statistics.median(p[k] for p in phases if k in p) for k in keys}
-    steady = statistics.median(walls)
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": args.batch,
-              "context": f"{args.prompt_len}+20..{args.prompt_len + args.steps + 20}", "profiled_steps": len(phases),
-              "median_phase_s": med, "steady_step_s_unprofiled": steady, "steps_per_s": 1 / steady,
-              "tokens_per_s": args.batch / steady}
+    results = []
+    smol = random_model("smollm2-135m", device="cuda", dtype=torch.bfloat16, seed=0)
+    for eager in (True, False):
+        results.append({"model": "smollm2-135m", **run(smol, 19, 64, 50, 40, eager, profile=True)})
+    if not args.quick:
+        for batch in (1, 16, 256):
+            for eager in (True, False):
+                results.append({"model": "smollm2-135m", **run(smol, 19, batch, 50, 30, eager, profile=False)})
+    del smol
+    gc.collect()
+    torch.cuda.empty_cache()
+    if not args.quick and not args.no_8b:
+        big = random_model("llama3-8b", device="cuda", dtype=torch.bfloat16, seed=0)
+        for batch in (1, 16, 64):
+            for eager in (True, False):
+                r = run(big, 11, batch, 500, 24, eager, profile=False)
+                r["floor_ms"], r["gpt_fast_ms"] = ANCHORS_8B[batch]
+                results.append({"model": "llama3-8b", **r})
+        del big
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}
     (out / "engine_step.json").write_text(json.dumps(result, indent=1))
-    lines = [f"engine step, SmolLM2-135M shape (random bf16), trail + probe, batch {args.batch}, "
-             f"context ~{args.prompt_len + 20}-{args.prompt_len + args.steps + 20}, {result['device']}",
-             f"steady step (no profiling): {1e3 * steady:.2f} ms = {args.batch / steady:.0f} tok/s",
-             "median per phase (profiled run; host = CPU time in the phase, device = GPU time of the phase):"]
-    lines += [f"  {k:<28} {1e3 * v:8.3f} ms" for k, v in med.items()]
+    lines = [f"engine step (trail + probe, random bf16 weights, decode steps), {result['device']}",
+             "model          batch context    mode   step ms  host ms  device ms  tok/s     (8B: floor / gpt-fast ms)"]
+    for r in results:
+        extra = f"  {r['floor_ms']:.2f} / {r['gpt_fast_ms']:.2f}" if "floor_ms" in r else ""
+        lines.append(f"{r['model']:<14} {r['batch']:>5} {r['context']:<10} {'eager' if r['eager'] else 'graph':<6}"
+                     f" {r['step_ms']:7.2f}  {r['host_ms'] or float('nan'):7.2f}  {r['device_ms'] or float('nan'):8.2f}"
+                     f"  {r['tokens_per_s']:8.0f}{extra}")
+    for r in results:
+        if "median_phase_ms" in r:
+            lines.append(f"phases, smollm2-135m batch {r['batch']} {'eager' if r['eager'] else 'graph'} (median ms):")
+            lines += [f"  {k:<28} {v:8.3f}" for k, v in r["median_phase_ms"].items()]
     (out / "engine_step.summary.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

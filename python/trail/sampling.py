@@ -142,7 +142,8 @@ def _draw(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     cdf = torch.cumsum(weights, dim=-1)
     total = cdf[:, -1:]
     target = torch.minimum(uniforms[:, None].to(cdf.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, target, right=True)
+    # clamped: a non-finite row (a padded row's NaN logits) must not index past the row
+    return torch.searchsorted(cdf, target, right=True).clamp_(max=weights.shape[-1] - 1)
 
 
 def candidate_filter(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
