@@ -85,13 +85,19 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
+
+    def log(r):
+        results.append(r)
+        print(json.dumps(r), flush=True)
+        (out / "engine_step.partial.json").write_text(json.dumps(results, indent=1))
+
     smol = random_model("smollm2-135m", device="cuda", dtype=torch.bfloat16, seed=0)
     for eager in (True, False):
-        results.append({"model": "smollm2-135m", **run(smol, 19, 64, 50, 40, eager, profile=True)})
+        log({"model": "smollm2-135m", **run(smol, 19, 64, 50, 40, eager, profile=True)})
     if not args.quick:
         for batch in (1, 16, 256):
             for eager in (True, False):
-                results.append({"model": "smollm2-135m", **run(smol, 19, batch, 50, 30, eager, profile=False)})
+                log({"model": "smollm2-135m", **run(smol, 19, batch, 50, 30, eager, profile=False)})
     del smol
     gc.collect()
     torch.cuda.empty_cache()
@@ -101,7 +107,7 @@ def main() -> None:
             for eager in (True, False):
                 r = run(big, 11, batch, 500, 24, eager, profile=False)
                 r["floor_ms"], r["gpt_fast_ms"] = ANCHORS_8B[batch]
-                results.append({"model": "llama3-8b", **r})
+                log({"model": "llama3-8b", **r})
         del big
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}
     (out / "engine_step.json").write_text(json.dumps(result, indent=1))
