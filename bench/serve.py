@@ -22,6 +22,7 @@ sjf_prompt; tables (serve.summary.txt) and plots (latency / TTFT / p99 vs load p
 from __future__ import annotations
 
 import argparse
+import gc
 import gzip
 import json
 import logging
@@ -129,12 +130,15 @@ def main(argv=None) -> int:
     def make_engine_for(regime):
         def make(name):
             policy, options = POLICIES[name]
-            kw = dict(num_gpu_blocks=None, num_host_blocks=0)
+            gc.collect()                     # the previous policy's engine and its KV pool go first
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            # ample: KV for max_batch requests of max_model_len (the batch cap binds, memory never)
+            kw = dict(num_gpu_blocks=args.max_batch * 1024 // 16, num_host_blocks=0)
             if regime == "kv":
                 kw = dict(num_gpu_blocks=int(args.kv_requests * mean_total / 16), num_host_blocks=args.host_blocks)
             config = EngineConfig(policy=policy, policy_options=options, max_batch=args.max_batch,
                                   max_slots=max(1024, args.num_requests), max_model_len=1024,
-                                  kv_cache_gib=2.0, gpu_memory_utilization=0.5,
                                   prefill_tokens_per_s=rate_cache.get("prefill"), **kw)
             engine = LLMEngine(model, None, config, probe=probe, probe_layer=layer, probe_max_new=512,
                                prompt_predictor=predictor, eos_token_ids=[2])
@@ -145,19 +149,21 @@ def main(argv=None) -> int:
     result = {"model": args.model, "max_output": args.max_output, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
               "num_requests": args.num_requests, "max_batch": args.max_batch, "policies": policies,
               "pool": len(pool), "cells": [], "skipped": []}
-    for regime in args.regimes.split(","):
-        make = make_engine_for(regime)
+    regimes, sat = args.regimes.split(","), {}
+    for regime in regimes:
         # saturation: fcfs with every request at once, completed requests per second
-        sat_run = run_policy(make, "fcfs", workload(pool, args.num_requests, None, 1000), params)
-        sat = args.num_requests / sat_run["makespan_s"]
-        result[f"saturation_req_s_{regime}"] = sat
-        logger.info("%s: saturation %.2f req/s", regime, sat)
-        for load in args.loads.split(","):
-            for seed in (int(s) for s in args.seeds.split(",")):
+        sat_run = run_policy(make_engine_for(regime), "fcfs", workload(pool, args.num_requests, None, 1000), params)
+        sat[regime] = result[f"saturation_req_s_{regime}"] = args.num_requests / sat_run["makespan_s"]
+        logger.info("%s: saturation %.2f req/s", regime, sat[regime])
+    # seed-major, so that a budget cut leaves whole seeds of every regime and load
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for regime in regimes:
+            make = make_engine_for(regime)
+            for load in args.loads.split(","):
                 if time.perf_counter() - t_start > args.budget_s:
                     result["skipped"].append([regime, load, seed])
                     continue
-                rate = None if load == "burst" else float(load) * sat
+                rate = None if load == "burst" else float(load) * sat[regime]
                 reqs = workload(pool, args.num_requests, rate, seed)
                 runs = {name: run_policy(make, name, reqs, params) for name in policies}
                 cmp = compare(runs)
