@@ -150,6 +150,8 @@ def main(argv=None) -> int:
               "num_requests": args.num_requests, "max_batch": args.max_batch, "policies": policies,
               "pool": len(pool), "cells": [], "skipped": []}
     regimes, sat = args.regimes.split(","), {}
+    # warm-up (Triton compiles, caches, allocator): not measured, so saturation is not understated
+    run_policy(make_engine_for(regimes[0]), "fcfs", workload(pool, min(args.num_requests, 48), None, 999), params)
     for regime in regimes:
         # saturation: fcfs with every request at once, completed requests per second
         sat_run = run_policy(make_engine_for(regime), "fcfs", workload(pool, args.num_requests, None, 1000), params)
