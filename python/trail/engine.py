@@ -338,26 +338,14 @@ class LLMEngine:
         swap_in_bytes = self._prepare_kv(rows, now)
         batch = self.runner.prepare_plan(self._batch_plan(rows))
         clock.mark("prepare", device=True)
-        # execute: forward (layer tap) -> probe -> sample, all enqueued on the device (a decode
-        # step with a captured graph: one replay of all three; its phases then read as forward)
+        # execute: forward (layer tap) -> probe -> sample, all enqueued on the device; the
+        # predictions are copied to pinned host before the tokens, on the same stream
         t_dev = self._record_event()
-        if batch.graph is not None:
-            next_tokens, expected, _ = self.runner.replay(batch)
-        else:
-            logits, tap = self.runner.forward(batch)
-        clock.mark("forward", device=True)
-        if self.probe is not None:
-            if batch.graph is None:
-                expected = probe_step(tap.states, tap.cu_seqlens, tap.slot_ids, tap.flags, tap.num_generated,
-                                      tap.max_new_tokens, self.probe, self.probe_state,
-                                      has_prefill=bool((rows[:, SCHED.FLAGS] & row_flags.PREFILL).any()))
+        next_tokens, expected = self._execute(batch, rows, clock)
+        if expected is not None:
             self._pred_host.copy_(expected[:self.config.max_slots], non_blocking=True)
-        clock.mark("probe", device=True)
-        if batch.graph is None:
-            next_tokens = self.runner.sample(logits, batch)
         tokens = self._tokens_host[:len(batch.sampled)]
         tokens.copy_(next_tokens[:len(batch.sampled)], non_blocking=True)
-        clock.mark("sample", device=True)
         # the one sync
         self._sync(t_dev)
         clock.mark("sync")
@@ -375,6 +363,26 @@ class LLMEngine:
             self.telemetry.phases.append(clock.report(len(rows), int(rows[:, SCHED.TOKENS].sum())))
         self._step_index += 1
         return outputs
+
+    def _execute(self, batch, rows: np.ndarray, clock: "_PhaseClock"):
+        """-> (next tokens, the probe's expected remaining by slot or None). A decode step with a
+        captured CUDA graph is one replay of forward + probe + sample (its phases read as
+        'forward'); any other step runs them eagerly."""
+        if batch.graph is not None:
+            next_tokens, expected, _ = self.runner.replay(batch)
+            clock.mark("forward", device=True)
+            return next_tokens, (expected if self.probe is not None else None)
+        logits, tap = self.runner.forward(batch)
+        clock.mark("forward", device=True)
+        expected = None
+        if self.probe is not None:
+            expected = probe_step(tap.states, tap.cu_seqlens, tap.slot_ids, tap.flags, tap.num_generated,
+                                  tap.max_new_tokens, self.probe, self.probe_state,
+                                  has_prefill=bool((rows[:, SCHED.FLAGS] & row_flags.PREFILL).any()))
+        clock.mark("probe", device=True)
+        next_tokens = self.runner.sample(logits, batch)
+        clock.mark("sample", device=True)
+        return next_tokens, expected
 
     def _apply_preemptions(self, pre: np.ndarray) -> dict:
         """keep: nothing; swap: one batched copy to host (its GPU blocks usable by this step's
