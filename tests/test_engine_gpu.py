@@ -65,5 +65,7 @@ def test_phase_profile_reads_device_times_without_extra_syncs():
     while engine.has_unfinished():
         engine.step()
     phases = engine.telemetry.phases
-    assert phases and all(p["device_forward_s"] > 0 and p["device_sample_s"] >= 0 for p in phases)
+    assert phases and all(p["device_forward_s"] > 0 for p in phases)
+    # eager steps (the prefill) time forward / probe / sample apart; a graph replay is one phase
+    assert any(p.get("device_sample_s", -1) >= 0 and "device_probe_s" in p for p in phases)
     engine.check_idle()
