@@ -304,7 +304,7 @@ class LLMEngine:
             req.swapped = None
         else:
             self.kv.free(req.slot)
-        self._aborted.append(self._finish(req, FinishReason.ABORT, []))
+        self._aborted.append(self._finish(req, FinishReason.ABORT))
         return True
 
     def has_unfinished(self) -> bool:
@@ -515,7 +515,7 @@ class LLMEngine:
                     reason = FinishReason.STOP
             if reason is not None:
                 finished_ids.append(req.id)
-                outputs.append(self._finish(req, reason, None))
+                outputs.append(self._finish(req, reason))
             else:
                 outputs.append(self._output(req))
         if finished_ids:
@@ -529,7 +529,7 @@ class LLMEngine:
         return RequestOutput(req.id, new_ids, delta, list(req.output_ids), req.text, req.finished,
                              req.finish_reason, req.metrics, req.prompt_ids)
 
-    def _finish(self, req: Request, reason: FinishReason, _unused) -> RequestOutput:
+    def _finish(self, req: Request, reason: FinishReason) -> RequestOutput:
         """Marks `req` finished and releases its slot and blocks (the scheduler side is the
         caller's: finish_many for stops, cancel for aborts)."""
         req.finish_reason = reason
