@@ -311,16 +311,6 @@ class ProbeState:
     def num_slots(self) -> int:
         return self.max_slots + 1
 
-    def reset(self, slots: torch.Tensor | None = None) -> None:
-        """Back to the start state (uniform posterior, empty pool, zero counters) for `slots` or all."""
-        idx = slice(None) if slots is None else slots.to(self.device, torch.long)
-        self.log_post[idx] = -math.log(self.num_bins)
-        self.pool_sum[idx] = 0
-        self.pool_count[idx] = 0
-        self.post_gen[idx] = 0
-        self.upd_gen[idx] = 0
-        self.expected_remaining[idx] = 0
-
     def clone(self) -> "ProbeState":
         other = object.__new__(ProbeState)
         other.__dict__.update({k: (v.clone() if isinstance(v, torch.Tensor) else v)
