@@ -107,7 +107,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if "within_noise" in s:
             verdict = ("within noise of fcfs (the 95% interval includes 1.00x)" if s["within_noise"] else
                        f"{'faster' if s['latency_ratio_to_fcfs'] < 1 else 'slower'} than fcfs beyond noise")
-            print(f"  {name}: mean latency {s['latency_ratio_to_fcfs']:.2f}x fcfs's, {verdict}")
+            line = f"  {name}: mean latency {s['latency_ratio_to_fcfs']:.2f}x fcfs's, {verdict}"
+            if "ttft_ratio_ci95" in s:
+                lo, hi = s["ttft_ratio_ci95"]
+                line += (f"; mean TTFT {s['ttft_ratio_to_fcfs']:.2f}x [{lo:.2f}, {hi:.2f}]"
+                         f"{' (within noise)' if lo <= 1.0 <= hi else ''}")
+            print(line)
     if "trail" in pols and not math.isnan(pols["trail"]["prediction_mae"]):
         print(f"trail's probe: mean |predicted - true remaining| {pols['trail']['prediction_mae']:.1f} tokens per request")
     if args.json:

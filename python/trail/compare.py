@@ -168,6 +168,8 @@ def compare(runs: dict[str, dict]) -> dict:
                 lo, hi = paired_ratio_ci(run["latency"], base["latency"])
                 s["latency_ratio_ci95"] = [lo, hi]
                 s["within_noise"] = lo <= 1.0 <= hi
+                if base["ttft"].mean() > 0:
+                    s["ttft_ratio_ci95"] = list(paired_ratio_ci(run["ttft"], base["ttft"]))
         if gain_oracle is not None and gain_oracle >= ORACLE_MIN_GAIN and name != "fcfs":
             s["oracle_gain_fraction"] = (1.0 - s["mean_latency_s"] / out["fcfs"]["mean_latency_s"]) / gain_oracle
         if "sjf_prompt" in out:
