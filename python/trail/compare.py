@@ -53,42 +53,66 @@ class EngineClock:
         self._since = None
 
 
+class _Replay:
+    """One engine serving `requests`: arrivals due by a time are added (arrival + `offset` on the
+    engine's clock), finished outputs collected by request index."""
+
+    def __init__(self, engine, requests: Sequence[ReplayRequest], params: SamplingParams, offset: float = 0.0):
+        self.engine, self.requests, self.params, self.offset = engine, requests, params, offset
+        self.pending = sorted(range(len(requests)), key=lambda i: requests[i].arrival)
+        self.ids: dict[int, int] = {}
+        self.finals: dict[int, object] = {}
+
+    @property
+    def done(self) -> bool:
+        return len(self.finals) == len(self.requests)
+
+    def next_arrival(self) -> float | None:
+        return self.requests[self.pending[0]].arrival if self.pending else None
+
+    def admit(self, now: float) -> None:
+        while self.pending and self.requests[self.pending[0]].arrival <= now:
+            i = self.pending.pop(0)
+            r = self.requests[i]
+            rid = self.engine.add_request(list(r.prompt_ids), self.params, arrival=self.offset + r.arrival,
+                                          replay_length=r.output_len)
+            self.ids[rid] = i
+
+    def collect(self, outs) -> int:
+        finished = 0
+        for out in outs:
+            if out.finished:
+                self.finals[self.ids[out.request_id]] = out
+                finished += 1
+        return finished
+
+    def result(self, policy: str, makespan: float) -> dict:
+        return _run_result(policy, self.engine, [self.finals[i] for i in range(len(self.requests))], makespan)
+
+
 def run_interleaved(make_engine: Callable[[str, EngineClock], object], policies: Sequence[str],
                     requests: Sequence[ReplayRequest], params: SamplingParams, progress: bool = False) -> dict:
     """Serves the same `requests` under every policy, one step of each engine in turn, each on its
     own EngineClock (arrivals are on that clock). Returns {policy: run} as `run_policy` does."""
     from tqdm.auto import tqdm
 
-    order = sorted(range(len(requests)), key=lambda i: requests[i].arrival)
-    state = {}
-    for policy in policies:
-        clock = EngineClock()
-        state[policy] = dict(engine=make_engine(policy, clock), clock=clock, pending=list(order), ids={}, finals={})
-    total = len(requests) * len(policies)
-    with tqdm(total=total, desc="+".join(policies), unit="req", disable=not progress) as bar:
-        while any(len(st["finals"]) < len(requests) for st in state.values()):
-            for st in state.values():
-                if len(st["finals"]) == len(requests):
+    clocks = {policy: EngineClock() for policy in policies}
+    replays = {policy: _Replay(make_engine(policy, clocks[policy]), requests, params) for policy in policies}
+    with tqdm(total=len(requests) * len(policies), desc="+".join(policies), unit="req", disable=not progress) as bar:
+        while not all(rp.done for rp in replays.values()):
+            for policy, rp in replays.items():
+                if rp.done:
                     continue
-                engine, clock = st["engine"], st["clock"]
-                now = clock()
-                if not engine.has_unfinished() and st["pending"] and requests[st["pending"][0]].arrival > now:
-                    clock.busy = requests[st["pending"][0]].arrival      # idle: jump to the next arrival
-                    now = clock.busy
-                while st["pending"] and requests[st["pending"][0]].arrival <= now:
-                    i = st["pending"].pop(0)
-                    r = requests[i]
-                    rid = engine.add_request(list(r.prompt_ids), params, arrival=r.arrival, replay_length=r.output_len)
-                    st["ids"][rid] = i
+                clock = clocks[policy]
+                nxt = rp.next_arrival()
+                if not rp.engine.has_unfinished() and nxt is not None and nxt > clock():
+                    clock.busy = nxt                      # idle: jump to the next arrival
+                rp.admit(clock())
                 clock.start()
-                outs = engine.step()
+                outs = rp.engine.step()
                 clock.stop()
-                for out in outs:
-                    if out.finished:
-                        st["finals"][st["ids"][out.request_id]] = out
-                        bar.update(1)
-    return {policy: _run_result(policy, st["engine"], [st["finals"][i] for i in range(len(requests))],
-                                st["clock"].busy) for policy, st in state.items()}
+                bar.update(rp.collect(outs))
+    return {policy: rp.result(policy, clocks[policy].busy) for policy, rp in replays.items()}
 
 
 def run_policy(make_engine: Callable[[str], object], policy: str, requests: Sequence[ReplayRequest],
@@ -99,27 +123,17 @@ def run_policy(make_engine: Callable[[str], object], policy: str, requests: Sequ
     from tqdm.auto import tqdm
 
     engine = make_engine(policy)
-    order = np.argsort([r.arrival for r in requests], kind="stable")
     start = engine.now()
-    pending, ids = list(order), {}
-    finals = {}
+    rp = _Replay(engine, requests, params, offset=start)
     with tqdm(total=len(requests), desc=policy, unit="req", disable=not progress, leave=False) as bar:
-        while len(finals) < len(requests):
+        while not rp.done:
             now = engine.now() - start
-            while pending and requests[pending[0]].arrival <= now:
-                i = pending.pop(0)
-                r = requests[i]
-                rid = engine.add_request(list(r.prompt_ids), params, arrival=start + r.arrival,
-                                         replay_length=r.output_len)
-                ids[rid] = i
+            rp.admit(now)
             if not engine.has_unfinished():
-                time.sleep(max(0.0, min(0.01, requests[pending[0]].arrival - now)))
+                time.sleep(max(0.0, min(0.01, rp.next_arrival() - now)))
                 continue
-            for out in engine.step():
-                if out.finished:
-                    finals[ids[out.request_id]] = out
-                    bar.update(1)
-    return _run_result(policy, engine, [finals[i] for i in range(len(requests))], engine.now() - start)
+            bar.update(rp.collect(engine.step()))
+    return rp.result(policy, engine.now() - start)
 
 
 def _run_result(policy: str, engine, outs: list, makespan: float) -> dict:

@@ -131,7 +131,6 @@ class LLMEngine:
         self._gen_host = torch.zeros(n, dtype=torch.int32)
         self._gen = self._gen_host.numpy()
         self._tokens_host = torch.zeros(config.max_batch, dtype=torch.int64, pin_memory=pinned)
-        self._sync_event = torch.cuda.Event() if pinned else None
         self._compute_stream = torch.cuda.current_stream(self.device) if pinned else None
         self._pending_timing: tuple | None = None
 
@@ -460,7 +459,7 @@ class LLMEngine:
     def _sync(self, t_dev) -> None:
         """The step's one host-device sync: the tokens (the predictions were copied before them
         on the same stream, so they are in too)."""
-        if self._sync_event is None:
+        if self.device.type != "cuda":
             return
         end = torch.cuda.Event(enable_timing=True)
         end.record()

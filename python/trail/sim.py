@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -26,7 +26,7 @@ import torch
 
 from trail.engine_config import EngineConfig
 from trail.kv_cache import BlockAllocator, KVCacheSpec
-from trail.scheduler import PREEMPT, SCHED, Mode, Resume, Scheduler
+from trail.scheduler import SCHED, Mode, Resume, Scheduler
 from trail_kernels import row_flags
 
 logger = logging.getLogger(__name__)

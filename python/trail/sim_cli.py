@@ -7,7 +7,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 
 DESCRIPTION = """\
 Simulate serving under each policy with the real policy step (trail._C) and a fitted step-time
