@@ -229,3 +229,24 @@ def test_from_pretrained_loads_the_shipped_probe_and_prompt_predictor(smollm2_di
     assert len(out.token_ids) <= 6 and out.text and out.metrics.prompt_prediction > 0
     assert len(out.metrics.predictions) == len(out.token_ids)      # one prediction per step, prompt step first
     engine.check_idle()
+
+
+def test_recorded_predictions_replace_the_probe_for_their_request_only(tiny):
+    engine = _tiny_engine(tiny, max_batch=4, block_size=4, num_gpu_blocks=64)
+    rng = np.random.default_rng(1)
+    rec = np.array([40.0, 31.0, 22.5, 9.0])
+    with pytest.raises(ValueError, match="recorded_predictions"):
+        engine.add_request([5, 6, 7], SamplingParams(max_new_tokens=8), recorded_predictions=[1.0, -2.0])
+    a = engine.add_request(rng.integers(8, 500, 6).tolist(), SamplingParams(max_new_tokens=8, ignore_eos=True),
+                           recorded_predictions=rec)
+    b = engine.add_request(rng.integers(8, 500, 6).tolist(), SamplingParams(max_new_tokens=8, ignore_eos=True))
+    final = {}
+    while engine.has_unfinished():
+        final.update((o.request_id, o) for o in engine.step() if o.finished)
+    engine.check_idle()
+    got = final[a].metrics.predictions
+    # g = 0..7 output tokens fed: the recorded value at g, the last one beyond the end
+    assert got == [(g, float(rec[min(g, len(rec) - 1)])) for g in range(8)]
+    other = [p for _, p in final[b].metrics.predictions]
+    assert len(other) == 8 and not set(other) <= set(rec.tolist())
+    assert engine._num_recorded == 0

@@ -126,6 +126,9 @@ class LLMEngine:
         self._ignore_eos = np.zeros(n, bool)
         self._custom_stop = np.zeros(n, bool)              # stop ids beyond EOS, or stop strings
         self._slot_req: list[Request | None] = [None] * n
+        self._recorded: list[np.ndarray | None] = [None] * n     # add_request(recorded_predictions=)
+        self._recorded_value = np.full(n, math.nan)             # the slot's current recorded value
+        self._num_recorded = 0
         pinned = self.device.type == "cuda"
         self._pred_host = torch.zeros(n, dtype=torch.float32, pin_memory=pinned)
         self._gen_host = torch.zeros(n, dtype=torch.int32)
@@ -213,13 +216,18 @@ class LLMEngine:
 
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None, *,
                     request_id: int | None = None, arrival: float | None = None,
-                    true_length: int | None = None, replay_length: int | None = None) -> int:
+                    true_length: int | None = None, replay_length: int | None = None,
+                    recorded_predictions: Sequence[float] | np.ndarray | None = None) -> int:
         """Queues a request; returns its id. Everything is validated here (a bad request raises
         ValueError and changes nothing). `true_length`: the real output length, known only to the
         oracle policy. `replay_length`: stop after exactly this many tokens (EOS ignored), as a
         benchmark replaying recorded lengths does; it is also the request's true length. The
         predictor and the scheduler still see `params.max_new_tokens` as the cap, so a replayed
-        length never leaks into trail's predictions."""
+        length never leaks into trail's predictions. `recorded_predictions`: a benchmark's
+        recorded per-step predictions (element g: predicted remaining output tokens once g output
+        tokens were fed; the last one holds beyond the end); the scheduler gets them instead of
+        the probe's readout for this request (the probe still runs, for its cost), and so does
+        telemetry."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
@@ -247,6 +255,11 @@ class LLMEngine:
             true_length = replay_length
         if true_length is not None and not (isinstance(true_length, int) and true_length >= 1):
             raise ValueError(f"true_length must be an integer >= 1, got {true_length!r}")
+        recorded = None
+        if recorded_predictions is not None:
+            recorded = np.asarray(recorded_predictions, dtype=np.float64).reshape(-1)
+            if recorded.size == 0 or not np.isfinite(recorded).all() or (recorded < 0).any():
+                raise ValueError("recorded_predictions must be a non-empty sequence of finite values >= 0")
         if self.config.policy == "oracle" and true_length is None:
             raise ValueError("the oracle policy needs each request's true_length")
         rid = self._next_id if request_id is None else int(request_id)
@@ -269,6 +282,9 @@ class LLMEngine:
         self._gen[slot] = 0
         self._ignore_eos[slot] = params.ignore_eos or replay_length is not None
         self._custom_stop[slot] = bool(params.stop_token_ids or params.stop)
+        self._recorded[slot] = recorded
+        self._recorded_value[slot] = math.nan
+        self._num_recorded += recorded is not None
         self.runner.set_sampling(slot, params)
         return rid
 
@@ -488,6 +504,7 @@ class LLMEngine:
         eos = np.isin(tokens, self.eos_ids) & ~self._ignore_eos[slots]
         length = gen >= self._stop_len[slots]
         predicted = (flags[sampled] & row_flags.RECOMPUTE) == 0
+        self._apply_recorded(slots, fed, predicted)
         preds = self._pred_host.numpy()[slots] if self.probe is not None else None
         now = self.now()
         outputs, finished_ids = [], []
@@ -521,6 +538,17 @@ class LLMEngine:
             self.scheduler.finish_many(finished_ids)
         return outputs
 
+    def _apply_recorded(self, slots: np.ndarray, fed: np.ndarray, predicted: np.ndarray) -> None:
+        """Recorded predictions replace the probe's readout (which this step's copy just wrote for
+        every slot) for the requests that carry them."""
+        for slot, g, ok in zip(slots.tolist(), fed.tolist(), predicted.tolist()):
+            rec = self._recorded[slot]
+            if rec is not None and ok:
+                self._recorded_value[slot] = rec[min(g, len(rec) - 1)]
+        held = np.flatnonzero(~np.isnan(self._recorded_value))
+        if held.size:
+            self._pred_host.numpy()[held] = self._recorded_value[held]
+
     def _output(self, req: Request) -> RequestOutput:
         new_ids = req.output_ids[req.sent_tokens:]
         delta = req.text[req.sent_chars:]
@@ -536,6 +564,9 @@ class LLMEngine:
         if reason != FinishReason.ABORT:
             self.kv.free(req.slot)
         self._slot_req[req.slot] = None
+        self._num_recorded -= self._recorded[req.slot] is not None
+        self._recorded[req.slot] = None
+        self._recorded_value[req.slot] = math.nan
         del self._requests[req.id]
         self.telemetry.add_request(req.id, len(req.prompt_ids), len(req.output_ids), reason.value, req.metrics)
         return self._output(req)
