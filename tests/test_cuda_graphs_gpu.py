@@ -1,6 +1,7 @@
-"""Decode CUDA graphs on the GPU: a replayed step gives what the eager step gives (fp32, TF32
-off: tap states, probe readout, tokens), padded rows touch no real KV entry or probe slot, replay
-allocates nothing, and the engine with graphs streams the same tokens as with enforce_eager."""
+"""CUDA graphs on the GPU (decode steps, and mixed steps of prefill chunks + decodes): a replayed
+step gives what the eager step gives (fp32, TF32 off: tap states, probe readout, tokens), padded
+rows touch no real KV entry or probe slot, replay allocates nothing, and the engine with graphs
+streams the same tokens as with enforce_eager."""
 import numpy as np
 import pytest
 import torch
@@ -71,7 +72,7 @@ def test_replay_matches_eager_and_pads_touch_nothing(fp32):
 
     # graph: bucket 8, three pad rows
     batch = runner.prepare_plan(plan)
-    assert batch.graph == (8, False) and batch.meta.slot_ids.shape == (8,)
+    assert batch.graph == ("decode", 8, False) and batch.meta.slot_ids.shape == (8,)
     before = torch.cuda.memory_stats()["allocation.all.allocated"]
     tokens, g_expected, g_tap = runner.replay(batch)
     assert torch.cuda.memory_stats()["allocation.all.allocated"] == before, "replay allocated"
@@ -89,6 +90,53 @@ def test_replay_matches_eager_and_pads_touch_nothing(fp32):
         assert a == b or (params[i] is None and abs(float(logits[i, a] - logits[i, b])) < 1e-4)
 
 
+def test_mixed_graph_replay_matches_eager(fp32):
+    model, cache, runner, state = _setup()
+    assert runner.capture_graphs([4], [48, 96], mixed_rows=8) == 6
+    gen = torch.Generator().manual_seed(4)
+    warm = [torch.randint(0, 49152, (n,), generator=gen).tolist() for n in (21, 9)]
+    cache.allocate({0: 40, 2: 40, 6: 60, 9: 40})
+    first = runner.step([Segment(0, warm[0], 0), Segment(2, warm[1], 0)])
+    toks = first.next_tokens.tolist()
+    new = torch.randint(0, 49152, (30,), generator=gen).tolist()
+    params = [SampleParams(temperature=0.8, top_k=50, seed=9), None, SampleParams(temperature=1.0, seed=5), None]
+    plan = runner.plan_from_segments([
+        Segment(0, [toks[0]], 21, "decode", params=params[0]), Segment(2, [toks[1]], 9, "decode"),
+        Segment(6, new[:24], 0, sample=False),                      # a first chunk (no token drawn)
+        Segment(9, new[24:], 0, params=params[2])])                 # a whole short prompt
+    plan.num_generated, plan.max_new_tokens = np.array([1, 1, 0, 0]), np.full(4, 100)
+    saved = {f: getattr(state, f).clone() for f in PROBE_FIELDS}
+    seen = runner.seen.clone()
+
+    batch = runner.prepare_plan(plan, pad_to=4)                     # eager, unpadded
+    assert batch.graph is None
+    logits, tap = runner.forward(batch)
+    from trail_kernels.probe import probe_step
+    expected = probe_step(tap.states, tap.cu_seqlens, tap.slot_ids, tap.flags, tap.num_generated,
+                          tap.max_new_tokens, runner.probe, state, has_prefill=True)[:12].clone()
+    eager_tokens, eager_states = runner.sample(logits, batch).clone(), tap.states.clone()
+    eager_post, eager_seen = state.log_post.clone(), runner.seen[:12].clone()
+    pool_before = cache.pool.clone()
+    for f in PROBE_FIELDS:
+        getattr(state, f).copy_(saved[f])
+    runner.seen.copy_(seen)
+
+    batch = runner.prepare_plan(plan)                               # 32 tokens + 4 pads -> bucket 48
+    assert batch.graph == ("mixed", 48, False) and batch.meta.slot_ids.shape == (8,)
+    before = torch.cuda.memory_stats()["allocation.all.allocated"]
+    tokens, g_expected, g_tap = runner.replay(batch)
+    assert torch.cuda.memory_stats()["allocation.all.allocated"] == before, "replay allocated"
+    torch.cuda.synchronize()
+    assert tokens.shape == (3,) and batch.sampled == [0, 1, 3]
+    torch.testing.assert_close(g_tap.states[:32], eager_states, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(g_expected[:12], expected, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(state.log_post[:12], eager_post[:12], rtol=1e-4, atol=1e-4)
+    assert torch.equal(runner.seen[:12], eager_seen)
+    assert (cache.pool - pool_before).abs().max() < 1e-3
+    for i, (a, b) in enumerate(zip(tokens.tolist(), eager_tokens.tolist())):
+        assert a == b or (i == 1 and abs(float(logits[i, a] - logits[i, b])) < 1e-4)
+
+
 def test_graph_step_allocates_nothing(fp32):
     model, cache, runner, state = _setup()
     runner.capture_decode_graphs([4])
@@ -101,7 +149,7 @@ def test_graph_step_allocates_nothing(fp32):
     before = torch.cuda.memory_stats()["allocation.all.allocated"]
     plan = runner.plan_from_segments([Segment(0, [toks[0]], 21, "decode"), Segment(1, [toks[1]], 13, "decode")])
     batch = runner.prepare_plan(plan)
-    assert batch.graph == (4, True)
+    assert batch.graph == ("decode", 4, True)
     runner.replay(batch)
     assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
 
@@ -132,7 +180,7 @@ def _run_engine(enforce_eager: bool):
 def test_engine_with_graphs_streams_what_eager_streams(fp32):
     eager, n_eager = _run_engine(True)
     graph, n_graph = _run_engine(False)
-    assert n_eager == 0 and n_graph > 20
+    assert n_eager == 0 and n_graph > 20    # decode and mixed steps both replay
     same = sum(eager[r][0] == graph[r][0] for r in eager)
     assert same >= 9, f"{same}/10 identical token streams"          # fp32: at most a near-tie apart
     for r in eager:

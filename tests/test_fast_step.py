@@ -7,7 +7,7 @@ import torch
 
 from trail.engine_config import EngineConfig
 from trail.kv_cache import KVCache, KVCacheSpec
-from trail.model_runner import ModelRunner, Segment, bucket_for, graph_batch_sizes
+from trail.model_runner import ModelRunner, Segment, bucket_for, graph_batch_sizes, mixed_token_sizes
 from trail.models import random_model
 from trail.sampling import SampleParams
 from trail_kernels.probe import ProbeParams, ProbeState, probe_step
@@ -89,6 +89,58 @@ def test_padded_decode_rows_change_nothing_real(model):
     torch.testing.assert_close(plain["post"], padded["post"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(plain["expected"], padded["expected"], rtol=1e-5, atol=1e-4)
     assert torch.equal(plain["seen"], padded["seen"])
+
+
+def test_mixed_step_padded_like_its_graph_changes_nothing_real(model):
+    """A mixed step (a decode, a first prompt chunk that samples nothing, a last chunk that
+    samples) unpadded and padded as a mixed-step graph pads it (3 pad rows, 9 spare tokens on the
+    last one, a sampling and a reset entry per row): identical tokens, logits, KV pool, probe
+    state of real slots and repetition history."""
+    probe = ProbeParams.random(model.config.hidden_size, 32, 10, generator=torch.Generator().manual_seed(0))
+    runs = []
+    for rows, tokens in ((None, None), (6, 30)):
+        runner = make_runner(model)
+        state = ProbeState.for_params(probe, max_slots=6, max_rows=6)
+        runner.attach_probe(probe, state)
+        runner.set_sampling(1, SampleParams(temperature=0.9, top_k=30, seed=7))
+        first = runner.step([Segment(1, prompt(6, 5), 0), Segment(5, prompt(4, 6), 0, sample=False)])
+        probe_step(first.tap.states, first.tap.cu_seqlens, first.tap.slot_ids, first.tap.flags,
+                   first.tap.num_generated, first.tap.max_new_tokens, probe, state)
+        plan = runner.plan_from_segments([
+            Segment(1, [int(first.next_tokens[0])], 6, "decode", params=SampleParams(temperature=0.9, top_k=30, seed=7)),
+            Segment(0, prompt(8, 8), 0, sample=False),       # a first chunk: resets slot 0, samples nothing
+            Segment(5, prompt(3, 9), 4)])                    # the last chunk of slot 5's prompt
+        plan.num_generated, plan.max_new_tokens = np.array([1, 0, 0]), np.array([50, 50, 50])
+        batch = runner.prepare_plan(plan, pad_to=rows, pad_tokens_to=tokens)
+        logits, tap = runner.forward(batch)
+        expected = probe_step(tap.states, tap.cu_seqlens, tap.slot_ids, tap.flags, tap.num_generated,
+                              tap.max_new_tokens, probe, state, has_prefill=True)
+        out = runner.sample(logits, batch)
+        assert batch.sampled == [0, 2]
+        runs.append(dict(tokens=out[:2].clone(), logits=logits[:2].clone(), pool=runner.kv_cache.pool.clone(),
+                         post=state.log_post[:6].clone(), pool_sum=state.pool_sum[:6].clone(),
+                         expected=expected[:6].clone(), seen=runner.seen[:6].clone(), n_logits=len(logits),
+                         cu=batch.meta.cu_seqlens_q.tolist()))
+    plain, padded = runs
+    assert padded["n_logits"] == 6 and padded["cu"] == [0, 1, 9, 12, 13, 14, 30]
+    assert torch.equal(plain["tokens"], padded["tokens"])
+    torch.testing.assert_close(plain["logits"], padded["logits"], rtol=1e-5, atol=1e-5)
+    assert torch.equal(plain["pool"] != 0, padded["pool"] != 0)
+    torch.testing.assert_close(plain["pool"], padded["pool"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain["post"], padded["post"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(plain["pool_sum"], padded["pool_sum"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain["expected"], padded["expected"], rtol=1e-5, atol=1e-4)
+    assert torch.equal(plain["seen"], padded["seen"])
+
+
+def test_mixed_token_buckets():
+    sizes = mixed_token_sizes(2048, 49)
+    assert sizes[0] > 49 and sizes[-1] == 2048 + 49 and sizes == sorted(set(sizes))
+    assert all(b <= max(1.3 * a, a + 32) for a, b in zip(sizes, sizes[1:]))     # pads by <= ~30% or 32 tokens
+    assert mixed_token_sizes(100_000, 9)[-1] == 8192 + 9
+    assert mixed_token_sizes(512, 9, (64, 32)) == [32, 64]
+    with pytest.raises(ValueError, match="cuda_graph_tokens"):
+        EngineConfig(max_batch=8, cuda_graph_tokens=(9,))
 
 
 def test_cpu_runner_captures_nothing(model):

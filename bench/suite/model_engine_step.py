@@ -7,6 +7,8 @@ decode steps, no profiling), its host part (CPU time in the step outside the syn
 part (CUDA events from the execute phase to the sync), tokens/s; for SmolLM2 at batch 64 also the
 profiled per-phase split (host: CPU time per phase; device: GPU time per phase, events read after
 the step's own sync). Llama-3-8B shape rows are set beside the HBM floor and gpt-fast (DESIGN.md).
+Mixed steps (decodes + a prompt prefilled in the same step: graph vs eager) and prefill
+throughput (8 x 512 tokens in one step) for both shapes.
 
     python bench/suite/model_engine_step.py --out DIR [--quick]
 Writes DIR/engine_step.json and DIR/engine_step.summary.txt.
@@ -75,6 +77,61 @@ def run(model, layer: int, batch: int, prompt_len: int, steps: int, eager: bool,
     return out
 
 
+def run_mixed(model, layer: int, batch: int, chunk: int, steps: int, eager: bool) -> dict:
+    """Mixed steps: `batch` requests decoding, and each step one new request whose `chunk`-token
+    prompt is prefilled in the same step (it stops after its first token, so every measured step
+    is `batch` decodes + one prefill of `chunk` tokens). Also prefill throughput: 8 prompts of 512
+    tokens in one step."""
+    probe = ProbeParams.random(model.config.hidden_size, 512, 10, generator=torch.Generator().manual_seed(0))
+    total = 64 + steps + 48
+    engine = LLMEngine(model, None, EngineConfig(policy="fcfs", max_batch=batch + 1, max_slots=batch + steps + 64,
+                                                 max_model_len=max(total, 512 + 8), max_tokens_per_step=4096 + batch,
+                                                 num_gpu_blocks=(batch + 16) * 40 + 300, prefill_tokens_per_s=1e5,
+                                                 enforce_eager=eager),
+                       probe=probe, probe_layer=layer)
+    gen = torch.Generator().manual_seed(1)
+    V = model.config.vocab_size
+    for _ in range(batch):
+        engine.add_request(torch.randint(0, V, (64,), generator=gen).tolist(),
+                           SamplingParams(max_new_tokens=steps + 40), replay_length=steps + 40)
+    for _ in range(5):
+        engine.step()
+    walls, graphed = [], 0
+    replay = engine.runner.replay
+    def counting(b):
+        nonlocal graphed
+        graphed += 1
+        return replay(b)
+    engine.runner.replay = counting
+    for _ in range(steps):
+        engine.add_request(torch.randint(0, V, (chunk,), generator=gen).tolist(), SamplingParams(max_new_tokens=8),
+                           replay_length=1)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        engine.step()
+        walls.append(time.perf_counter() - t)
+    engine.runner.replay = replay
+    while engine.has_unfinished():
+        engine.step()
+    pre = []
+    for _ in range(4):
+        for _ in range(8):
+            engine.add_request(torch.randint(0, V, (512,), generator=gen).tolist(), SamplingParams(max_new_tokens=8),
+                               replay_length=1)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        engine.step()
+        pre.append(time.perf_counter() - t)
+    out = {"batch": batch, "chunk": chunk, "eager": eager, "mixed_step_ms": 1e3 * statistics.median(walls[3:]),
+           "graphed_steps": graphed, "steps": len(walls),
+           "prefill_8x512_ms": 1e3 * statistics.median(pre[1:]),
+           "prefill_tokens_per_s": 4096 / statistics.median(pre[1:])}
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -94,6 +151,11 @@ def main() -> None:
     smol = random_model("smollm2-135m", device="cuda", dtype=torch.bfloat16, seed=0)
     for eager in (True, False):
         log({"model": "smollm2-135m", **run(smol, 19, 64, 50, 40, eager, profile=True)})
+    mixed = []
+    for eager in (True, False):
+        r = {"model": "smollm2-135m", **run_mixed(smol, 19, 47, 256, 20, eager)}
+        mixed.append(r)
+        print(json.dumps(r), flush=True)
     if not args.quick:
         for batch in (1, 16, 256):
             for eager in (True, False):
@@ -108,8 +170,12 @@ def main() -> None:
                 r = run(big, 11, batch, 500, 24, eager, profile=False)
                 r["floor_ms"], r["gpt_fast_ms"] = ANCHORS_8B[batch]
                 log({"model": "llama3-8b", **r})
+        for eager in (True, False):
+            r = {"model": "llama3-8b", **run_mixed(big, 11, 47, 256, 12, eager)}
+            mixed.append(r)
+            print(json.dumps(r), flush=True)
         del big
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results, "mixed": mixed}
     (out / "engine_step.json").write_text(json.dumps(result, indent=1))
     lines = [f"engine step (trail + probe, random bf16 weights, decode steps), {result['device']}",
              "model          batch context    mode   step ms  host ms  device ms  tok/s     (8B: floor / gpt-fast ms)"]
@@ -118,6 +184,11 @@ def main() -> None:
         lines.append(f"{r['model']:<14} {r['batch']:>5} {r['context']:<10} {'eager' if r['eager'] else 'graph':<6}"
                      f" {r['step_ms']:7.2f}  {r['host_ms'] or float('nan'):7.2f}  {r['device_ms'] or float('nan'):8.2f}"
                      f"  {r['tokens_per_s']:8.0f}{extra}")
+    lines.append("mixed steps (47 decodes + one 256-token prompt prefilled in the same step) and prefill of 8 x 512:")
+    lines.append("model          mode    mixed step ms  graphed/steps  prefill 8x512 ms  prefill tok/s")
+    for r in mixed:
+        lines.append(f"{r['model']:<14} {'eager' if r['eager'] else 'graph':<6} {r['mixed_step_ms']:13.2f}  "
+                     f"{r['graphed_steps']:>6}/{r['steps']:<6}  {r['prefill_8x512_ms']:16.2f}  {r['prefill_tokens_per_s']:13.0f}")
     for r in results:
         if "median_phase_ms" in r:
             lines.append(f"phases, smollm2-135m batch {r['batch']} {'eager' if r['eager'] else 'graph'} (median ms):")

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from trail.detokenize import find_stop, text_delta
 from trail.engine_config import EngineConfig
 from trail.kv_cache import KVCache, KVCacheSpec
-from trail.model_runner import BatchPlan, ModelRunner, graph_batch_sizes
+from trail.model_runner import BatchPlan, ModelRunner, graph_batch_sizes, mixed_token_sizes
 from trail.request import FinishReason, Request, RequestMetrics, RequestOutput, SamplingParams
 from trail.scheduler import PREEMPT, SCHED, Mode, Resume, Scheduler, State
 from trail.telemetry import Telemetry
@@ -92,14 +92,15 @@ class LLMEngine:
         self.kv = KVCache(self.kv_spec, self.layout.num_gpu_blocks, config.max_slots,
                           self.layout.max_blocks_per_request, self.device,
                           num_host_blocks=self.layout.num_host_blocks)
+        rows = config.max_batch + 1          # a mixed-step graph's rows: every real row + >= 1 pad
         self.runner = ModelRunner(model, self.kv, tap_layer=probe_layer if probe is not None else None, seed=seed,
-                                  max_tokens=max(config.max_tokens_per_step, config.max_batch),
-                                  max_rows=config.max_batch)
+                                  max_tokens=max(config.max_tokens_per_step, config.max_batch) + rows,
+                                  max_rows=rows)
         self.probe = None
         if probe is not None:
             self.probe = probe.to(self.device, self.dtype if self.device.type == "cuda" else None)
             self.probe_state = ProbeState.for_params(self.probe, max_slots=config.max_slots,
-                                                     max_rows=config.max_batch, device=self.device)
+                                                     max_rows=rows, device=self.device)
             self.runner.attach_probe(self.probe, self.probe_state)
         self.probe_max_new = probe_max_new
         self.prompt_predictor = prompt_predictor
@@ -110,8 +111,10 @@ class LLMEngine:
         self.scheduler = Scheduler(self.scheduler_config)
         if self.device.type == "cuda" and not config.enforce_eager:
             sizes = graph_batch_sizes(config.max_batch, config.cuda_graph_sizes)
-            logger.info("engine: capturing decode CUDA graphs for batch sizes %s", sizes)
-            self.runner.capture_decode_graphs(sizes)
+            tokens = mixed_token_sizes(config.max_tokens_per_step, rows, config.cuda_graph_tokens)
+            logger.info("engine: capturing CUDA graphs: decode batch sizes %s; mixed steps of %d rows, token "
+                        "sizes %s", sizes, rows, tokens)
+            self.runner.capture_graphs(sizes, tokens, mixed_rows=rows)
         logger.info("engine: %s, %d GPU + %d host KV blocks of %d tokens, prefill %.0f tok/s, policy %s",
                     self.device, self.layout.num_gpu_blocks, self.layout.num_host_blocks, config.block_size,
                     rate, config.policy)

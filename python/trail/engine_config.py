@@ -49,7 +49,10 @@ class EngineConfig:
     Cost model: pcie_gbps (one way, pinned); prefill_tokens_per_s (None: measured at start-up).
     Speed: enforce_eager (no CUDA graphs); cuda_graph_sizes (decode batch buckets captured at
       start-up on CUDA, None: trail.model_runner.DEFAULT_GRAPH_SIZES below max_batch, plus
-      max_batch). On CPU every step runs eager.
+      max_batch); cuda_graph_tokens (token buckets of the graphs that run every other step:
+      prefill chunks, recomputes and decodes together, in max_batch + 1 rows; None:
+      trail.model_runner.mixed_token_sizes up to max_tokens_per_step (at most 8192) +
+      max_batch + 1; (): such steps run eager). On CPU every step runs eager.
     """
     policy: str = "trail"
     policy_options: Mapping[str, Any] = field(default_factory=dict)
@@ -68,6 +71,7 @@ class EngineConfig:
     prefill_tokens_per_s: float | None = None
     enforce_eager: bool = False
     cuda_graph_sizes: tuple[int, ...] | None = None
+    cuda_graph_tokens: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -106,6 +110,10 @@ class EngineConfig:
                 all(isinstance(b, int) and 1 <= b <= self.max_batch for b in self.cuda_graph_sizes)):
             raise ValueError(f"EngineConfig.cuda_graph_sizes must be integers in [1, max_batch={self.max_batch}], "
                              f"got {self.cuda_graph_sizes!r}")
+        if self.cuda_graph_tokens is not None and not (
+                all(isinstance(t, int) and t > self.max_batch + 1 for t in self.cuda_graph_tokens)):
+            raise ValueError(f"EngineConfig.cuda_graph_tokens must be integers > max_batch + 1 = {self.max_batch + 1} "
+                             f"(a mixed graph has max_batch + 1 rows), got {self.cuda_graph_tokens!r}")
 
     def with_policy(self, policy: str, **policy_options) -> "EngineConfig":
         """The same limits and memory under another policy (options replace the old ones)."""

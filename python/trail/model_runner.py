@@ -129,7 +129,7 @@ class StepBatch:
     seen_index: torch.Tensor | None = None     # int64 [T], flat index of each token in `seen`
     probe_slots: torch.Tensor | None = None    # int32 [S], the probe's slot per row (pads: scratch)
     exact_sampler: bool = False  # host: a row's top_k exceeds MAX_CANDIDATES (sorted sampler)
-    graph: tuple[int, bool] | None = None      # (bucket, greedy) when a captured graph runs the step
+    graph: tuple[str, int, bool] | None = None  # (kind, bucket, greedy) when a captured graph runs the step
     num_real_rows: int = 0       # rows of the plan (the rest are padding)
 
 
@@ -149,6 +149,24 @@ def graph_batch_sizes(max_batch: int, sizes: Sequence[int] | None = None) -> lis
     `max_batch`, plus `max_batch` itself, so every decode batch has a bucket."""
     base = DEFAULT_GRAPH_SIZES if sizes is None else sizes
     return sorted({int(b) for b in base if 1 <= b < max_batch} | {max_batch})
+
+
+MAX_MIXED_GRAPH_TOKENS = 8192
+
+
+def mixed_token_sizes(max_tokens: int, rows: int, sizes: Sequence[int] | None = None) -> list[int]:
+    """The token buckets of the mixed-step graphs (`rows` rows each): `sizes`, or a ladder from
+    just above `rows` growing by ~1.25x (multiples of 16, so a step pads by at most ~25%) up to
+    min(max_tokens, MAX_MIXED_GRAPH_TOKENS) + rows (a step of up to `max_tokens` tokens plus one
+    token per pad row). Larger steps run eager."""
+    if sizes is not None:
+        return sorted({int(t) for t in sizes})
+    top = min(max_tokens, MAX_MIXED_GRAPH_TOKENS) + rows
+    out, t = [], -(-(rows + 16) // 16) * 16
+    while t < top:
+        out.append(t)
+        t = max(t + 16, round(t * 1.25 / 16) * 16)
+    return out + [top]
 
 
 def bucket_for(n: int, sizes: Sequence[int]) -> int | None:
@@ -249,9 +267,11 @@ class ModelRunner:
         model.rope().ensure(self.max_context)      # RoPE table sized once, for every position
         # CUDA graphs of decode-only steps (capture_decode_graphs); the probe they run
         self.probe = self.probe_state = None
-        self.graph_sizes: list[int] = []
-        self._graphs: dict[tuple[int, bool], tuple] = {}
-        self._graph_batches: dict[int, StepBatch] = {}
+        self.graph_sizes: list[int] = []            # decode graphs: batch buckets
+        self.mixed_token_sizes: list[int] = []      # mixed graphs: token buckets, of mixed_rows rows
+        self.mixed_rows = 0
+        self._graphs: dict[tuple[str, int, bool], tuple] = {}
+        self._graph_batches: dict[tuple[str, int], StepBatch] = {}
 
     def attach_probe(self, params, state) -> None:
         """The length probe that captured decode graphs run after the forward (ProbeParams,
@@ -352,23 +372,28 @@ class ModelRunner:
                            "steps run eager", tokens, rows, b.max_tokens, b.max_rows)
             self._graphs.clear()
             self._graph_batches.clear()
-            self.graph_sizes = []
+            self.graph_sizes, self.mixed_token_sizes, self.mixed_rows = [], [], 0
         b.wait_reusable()
         self.buffers = StepBuffers(max(tokens, 2 * b.max_tokens), max(rows, min(2 * b.max_rows, self.max_slots)),
                                    self.device)
         self._arange = np.arange(max(self.buffers.max_tokens, self.buffers.max_rows) + 1, dtype=np.int64)
 
-    def _stage(self, plan: BatchPlan, rows: int) -> tuple[int, np.ndarray, int]:
+    def _stage(self, plan: BatchPlan, rows: int, tokens: int | None = None) -> tuple[int, np.ndarray, int, int]:
         """Fills the host views with `plan` padded to `rows` rows (each pad: one token on no KV
         slot, context 0, the probe's scratch slot, the scratch `seen` row, greedy) and copies them
-        to the device. -> (tokens incl. pads, sampling rows of the plan, reset rows)."""
+        to the device. `tokens` (a mixed-step graph's static shape): pad to exactly that many
+        tokens (the extra ones go to the last pad row), and give every row a sampling entry and a
+        reset entry (pads: the scratch slot). -> (tokens incl. pads, sampling rows of the plan,
+        sampling entries, reset entries)."""
         S = plan.num_rows
         P = rows - S
         lens, starts, slots, flags = plan.num_tokens, plan.starts, plan.slots, plan.flags
         cu = np.zeros(S + 1, np.int64)
         np.cumsum(lens, out=cu[1:])
         T = int(cu[-1])
-        Tt = T + P
+        Tt = T + P if tokens is None else tokens
+        if Tt < T + P or (Tt > T + P and P == 0):
+            raise ValueError(f"cannot pad {S} rows / {T} tokens to {rows} rows / {Tt} tokens")
         self._ensure_capacity(Tt, rows)
         buf = self.buffers
         buf.wait_reusable()
@@ -384,6 +409,7 @@ class ModelRunner:
         c["seen_index"][T:Tt] = pad_slot * V
         c["cu"][:S + 1] = cu
         c["cu"][S + 1:rows + 1] = T + ar[1:P + 1]
+        c["cu"][rows] = Tt
         for name, real, pad in (("ctx", starts + lens, 0), ("attn_slots", slots, 0), ("probe_slots", slots, pad_slot),
                                 ("starts", starts, 0), ("flags", flags, row_flags.SAMPLE),
                                 ("num_gen", 0 if plan.num_generated is None else plan.num_generated, 0),
@@ -392,12 +418,13 @@ class ModelRunner:
                                 ("sampled_mask", (flags & row_flags.SAMPLE) != 0, 1)):
             c[name][:S] = real
             c[name][S:rows] = pad
-        # sampling rows: the plan's, in row order, then the pads
+        # sampling entries: the plan's sampling rows, in row order, then the pads (a mixed graph:
+        # one entry per row, the rest on the first pad token)
         sampled = np.flatnonzero(flags & row_flags.SAMPLE)
         n = len(sampled)
-        N = n + P
+        N = n + P if tokens is None else rows
         c["logits_idx"][:n] = cu[1:][sampled] - 1
-        c["logits_idx"][n:N] = T + ar[:P]
+        c["logits_idx"][n:N] = T + np.minimum(ar[:N - n], P - 1)
         ss = c["sample_slots"]
         ss[:n] = slots[sampled]
         ss[n:N] = pad_slot
@@ -411,8 +438,10 @@ class ModelRunner:
         c["uniforms"][n:N] = 0.5
         reset = slots[starts == 0]
         c["reset_slots"][:len(reset)] = reset
+        resets = len(reset) if tokens is None else rows
+        c["reset_slots"][len(reset):resets] = pad_slot
         buf.upload()
-        return Tt, sampled, len(reset)
+        return Tt, sampled, N, resets
 
     def _views(self, tokens: int, rows: int, samples: int, resets: int, max_seqlen_q: int, max_context_len: int,
                decode_only: bool, slot_mapping: bool) -> StepBatch:
@@ -438,14 +467,28 @@ class ModelRunner:
     def graph_eligible(self, plan: BatchPlan) -> bool:
         """A decode-only step that a captured graph can run: every row one token, SAMPLE only (no
         prefill, no recompute), a cached context, and a bucket large enough."""
-        return (bool(self._graphs) and plan.num_rows <= self.graph_sizes[-1]
+        return (bool(self.graph_sizes) and plan.num_rows <= self.graph_sizes[-1]
                 and len(plan.token_ids) == plan.num_rows and bool((plan.flags == row_flags.SAMPLE).all())
                 and int(plan.starts.min()) > 0)
 
-    def prepare_plan(self, plan: BatchPlan, pad_to: int | None = None) -> StepBatch:
+    def _graph_for(self, plan: BatchPlan, greedy: bool) -> tuple | None:
+        """The captured graph that runs `plan`: ('decode', rows bucket, greedy) for a decode-only
+        step, ('mixed', tokens bucket, greedy) for any other step that fits (mixed graphs have
+        `mixed_rows` rows: the plan's, then pads, the last pad holding the spare tokens)."""
+        if self.graph_eligible(plan):
+            return ("decode", bucket_for(plan.num_rows, self.graph_sizes), greedy)
+        if self.mixed_token_sizes and plan.num_rows < self.mixed_rows:
+            need = len(plan.token_ids) + self.mixed_rows - plan.num_rows
+            bucket = bucket_for(need, self.mixed_token_sizes)
+            if bucket is not None:
+                return ("mixed", bucket, greedy)
+        return None
+
+    def prepare_plan(self, plan: BatchPlan, pad_to: int | None = None, pad_tokens_to: int | None = None) -> StepBatch:
         """Commits the block tables, checks the plan's blocks are mapped, and stages the batch in
-        the persistent buffers (one host-to-device copy). A decode-only step with a captured
-        graph is padded to its bucket (`batch.graph` set); `pad_to` pads any step (tests)."""
+        the persistent buffers (one host-to-device copy). A step with a captured graph is padded
+        to its bucket (`batch.graph` set); `pad_to` / `pad_tokens_to` pad an eager step the same
+        way (tests: rows, and tokens as a mixed graph pads them)."""
         self.kv_cache.commit_block_tables()
         self._check_mapped(plan)
         S = plan.num_rows
@@ -453,68 +496,89 @@ class ModelRunner:
         all_greedy = bool((self.temperature[sample_slots] <= 0).all())
         exact = not all_greedy and bool((self.top_k[sample_slots] > MAX_CANDIDATES).any())
         graph = None
-        if pad_to is None and not exact and self.graph_eligible(plan):
-            bucket = bucket_for(S, self.graph_sizes)
-            graph = (bucket, all_greedy)
-        rows = graph[0] if graph else (S if pad_to is None else pad_to)
+        if pad_to is None and pad_tokens_to is None and not exact:
+            graph = self._graph_for(plan, all_greedy)
+        if graph is not None:
+            kind, size, _ = graph
+            rows, tokens = (size, None) if kind == "decode" else (self.mixed_rows, size)
+            _, sampled, _, _ = self._stage(plan, rows, tokens)
+            return replace(self._graph_batches[kind, size], sampled=sampled.tolist(), all_greedy=all_greedy,
+                           graph=graph, num_real_rows=S)
+        rows = S if pad_to is None else pad_to
         if rows < S:
             raise ValueError(f"pad_to={pad_to} is below the plan's {S} rows")
-        tokens, sampled, resets = self._stage(plan, rows)
-        if graph is not None:
-            batch = replace(self._graph_batches[graph[0]], sampled=sampled.tolist(), all_greedy=all_greedy,
-                            graph=graph, num_real_rows=S)
-            return batch
+        tokens, sampled, samples, resets = self._stage(plan, rows, pad_tokens_to)
         lens, ends = plan.num_tokens, plan.starts + plan.num_tokens
-        batch = self._views(tokens, rows, len(sampled) + rows - S, resets, int(lens.max()), int(ends.max()),
-                            bool((lens == 1).all()), slot_mapping=True)
+        batch = self._views(tokens, rows, samples, resets, max(int(lens.max()), tokens - len(plan.token_ids)),
+                            int(ends.max()), bool((lens == 1).all()) and tokens == rows, slot_mapping=True)
         batch.sampled, batch.all_greedy, batch.exact_sampler, batch.num_real_rows = sampled.tolist(), all_greedy, exact, S
         return batch
 
-    # ---- CUDA graphs of decode-only steps -----------------------------------------------------
+    # ---- CUDA graphs --------------------------------------------------------------------------
     def capture_decode_graphs(self, sizes: Sequence[int]) -> int:
-        """Captures, per batch size in `sizes`, the decode step (slot mapping, forward with the
-        layer tap, the attached probe, sampling: one greedy and one sampling variant) into CUDA
-        graphs over the persistent buffers, with every row a pad (nothing real is touched).
-        Attention is captured at the static bound `max_context` (its grid then never changes).
-        On CPU nothing is captured. Returns the number of graphs."""
+        """Decode graphs only (see `capture_graphs`)."""
+        return self.capture_graphs(sizes)
+
+    def capture_graphs(self, decode_sizes: Sequence[int], mixed_token_sizes: Sequence[int] = (),
+                       mixed_rows: int | None = None) -> int:
+        """Captures CUDA graphs over the persistent buffers, each with every row a pad (nothing
+        real is touched): per batch size in `decode_sizes`, the decode step; per token count in
+        `mixed_token_sizes`, a step of `mixed_rows` rows (default: the step buffers' rows) of any
+        kind (prefill chunks, recomputes and decodes: varlen attention, the probe's pooling pass).
+        Each graph runs slot mapping, forward with the layer tap, the attached probe and sampling,
+        in a greedy and a sampling variant. Attention is captured at the static bound
+        `max_context` (grids then never change). On CPU nothing is captured. Returns the number
+        of graphs."""
         if self.device.type != "cuda":
             logger.info("CUDA graphs: not on CPU (every step runs eager)")
             return 0
-        sizes = sorted({int(b) for b in sizes})
-        if not sizes or sizes[0] < 1:
+        sizes = sorted({int(b) for b in decode_sizes})
+        tsizes = sorted({int(t) for t in mixed_token_sizes})
+        if (sizes and sizes[0] < 1) or not (sizes or tsizes):
             raise ValueError(f"graph batch sizes must be >= 1, got {sizes}")
-        if self.probe_state is not None and sizes[-1] > self.probe_state.max_rows:
-            raise ValueError(f"graph batch {sizes[-1]} exceeds the probe state's max_rows {self.probe_state.max_rows}")
+        mrows = int(mixed_rows or self.buffers.max_rows) if tsizes else 0
+        if tsizes and tsizes[0] <= mrows:
+            raise ValueError(f"mixed graph token sizes must exceed mixed_rows={mrows}, got {tsizes}")
+        max_rows = max(sizes[-1] if sizes else 0, mrows)
+        if self.probe_state is not None and max_rows > self.probe_state.max_rows:
+            raise ValueError(f"graph rows {max_rows} exceed the probe state's max_rows {self.probe_state.max_rows}")
         self._graphs.clear()
         self._graph_batches.clear()
-        self.graph_sizes = []
-        self._ensure_capacity(sizes[-1], sizes[-1])
+        self.graph_sizes, self.mixed_token_sizes, self.mixed_rows = [], [], 0
+        self._ensure_capacity(max(sizes[-1] if sizes else 0, tsizes[-1] if tsizes else 0), max_rows)
         t0 = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(self.device)
         empty = BatchPlan(*(np.zeros(0, np.int64) for _ in range(5)))
         graphs, batches = {}, {}
-        for i, size in enumerate(reversed(sizes)):        # largest first: the pool's blocks get reused
-            self._stage(empty, size)
-            batch = self._views(size, size, size, 0, 1, self.max_context, True, slot_mapping=False)
-            batches[size] = batch
+        # largest first: the pool's blocks get reused by the smaller ones
+        todo = [("mixed", t) for t in reversed(tsizes)] + [("decode", b) for b in reversed(sizes)]
+        for i, (kind, size) in enumerate(todo):
+            if kind == "decode":
+                self._stage(empty, size)
+                batch = self._views(size, size, size, 0, 1, self.max_context, True, slot_mapping=False)
+            else:
+                self._stage(empty, mrows, size)
+                batch = self._views(size, mrows, mrows, mrows, size, self.max_context, False, slot_mapping=False)
+            batches[kind, size] = batch
             for greedy in (True, False):
                 side.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(side):            # warm-up: Triton compiles, workspaces settle
-                    self._decode_body(batch, greedy)
+                    self._graph_body(batch, greedy, kind == "mixed")
                 torch.cuda.current_stream(self.device).wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    out = self._decode_body(batch, greedy)
-                graphs[(size, greedy)] = (graph, out)
-            logger.info("CUDA graphs: captured decode batch %d (%d/%d, %.1f s)", size, i + 1, len(sizes),
-                        time.perf_counter() - t0)
+                    out = self._graph_body(batch, greedy, kind == "mixed")
+                graphs[kind, size, greedy] = (graph, out)
+            logger.info("CUDA graphs: captured %s %s %d (%d/%d, %.1f s)", kind, "tokens" if kind == "mixed" else "batch",
+                        size, i + 1, len(todo), time.perf_counter() - t0)
         torch.cuda.synchronize(self.device)
-        self._graphs, self._graph_batches, self.graph_sizes = graphs, batches, sizes
+        self._graphs, self._graph_batches = graphs, batches
+        self.graph_sizes, self.mixed_token_sizes, self.mixed_rows = sizes, tsizes, mrows
         return len(graphs)
 
-    def _decode_body(self, batch: StepBatch, greedy: bool):
-        """What a decode graph runs: slot mapping (on the device), forward + tap, probe, sampling."""
+    def _graph_body(self, batch: StepBatch, greedy: bool, has_prefill: bool):
+        """What a graph runs: slot mapping (on the device), forward + tap, probe, sampling."""
         slot_mapping = trail.ops.slot_mapping(self.kv_cache.block_tables, batch.token_slots, batch.meta.positions,
                                               self.block_size)
         batch = replace(batch, meta=replace(batch.meta, slot_mapping=slot_mapping))
@@ -522,7 +586,7 @@ class ModelRunner:
         expected = None
         if self.probe is not None and tap is not None:
             expected = probe_step(tap.states, tap.cu_seqlens, tap.slot_ids, tap.flags, tap.num_generated,
-                                  tap.max_new_tokens, self.probe, self.probe_state, has_prefill=False)
+                                  tap.max_new_tokens, self.probe, self.probe_state, has_prefill=has_prefill)
         return self._sample(logits, batch, greedy, exact=False), expected, tap
 
     def replay(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor | None, LayerTap | None]:
