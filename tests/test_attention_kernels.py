@@ -174,6 +174,20 @@ def test_prefill_empty_segment_and_single_tokens(seeded):
     assert_close_ulps(a, b, ulps=16)
 
 
+def test_prefill_row_with_more_tokens_than_context_reads_nothing(seeded):
+    """A mixed-step graph's last pad row holds spare tokens over context 0: it reads no key (no
+    position below 0 through the block table) and writes 0; the other rows are exact."""
+    segs = [(5, 3), (0, 2), (0, 40)]
+    pool, slots, cu, ctx, q = prefill_case(seeded, 4, 2, 64, torch.float32, segs, dev())
+    pad = 2
+    ctx[pad] = 0
+    out = torch.full_like(q, float("nan"))
+    K.paged_attention_triton(q, pool.layer, pool.tables, slots, cu, ctx, 40, 8, 0.125, out=out)
+    a = int(cu[pad])
+    assert torch.equal(out[a:], torch.zeros_like(out[a:]))
+    check_prefill(pool, slots[:pad], cu[:pad + 1], ctx[:pad], q[:a], torch.float32)
+
+
 @pytest.mark.parametrize("cache_dtype,in_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                                   (torch.bfloat16, torch.float32)], ids=["fp32", "bf16", "fp32-into-bf16"])
 def test_write_kv_matches_reference_bit_for_bit(seeded, cache_dtype, in_dtype):

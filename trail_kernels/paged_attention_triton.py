@@ -356,13 +356,14 @@ def _prefill_kernel(q_ptr, kv_ptr, bt_ptr, slot_ptr, cu_ptr, ctx_ptr, out_ptr,
     q = tl.load(q_ptr + tok[:, None] * q_s0 + h * q_s1 + ds[None, :],
                 mask=rmask[:, None] & dmask[None, :], other=0.0)
     # keys up to the tile's last query position (none for a tile past the segment)
-    kend = tl.where(tile * BLOCK_M < seqlen, ctx - seqlen + tl.minimum(tile * BLOCK_M + BLOCK_M, seqlen), 0)
+    # (clamped at 0: a graph's pad row may hold more tokens than its context, and attends nothing)
+    kend = tl.maximum(tl.where(tile * BLOCK_M < seqlen, ctx - seqlen + tl.minimum(tile * BLOCK_M + BLOCK_M, seqlen), 0), 0)
 
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DP], tl.float32)
     # tiles of keys every row of the tile sees (no mask), then the diagonal tiles (causal mask)
-    kfull = tl.where(tile * BLOCK_M < seqlen, (ctx - seqlen + tile * BLOCK_M + 1) // BLOCK_N * BLOCK_N, 0)
+    kfull = tl.maximum(tl.where(tile * BLOCK_M < seqlen, (ctx - seqlen + tile * BLOCK_M + 1) // BLOCK_N * BLOCK_N, 0), 0)
     m, l, acc = _attend_range(q, m, l, acc, kv_ptr, bt_row, 0, kfull, qpos, ds, dmask, kv_s0, kv_s1, kv_s2,
                               kv_s3, kvh, qk_scale, BS=BS, BLOCK_N=BLOCK_N, MASK=FULL, DP_EQ_D=DP == D,
                               IEEE=IEEE, DEBUG=DEBUG, INTERP=INTERP)
