@@ -12,13 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from trail.models.config import ModelConfig
 from trail.models.rope import RotaryTable
 from trail_kernels.paged_attention import paged_attention, paged_decode, write_kv
 from trail_kernels.rms_norm import rms_norm
+from trail_kernels.rotary import rotary_qk, silu_mul
 
 
 @dataclass
@@ -55,10 +55,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
 
     def forward(self, x, rope: RotaryTable, kv_layer: torch.Tensor, meta: AttentionMetadata):
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = rope.rotate(q.view(-1, self.num_heads, self.head_dim), meta.positions)
-        k = rope.rotate(k.view(-1, self.num_kv_heads, self.head_dim), meta.positions)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        q, k = rotary_qk(qkv, meta.positions, rope.cos, rope.sin, self.num_heads, self.num_kv_heads, self.head_dim)
+        v = qkv[:, self.q_size + self.kv_size:].view(-1, self.num_kv_heads, self.head_dim)
         write_kv(kv_layer, k, v, meta.slot_mapping)
         if meta.decode_only:
             o = paged_decode(q, kv_layer, meta.block_tables, meta.slot_ids, meta.context_lens,
@@ -76,8 +75,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

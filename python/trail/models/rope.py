@@ -1,6 +1,6 @@
 """Rotary position embeddings: inverse frequencies for the config's scaling (default, linear,
-llama3, yarn, as transformers defines them), a cos/sin table, and the rotation of q and k
-(the "rotate half" layout of HF checkpoints).
+llama3, yarn, as transformers defines them) and the cos/sin table; the rotation of q and k
+("rotate half" layout of HF checkpoints) is `trail_kernels.rotary.rotary_qk`.
 """
 from __future__ import annotations
 
@@ -85,11 +85,3 @@ class RotaryTable:
         freqs = pos[:, None] * self.inv_freq[None, :]
         self.cos = freqs.cos() * self.scaling
         self.sin = freqs.sin() * self.scaling
-
-    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x [T, heads, head_dim] rotated to `positions` [T] (computed in fp32)."""
-        cos = self.cos[positions][:, None, :]
-        sin = self.sin[positions][:, None, :]
-        xf = x.float()
-        x1, x2 = xf.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
