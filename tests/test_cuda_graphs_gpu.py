@@ -154,11 +154,11 @@ def test_graph_step_allocates_nothing(fp32):
     assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
 
 
-def _run_engine(enforce_eager: bool):
+def _run_engine(enforce_eager: bool, overlap: bool = False):
     model = random_model("smollm2-135m", device="cuda", dtype=torch.float32, seed=0)
     probe = ProbeParams.random(model.config.hidden_size, 512, 10, generator=torch.Generator().manual_seed(0))
     config = EngineConfig(policy="trail", max_batch=8, max_model_len=256, num_gpu_blocks=200,
-                          prefill_tokens_per_s=1000.0, enforce_eager=enforce_eager)
+                          prefill_tokens_per_s=1000.0, enforce_eager=enforce_eager, overlap=overlap)
     engine = LLMEngine(model, None, config, probe=probe, probe_layer=19)
     replays = []
     real = engine.runner.replay
@@ -186,3 +186,11 @@ def test_engine_with_graphs_streams_what_eager_streams(fp32):
     for r in eager:
         if eager[r][0] == graph[r][0]:
             np.testing.assert_allclose(graph[r][1], eager[r][1], rtol=1e-3, atol=1e-2)
+
+
+def test_overlapped_loop_streams_what_the_serial_loop_streams(fp32):
+    serial, _ = _run_engine(False)
+    overlapped, n_graph = _run_engine(False, overlap=True)
+    assert n_graph > 20
+    same = sum(serial[r][0] == overlapped[r][0] for r in serial)
+    assert same >= 9, f"{same}/10 identical token streams"

@@ -50,19 +50,20 @@ def _run(smollm2, policy, **cfg):
     return [final[i].token_ids for i in range(len(ids))], engine.telemetry.totals()
 
 
-def test_preemption_keeps_every_request_s_tokens(smollm2_f64):
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
+def test_preemption_keeps_every_request_s_tokens(smollm2_f64, overlap):
     reference, totals = _run(smollm2_f64, "fcfs", max_batch=5, num_gpu_blocks=64, num_host_blocks=0)
     assert [len(t) for t in reference] == LENGTHS and totals["swap"] + totals["recompute"] + totals["keep"] == 0
     # a pool of 7 blocks of 4 tokens (prompts take 1-2, a request up to 5): memory forces evictions.
     # swap is cheaper than a (slow) recompute when host space is there ...
     swapped, t_swap = _run(smollm2_f64, "trail", max_batch=4, num_gpu_blocks=7, num_host_blocks=32, rate=1.0,
-                           policy_options=dict(TRAIL_PAPER, c=5.0))
+                           policy_options=dict(TRAIL_PAPER, c=5.0), overlap=overlap)
     # ... without host space every eviction recomputes (every chunk of it marked RECOMPUTE)
     recomputed, t_rec = _run(smollm2_f64, "trail", max_batch=4, num_gpu_blocks=7, num_host_blocks=0,
-                             max_prefill_chunk=4, policy_options=dict(TRAIL_PAPER, c=5.0))
+                             max_prefill_chunk=4, policy_options=dict(TRAIL_PAPER, c=5.0), overlap=overlap)
     # ample memory, batch of 2: newcomers with shorter true remaining preempt, KV kept on the GPU
     kept, t_keep = _run(smollm2_f64, "oracle", max_batch=2, num_gpu_blocks=64, num_host_blocks=0,
-                        policy_options=dict(TRAIL_PAPER, c=5.0))
+                        policy_options=dict(TRAIL_PAPER, c=5.0), overlap=overlap)
     assert t_swap["swap"] > 0 and t_swap["swap_in_bytes"] > 0, t_swap
     assert t_rec["recompute"] > 0 and t_rec["recomputed_tokens"] > 0 and t_rec["swap"] == 0, t_rec
     assert t_keep["keep"] > 0, t_keep
@@ -96,12 +97,14 @@ def _state_name(engine, rid) -> str:
     return state.name
 
 
-def test_abort_in_every_state_returns_every_block_and_slot(tiny):
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
+def test_abort_in_every_state_returns_every_block_and_slot(tiny, overlap):
     rng = random.Random(0)
     seen_states = set()
     for trial in range(8):
         engine = _tiny_engine(tiny, max_batch=3, max_tokens_per_step=24, max_prefill_chunk=8, block_size=4,
-                              num_gpu_blocks=24, num_host_blocks=12 if trial % 2 else 0, policy_options=dict(TRAIL_PAPER, c=5.0))
+                              num_gpu_blocks=24, num_host_blocks=12 if trial % 2 else 0, overlap=overlap,
+                              policy_options=dict(TRAIL_PAPER, c=5.0))
         ids, finals = [], {}
         for step in range(300):
             if step < 40 and step % 2 == 0:
@@ -129,10 +132,11 @@ def test_abort_in_every_state_returns_every_block_and_slot(tiny):
     assert {"WAITING", "RUNNING", "prefilling", "KEPT", "SWAPPED", "dropped"} <= seen_states, seen_states
 
 
-def test_seeded_soak_with_cancellations_loses_and_duplicates_nothing(tiny):
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
+def test_seeded_soak_with_cancellations_loses_and_duplicates_nothing(tiny, overlap):
     rng = np.random.default_rng(7)
     engine = _tiny_engine(tiny, max_batch=4, max_tokens_per_step=40, max_prefill_chunk=16, num_gpu_blocks=14,
-                          num_host_blocks=8, policy_options=dict(TRAIL_PAPER, margin=2.0))
+                          num_host_blocks=8, overlap=overlap, policy_options=dict(TRAIL_PAPER, margin=2.0))
     added, finals, tokens_seen, max_new = [], {}, {}, {}
     for step in range(3000):
         if step < 250 and rng.random() < 0.4:
@@ -250,3 +254,21 @@ def test_recorded_predictions_replace_the_probe_for_their_request_only(tiny):
     other = [p for _, p in final[b].metrics.predictions]
     assert len(other) == 8 and not set(other) <= set(rec.tolist())
     assert engine._num_recorded == 0
+
+
+def test_overlap_completes_each_step_on_the_next_call(tiny):
+    """With overlap a step's tokens arrive with the next call, a request without a probe readout
+    yet is scheduled on its prompt-time prediction, and the last call drains the step in flight."""
+    engine = _tiny_engine(tiny, max_batch=4, block_size=4, num_gpu_blocks=64, overlap=True)
+    rid = engine.add_request([11, 12, 13, 14, 15], SamplingParams(max_new_tokens=3, ignore_eos=True))
+    slot = engine._requests[rid].slot
+    assert engine._pred_sched[slot] == engine._prompt_pred[slot]
+    assert engine.step() == [] and engine._in_flight is not None       # prefill launched, nothing back
+    assert engine._pred_sched[slot] == engine._prompt_pred[slot]       # its readout is not in yet
+    first = engine.step()                                               # decode 1 launched, prefill done
+    assert [len(o.token_ids) for o in first] == [1] and engine._has_readout[slot]
+    got = [first]
+    while engine.has_unfinished():
+        got.append(engine.step())
+    assert [len(o.token_ids) for outs in got for o in outs] == [1, 2, 3] and got[-1][-1].finished
+    engine.check_idle()

@@ -21,8 +21,10 @@ def _engine(**cfg):
     return LLMEngine(model, None, config, probe=probe, probe_layer=19)
 
 
-def test_one_sync_per_step_with_swaps(monkeypatch):
-    engine = _engine(max_batch=16, num_gpu_blocks=40, num_host_blocks=64, policy_options=dict(TRAIL_PAPER, c=5.0))
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
+def test_one_sync_per_step_with_swaps(monkeypatch, overlap):
+    engine = _engine(max_batch=16, num_gpu_blocks=40, num_host_blocks=64, overlap=overlap,
+                     policy_options=dict(TRAIL_PAPER, c=5.0))
     gen = torch.Generator().manual_seed(1)
     for i in range(24):
         prompt = torch.randint(0, 49152, (int(torch.randint(4, 60, (1,), generator=gen)),), generator=gen).tolist()
@@ -32,11 +34,11 @@ def test_one_sync_per_step_with_swaps(monkeypatch):
     syncs = []
     real_sync = engine._sync
 
-    def counted(t_dev):
+    def counted(step):
         syncs.append(engine._step_index)
         torch.cuda.set_sync_debug_mode("default")        # the one sync the step is allowed
         try:
-            real_sync(t_dev)
+            real_sync(step)
         finally:
             torch.cuda.set_sync_debug_mode("error")
 

@@ -6,7 +6,9 @@ Per configuration (model shape, batch, context): the steady step time (median wa
 decode steps, no profiling), its host part (CPU time in the step outside the sync wait) and device
 part (CUDA events from the execute phase to the sync), tokens/s; for SmolLM2 at batch 64 also the
 profiled per-phase split (host: CPU time per phase; device: GPU time per phase, events read after
-the step's own sync). Llama-3-8B shape rows are set beside the HBM floor and gpt-fast (DESIGN.md).
+the step's own sync); graph+ov rows run the overlapped loop (EngineConfig.overlap: the CPU
+prepares step n+1 while the GPU runs step n; host ms is then the CPU work of one step, not on the
+step's critical path). Llama-3-8B shape rows are set beside the HBM floor and gpt-fast (DESIGN.md).
 Mixed steps (decodes + a prompt prefilled in the same step: graph vs eager) and prefill
 throughput (8 x 512 tokens in one step) for both shapes.
 
@@ -37,14 +39,16 @@ from trail_kernels.probe import ProbeParams
 ANCHORS_8B = {1: (5.36, 7.13), 16: (5.69, 10.69), 64: (6.76, 22.18)}
 
 
-def run(model, layer: int, batch: int, prompt_len: int, steps: int, eager: bool, profile: bool) -> dict:
+def run(model, layer: int, batch: int, prompt_len: int, steps: int, eager: bool, profile: bool,
+        overlap: bool = False) -> dict:
     probe = ProbeParams.random(model.config.hidden_size, 512, 10, generator=torch.Generator().manual_seed(0))
     total = prompt_len + steps + 48
     blocks = batch * (-(-total // 16)) + 64
     t0 = time.perf_counter()
     engine = LLMEngine(model, None, EngineConfig(policy="trail", max_batch=batch, max_slots=max(batch, 64),
                                                  max_model_len=total, max_tokens_per_step=max(2048, batch * prompt_len),
-                                                 num_gpu_blocks=blocks, prefill_tokens_per_s=1e5, enforce_eager=eager),
+                                                 num_gpu_blocks=blocks, prefill_tokens_per_s=1e5, enforce_eager=eager,
+                                                 overlap=overlap),
                        probe=probe, probe_layer=layer, profile_phases=profile)
     start_s = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(0)
@@ -62,7 +66,7 @@ def run(model, layer: int, batch: int, prompt_len: int, steps: int, eager: bool,
     host = [r[-3] for r in rows]
     dev = [r[-1] for r in rows if not math.isnan(r[-1])]
     decode_walls = walls[-len(rows):] if rows else walls[10:]
-    out = {"batch": batch, "context": f"{prompt_len}..{prompt_len + steps}", "eager": eager,
+    out = {"batch": batch, "context": f"{prompt_len}..{prompt_len + steps}", "eager": eager, "overlap": overlap,
            "step_ms": 1e3 * statistics.median(decode_walls), "host_ms": 1e3 * statistics.median(host) if host else None,
            "device_ms": 1e3 * statistics.median(dev) if dev else None, "engine_start_s": start_s,
            "graphs": len(engine.runner._graphs), "steps": len(rows)}
@@ -132,6 +136,10 @@ def run_mixed(model, layer: int, batch: int, chunk: int, steps: int, eager: bool
     return out
 
 
+def _mode(r: dict) -> str:
+    return "eager" if r["eager"] else "graph+ov" if r.get("overlap") else "graph"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -151,6 +159,7 @@ def main() -> None:
     smol = random_model("smollm2-135m", device="cuda", dtype=torch.bfloat16, seed=0)
     for eager in (True, False):
         log({"model": "smollm2-135m", **run(smol, 19, 64, 50, 40, eager, profile=True)})
+    log({"model": "smollm2-135m", **run(smol, 19, 64, 50, 40, False, profile=True, overlap=True)})
     mixed = []
     for eager in (True, False):
         r = {"model": "smollm2-135m", **run_mixed(smol, 19, 47, 256, 20, eager)}
@@ -160,6 +169,7 @@ def main() -> None:
         for batch in (1, 16, 256):
             for eager in (True, False):
                 log({"model": "smollm2-135m", **run(smol, 19, batch, 50, 30, eager, profile=False)})
+        log({"model": "smollm2-135m", **run(smol, 19, 256, 50, 30, False, profile=False, overlap=True)})
     del smol
     gc.collect()
     torch.cuda.empty_cache()
@@ -170,6 +180,9 @@ def main() -> None:
                 r = run(big, 11, batch, 500, 24, eager, profile=False)
                 r["floor_ms"], r["gpt_fast_ms"] = ANCHORS_8B[batch]
                 log({"model": "llama3-8b", **r})
+            r = run(big, 11, batch, 500, 24, False, profile=False, overlap=True)
+            r["floor_ms"], r["gpt_fast_ms"] = ANCHORS_8B[batch]
+            log({"model": "llama3-8b", **r})
         for eager in (True, False):
             r = {"model": "llama3-8b", **run_mixed(big, 11, 47, 256, 12, eager)}
             mixed.append(r)
@@ -178,7 +191,7 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results, "mixed": mixed}
     (out / "engine_step.json").write_text(json.dumps(result, indent=1))
     lines = [f"engine step (trail + probe, random bf16 weights, decode steps), {result['device']}",
-             "model          batch context    mode   step ms  host ms  device ms  tok/s     (8B: floor / gpt-fast ms)"]
+             "model          batch context    mode     step ms  host ms  device ms  tok/s     (8B: floor / gpt-fast ms)"]
     for r in results:
         extra = f"  {r['floor_ms']:.2f} / {r['gpt_fast_ms']:.2f}" if "floor_ms" in r else ""
         lines.append(f"{r['model']:<14} {r['batch']:>5} {r['context']:<10} {'eager' if r['eager'] else 'graph':<6}"
@@ -191,7 +204,7 @@ def main() -> None:
                      f"{r['graphed_steps']:>6}/{r['steps']:<6}  {r['prefill_8x512_ms']:16.2f}  {r['prefill_tokens_per_s']:13.0f}")
     for r in results:
         if "median_phase_ms" in r:
-            lines.append(f"phases, smollm2-135m batch {r['batch']} {'eager' if r['eager'] else 'graph'} (median ms):")
+            lines.append(f"phases, smollm2-135m batch {r['batch']} {_mode(r)} (median ms):")
             lines += [f"  {k:<28} {v:8.3f}" for k, v in r["median_phase_ms"].items()]
     (out / "engine_step.summary.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -132,13 +133,20 @@ class LLMEngine:
         self._recorded: list[np.ndarray | None] = [None] * n     # add_request(recorded_predictions=)
         self._recorded_value = np.full(n, math.nan)             # the slot's current recorded value
         self._num_recorded = 0
-        pinned = self.device.type == "cuda"
-        self._pred_host = torch.zeros(n, dtype=torch.float32, pin_memory=pinned)
+        self._slot_rid = np.full(n, -1, np.int64)           # the request bound to each slot
+        self._pending_rid = np.full(n, -1, np.int64)        # request whose token is in flight, by slot,
+        self._pending_step = np.full(n, -1, np.int64)       # and the step drawing it
+        self._has_readout = np.zeros(n, bool)               # the probe has read the request out
+        self._prompt_pred = np.zeros(n, np.float32)
+        # what the scheduler reads: predictions by slot (see _refresh_predictions), generated counts
+        self._pred_sched = torch.zeros(n, dtype=torch.float32)
         self._gen_host = torch.zeros(n, dtype=torch.int32)
         self._gen = self._gen_host.numpy()
-        self._tokens_host = torch.zeros(config.max_batch, dtype=torch.int64, pin_memory=pinned)
-        self._compute_stream = torch.cuda.current_stream(self.device) if pinned else None
+        # pinned landing buffers of the device's predictions and tokens, one per step in flight
+        self._host_buffers = [_HostBuffers(n, config.max_batch + 1, self.device.type == "cuda") for _ in range(2)]
+        self._compute_stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         self._pending_timing: tuple | None = None
+        self._in_flight: _InFlight | None = None
 
         self._requests: dict[int, Request] = {}
         self._aborted: list[RequestOutput] = []
@@ -278,6 +286,9 @@ class LLMEngine:
                       text, true_length, slot, metrics=RequestMetrics(arrival, prompt_prediction=prediction))
         self._requests[rid] = req
         self._slot_req[slot] = req
+        self._slot_rid[slot] = rid
+        self._has_readout[slot] = False
+        self._prompt_pred[slot] = self._pred_sched[slot] = prediction
         self._tokens[slot, :len(ids)] = ids
         self._seq_len[slot] = self._prompt_len[slot] = len(ids)
         self._max_new[slot] = params.max_new_tokens
@@ -316,17 +327,12 @@ class LLMEngine:
         req = self._requests.get(request_id)
         if req is None or req.finished:
             return False
-        state = self.scheduler.cancel(request_id)
-        if state == State.SWAPPED:
-            self.kv.discard(req.swapped)
-            req.swapped = None
-        else:
-            self.kv.free(req.slot)
+        self._release(req, self.scheduler.cancel(request_id))
         self._aborted.append(self._finish(req, FinishReason.ABORT))
         return True
 
     def has_unfinished(self) -> bool:
-        return bool(self._requests) or bool(self._aborted)
+        return bool(self._requests) or bool(self._aborted) or self._in_flight is not None
 
     @property
     def num_unfinished(self) -> int:
@@ -335,57 +341,99 @@ class LLMEngine:
     # ---- the step --------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One engine step; returns the outputs of every request that got a token, finished or was
-        aborted since the last step."""
+        aborted since the last step. With `EngineConfig.overlap` the step launched here is
+        completed (synced, postprocessed) by the next call, after that call has launched its own:
+        the CPU schedules and prepares step n+1 while the GPU runs step n, and outputs arrive
+        one call later."""
         outputs, self._aborted = self._aborted, []
-        if not self._requests:
-            return outputs
+        launched = self._launch() if self._requests else None
+        if self.config.overlap:
+            done, self._in_flight = self._in_flight, launched
+        else:
+            done = launched
+        if done is not None:
+            outputs += self._complete(done)
+        return outputs
+
+    def _launch(self) -> "_InFlight | None":
+        """schedule -> apply preemptions -> KV (swap-ins, allocations) -> stage -> execute, and the
+        copies of predictions then tokens to pinned host; nothing waits for the device."""
         clock = _PhaseClock(self.device if self.profile_phases else None)
         now = self.now()
         self._collect_device_time()
-        # schedule
         self.kv.reclaim()
-        plan = self.scheduler.step(self._pred_host, self._gen_host, self.kv.num_free_blocks,
+        plan = self.scheduler.step(self._pred_sched, self._gen_host, self.kv.num_free_blocks,
                                    self.kv.num_free_host_blocks, now)
         clock.mark("schedule")
-        # apply preemptions, then swap-ins / allocations, then the batch
         counts = self._apply_preemptions(plan.preempted.numpy())
-        rows = plan.scheduled.numpy()
+        rows = self._drop_finishing(plan.scheduled.numpy())
         if len(rows) == 0:
             logger.debug("step %d: nothing runnable (stop reason %d)", self._step_index, plan.stop_reason)
-            return outputs
+            return None
         swap_in_bytes = self._prepare_kv(rows, now)
         batch = self.runner.prepare_plan(self._batch_plan(rows))
         clock.mark("prepare", device=True)
-        # execute: forward (layer tap) -> probe -> sample, all enqueued on the device; the
-        # predictions are copied to pinned host before the tokens, on the same stream
         t_dev = self._record_event()
         next_tokens, expected = self._execute(batch, rows, clock)
+        host = self._host_buffers[self._step_index % 2]     # the step in flight owns the other one
+        preds = None
         if expected is not None:
-            self._pred_host.copy_(expected[:self.config.max_slots], non_blocking=True)
-        tokens = self._tokens_host[:len(batch.sampled)]
-        tokens.copy_(next_tokens[:len(batch.sampled)], non_blocking=True)
-        # the one sync
-        self._sync(t_dev)
+            preds = host.preds
+            preds.copy_(expected[:self.config.max_slots], non_blocking=True)
+        n = len(batch.sampled)
+        tokens = host.tokens[:n]
+        tokens.copy_(next_tokens[:n], non_blocking=True)
+        end = self._record_event()
+        sampled_rows = rows[batch.sampled]
+        self._pending_rid[sampled_rows[:, SCHED.SLOT]] = sampled_rows[:, SCHED.ID]
+        self._pending_step[sampled_rows[:, SCHED.SLOT]] = self._step_index
+        step = _InFlight(self._step_index, now, rows, sampled_rows, tokens, preds, t_dev, end, clock, counts,
+                         swap_in_bytes)
+        self._step_index += 1
+        return step
+
+    def _complete(self, step: "_InFlight") -> list[RequestOutput]:
+        """The one sync (the step's tokens; its predictions were copied before them on the same
+        stream), then postprocess and telemetry."""
+        clock, rows = step.clock, step.rows
+        clock.resume()
+        self._sync(step)
         clock.mark("sync")
-        outputs += self._postprocess(rows, tokens.numpy())
+        slots = step.sampled_rows[:, SCHED.SLOT]
+        self._pending_rid[slots[self._pending_step[slots] == step.index]] = -1
+        preds = None if step.preds is None else step.preds.numpy()
+        outputs = self._postprocess(step.sampled_rows, step.tokens.numpy(), preds)
+        self._refresh_predictions(preds)
         clock.mark("postprocess")
+        counts = step.counts
         recompute = (rows[:, SCHED.FLAGS] & row_flags.RECOMPUTE) != 0
         prefill = rows[:, SCHED.KIND] == 1
-        host = clock.total() - clock.get("sync")
         self.telemetry.add_step(
-            self._step_index, now, len(rows), int(rows[:, SCHED.TOKENS].sum()), int(rows[prefill, SCHED.TOKENS].sum()),
+            step.index, step.now, len(rows), int(rows[:, SCHED.TOKENS].sum()), int(rows[prefill, SCHED.TOKENS].sum()),
             int((~prefill).sum()), counts[Mode.KEEP], counts[Mode.SWAP], counts[Mode.RECOMPUTE], counts["forced"],
-            counts["swap_out_bytes"], swap_in_bytes, int(rows[recompute, SCHED.TOKENS].sum()),
-            host, clock.get("sync"), math.nan)
+            counts["swap_out_bytes"], step.swap_in_bytes, int(rows[recompute, SCHED.TOKENS].sum()),
+            clock.total() - clock.get("sync"), clock.get("sync"), math.nan)
+        if step.t_dev is not None:
+            self._pending_timing = (step.t_dev, step.end, len(self.telemetry.steps) - 1)
         if self.profile_phases:
             self.telemetry.phases.append(clock.report(len(rows), int(rows[:, SCHED.TOKENS].sum())))
-        self._step_index += 1
         return outputs
 
+    def _drop_finishing(self, rows: np.ndarray) -> np.ndarray:
+        """Sampling rows of requests whose token in flight is their last (they reached their length
+        and finish when that step completes; only with overlap) are not run."""
+        if not self.config.overlap or self._in_flight is None or len(rows) == 0:
+            return rows
+        slots = rows[:, SCHED.SLOT]
+        finishing = ((self._pending_rid[slots] == rows[:, SCHED.ID])
+                     & (self._gen[slots] + 1 >= self._stop_len[slots])
+                     & ((rows[:, SCHED.FLAGS] & row_flags.SAMPLE) != 0))
+        return rows[~finishing] if finishing.any() else rows
+
     def _execute(self, batch, rows: np.ndarray, clock: "_PhaseClock"):
-        """-> (next tokens, the probe's expected remaining by slot or None). A decode step with a
-        captured CUDA graph is one replay of forward + probe + sample (its phases read as
-        'forward'); any other step runs them eagerly."""
+        """-> (next tokens, the probe's expected remaining by slot or None). A step with a captured
+        CUDA graph (decode, or mixed within the token buckets) is one replay of forward + probe +
+        sample (its phases read as 'forward'); any other step runs them eagerly."""
         if batch.graph is not None:
             next_tokens, expected, _ = self.runner.replay(batch)
             clock.mark("forward", device=True)
@@ -457,15 +505,19 @@ class LLMEngine:
         return moved
 
     def _batch_plan(self, rows: np.ndarray) -> BatchPlan:
+        """The plan's rows as the runner's BatchPlan. A decode row's token is the slot's last
+        sampled token, which the runner reads on the device (-1 here): with overlap the host has
+        not seen it yet."""
         slots, starts, ntok, flags = (rows[:, SCHED.SLOT], rows[:, SCHED.CTX_START], rows[:, SCHED.TOKENS],
                                       rows[:, SCHED.FLAGS])
         cu = np.zeros(len(rows) + 1, np.int64)
         np.cumsum(ntok, out=cu[1:])
         positions = np.repeat(starts - cu[:-1], ntok) + np.arange(cu[-1])
-        token_ids = self._tokens[np.repeat(slots, ntok), positions]
+        prefill = (flags & row_flags.PREFILL) != 0
+        token_ids = np.where(np.repeat(prefill, ntok), self._tokens[np.repeat(slots, ntok), positions], -1)
         # the probe's count: output tokens fed up to this row (0 for a prompt chunk)
-        gen = self._gen[slots].astype(np.int64)
-        num_generated = np.where((flags & row_flags.PREFILL) != 0, np.where((flags & row_flags.RECOMPUTE) != 0, gen, 0), gen)
+        gen = self._gen[slots].astype(np.int64) + (self._pending_rid[slots] == rows[:, SCHED.ID])
+        num_generated = np.where(prefill, np.where((flags & row_flags.RECOMPUTE) != 0, gen, 0), gen)
         return BatchPlan(slots, flags, starts, ntok, token_ids, num_generated, self._max_new[slots])
 
     def _record_event(self):
@@ -475,30 +527,31 @@ class LLMEngine:
         ev.record()
         return ev
 
-    def _sync(self, t_dev) -> None:
-        """The step's one host-device sync: the tokens (the predictions were copied before them
+    def _sync(self, step: "_InFlight") -> None:
+        """The step's one host-device sync: its tokens (the predictions were copied before them
         on the same stream, so they are in too)."""
-        if self.device.type != "cuda":
-            return
-        end = torch.cuda.Event(enable_timing=True)
-        end.record()
-        end.synchronize()
-        self._pending_timing = (t_dev, end, len(self.telemetry.steps))
+        if step.end is not None:
+            step.end.synchronize()
 
     def _collect_device_time(self) -> None:
         if self._pending_timing is None:
             return
         start, end, index = self._pending_timing
         self._pending_timing = None
-        if start is not None and index < len(self.telemetry.steps):
+        if index < len(self.telemetry.steps):
             row = list(self.telemetry.steps[index])
             row[-1] = start.elapsed_time(end) / 1e3
             self.telemetry.steps[index] = tuple(row)
 
-    def _postprocess(self, rows: np.ndarray, tokens: np.ndarray) -> list[RequestOutput]:
+    def _postprocess(self, rows: np.ndarray, tokens: np.ndarray, preds: np.ndarray | None) -> list[RequestOutput]:
+        """`rows`: the step's sampling rows, `tokens` their tokens, `preds` the probe's readout by
+        slot. Rows of requests that finished or were aborted since the step launched (with
+        overlap) are dropped."""
+        live = self._slot_rid[rows[:, SCHED.SLOT]] == rows[:, SCHED.ID]
+        if not live.all():
+            rows, tokens = rows[live], tokens[live]
         flags = rows[:, SCHED.FLAGS]
-        sampled = np.flatnonzero(flags & row_flags.SAMPLE)
-        slots = rows[sampled, SCHED.SLOT]
+        slots = rows[:, SCHED.SLOT]
         fed = self._gen[slots].astype(np.int64)        # output tokens the model had read before this token
         self._tokens[slots, self._seq_len[slots]] = tokens
         self._seq_len[slots] += 1
@@ -506,11 +559,14 @@ class LLMEngine:
         gen = self._gen[slots]
         eos = np.isin(tokens, self.eos_ids) & ~self._ignore_eos[slots]
         length = gen >= self._stop_len[slots]
-        predicted = (flags[sampled] & row_flags.RECOMPUTE) == 0
-        self._apply_recorded(slots, fed, predicted)
-        preds = self._pred_host.numpy()[slots] if self.probe is not None else None
+        predicted = (flags & row_flags.RECOMPUTE) == 0
+        readout = None
+        if preds is not None:
+            readout = preds[slots].astype(np.float64)
+            self._has_readout[slots[predicted]] = True
+            self._apply_recorded(slots, fed, predicted, readout)
         now = self.now()
-        outputs, finished_ids = [], []
+        outputs, finished = [], []
         custom = self._custom_stop[slots]
         for i, slot in enumerate(slots.tolist()):
             req = self._slot_req[slot]
@@ -520,8 +576,8 @@ class LLMEngine:
             m.token_times.append(now)
             if m.first_token is None:
                 m.first_token = now
-            if preds is not None and predicted[i]:
-                m.predictions.append((int(fed[i]), float(preds[i])))
+            if readout is not None and predicted[i]:
+                m.predictions.append((int(fed[i]), float(readout[i])))
             reason = FinishReason.STOP if eos[i] else FinishReason.LENGTH if length[i] else None
             if custom[i] and reason is None and tok in req.params.stop_token_ids:
                 reason = FinishReason.STOP
@@ -533,24 +589,38 @@ class LLMEngine:
                     req.text = req.text[:cut]
                     reason = FinishReason.STOP
             if reason is not None:
-                finished_ids.append(req.id)
-                outputs.append(self._finish(req, reason))
+                req.finish_reason = reason
+                finished.append(req)
             else:
                 outputs.append(self._output(req))
-        if finished_ids:
-            self.scheduler.finish_many(finished_ids)
+        if finished:
+            outputs += self._finish_many(finished)
         return outputs
 
-    def _apply_recorded(self, slots: np.ndarray, fed: np.ndarray, predicted: np.ndarray) -> None:
-        """Recorded predictions replace the probe's readout (which this step's copy just wrote for
-        every slot) for the requests that carry them."""
-        for slot, g, ok in zip(slots.tolist(), fed.tolist(), predicted.tolist()):
+    def _apply_recorded(self, slots: np.ndarray, fed: np.ndarray, predicted: np.ndarray, readout: np.ndarray) -> None:
+        """Recorded predictions (add_request(recorded_predictions=)) replace the probe's readout
+        of the requests that carry them."""
+        if not self._num_recorded:
+            return
+        for i, (slot, g, ok) in enumerate(zip(slots.tolist(), fed.tolist(), predicted.tolist())):
             rec = self._recorded[slot]
-            if rec is not None and ok:
-                self._recorded_value[slot] = rec[min(g, len(rec) - 1)]
-        held = np.flatnonzero(~np.isnan(self._recorded_value))
-        if held.size:
-            self._pred_host.numpy()[held] = self._recorded_value[held]
+            if rec is not None:
+                if ok:
+                    self._recorded_value[slot] = rec[min(g, len(rec) - 1)]
+                readout[i] = self._recorded_value[slot]
+
+    def _refresh_predictions(self, preds: np.ndarray | None) -> None:
+        """What the scheduler reads next: the probe's readout by slot; a slot whose request has no
+        readout yet (its prefill not completed) keeps its prompt-time prediction; recorded
+        predictions where a request carries them."""
+        sched = self._pred_sched.numpy()
+        if preds is not None:
+            np.copyto(sched, preds)
+        waiting = ~self._has_readout
+        sched[waiting] = self._prompt_pred[waiting]
+        if self._num_recorded:
+            held = np.flatnonzero(~np.isnan(self._recorded_value))
+            sched[held] = self._recorded_value[held]
 
     def _output(self, req: Request) -> RequestOutput:
         new_ids = req.output_ids[req.sent_tokens:]
@@ -559,17 +629,35 @@ class LLMEngine:
         return RequestOutput(req.id, new_ids, delta, list(req.output_ids), req.text, req.finished,
                              req.finish_reason, req.metrics, req.prompt_ids)
 
+    def _finish_many(self, reqs: list[Request]) -> list[RequestOutput]:
+        """Requests that stopped: removed from the scheduler in whatever state it now holds them
+        (with overlap a request may have been preempted after its last token was drawn), their
+        blocks (GPU, or host if swapped out) and slots released."""
+        states = self.scheduler.cancel_many([r.id for r in reqs]).tolist()
+        outputs = []
+        for req, state in zip(reqs, states):
+            self._release(req, State(state))
+            outputs.append(self._finish(req, req.finish_reason))
+        return outputs
+
+    def _release(self, req: Request, state: State) -> None:
+        if state == State.SWAPPED:
+            self.kv.discard(req.swapped)
+            req.swapped = None
+        else:
+            self.kv.free(req.slot)
+
     def _finish(self, req: Request, reason: FinishReason) -> RequestOutput:
-        """Marks `req` finished and releases its slot and blocks (the scheduler side is the
-        caller's: finish_many for stops, cancel for aborts)."""
+        """Marks `req` finished and unbinds its slot (its scheduler entry and blocks are already
+        released: `_finish_many`, `abort`)."""
         req.finish_reason = reason
         req.metrics.finished = self.now()
-        if reason != FinishReason.ABORT:
-            self.kv.free(req.slot)
-        self._slot_req[req.slot] = None
-        self._num_recorded -= self._recorded[req.slot] is not None
-        self._recorded[req.slot] = None
-        self._recorded_value[req.slot] = math.nan
+        slot = req.slot
+        self._slot_req[slot] = None
+        self._slot_rid[slot] = -1
+        self._num_recorded -= self._recorded[slot] is not None
+        self._recorded[slot] = None
+        self._recorded_value[slot] = math.nan
         del self._requests[req.id]
         self.telemetry.add_request(req.id, len(req.prompt_ids), len(req.output_ids), reason.value, req.metrics)
         return self._output(req)
@@ -598,12 +686,38 @@ class LLMEngine:
     def check_idle(self) -> None:
         """Asserts that no request holds anything (every block and slot returned)."""
         assert not self._requests and self.scheduler.num_active == 0, "requests still active"
+        assert self._in_flight is None and (self._pending_rid == -1).all(), "a step is still in flight"
         self.kv.reclaim(wait=True)
         assert self.kv.num_free_blocks == self.kv.num_blocks, "GPU KV blocks leaked"
         assert self.kv.num_free_host_blocks == self.kv.num_host_blocks, "host KV blocks leaked"
         assert all(r is None for r in self._slot_req), "a slot is still bound"
         self.kv.gpu_allocator.check()
         self.kv.host_allocator.check()
+
+
+class _HostBuffers:
+    """Pinned landing buffers of one step's device results: predictions by slot, tokens by
+    sampling row."""
+
+    def __init__(self, slots: int, rows: int, pinned: bool):
+        self.preds = torch.zeros(slots, dtype=torch.float32, pin_memory=pinned)
+        self.tokens = torch.zeros(rows, dtype=torch.int64, pin_memory=pinned)
+
+
+@dataclass
+class _InFlight:
+    """A launched step, until `_complete` syncs and postprocesses it."""
+    index: int
+    now: float
+    rows: np.ndarray              # the plan's rows
+    sampled_rows: np.ndarray      # the rows that draw a token, in token order
+    tokens: torch.Tensor          # pinned host, filled by the step's copy
+    preds: torch.Tensor | None    # pinned host, the probe's readout by slot
+    t_dev: object                 # CUDA events around the step's device work (None on CPU)
+    end: object
+    clock: "_PhaseClock"
+    counts: dict
+    swap_in_bytes: int
 
 
 class _PhaseClock:
@@ -629,6 +743,11 @@ class _PhaseClock:
         self.t = t
         if device and self.cuda and self.profiling:
             self.events.append((phase, self._event()))
+
+    def resume(self) -> None:
+        """Host time from here on counts for this step again (with overlap, other steps' work
+        ran in between)."""
+        self.t = time.perf_counter()
 
     def get(self, phase: str) -> float:
         return self.host.get(phase, 0.0)

@@ -53,6 +53,9 @@ class EngineConfig:
       prefill chunks, recomputes and decodes together, in max_batch + 1 rows; None:
       trail.model_runner.mixed_token_sizes up to max_tokens_per_step (at most 8192) +
       max_batch + 1; (): such steps run eager). On CPU every step runs eager.
+    overlap: the CPU schedules and prepares step n+1 while the device runs step n (each
+      `LLMEngine.step()` launches one step and completes the one before; outputs arrive one call
+      later, the scheduler sees predictions and finishes one step later).
     """
     policy: str = "trail"
     policy_options: Mapping[str, Any] = field(default_factory=dict)
@@ -72,6 +75,7 @@ class EngineConfig:
     enforce_eager: bool = False
     cuda_graph_sizes: tuple[int, ...] | None = None
     cuda_graph_tokens: tuple[int, ...] | None = None
+    overlap: bool = False
 
     def __post_init__(self):
         if self.policy not in POLICIES:

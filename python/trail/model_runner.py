@@ -72,7 +72,9 @@ class Segment:
 @dataclass
 class BatchPlan:
     """One step's rows as numpy columns (int64): slots (distinct), flags, starts, num_tokens, and
-    token_ids [sum num_tokens] concatenated in row order. num_generated / max_new_tokens are the
+    token_ids [sum num_tokens] concatenated in row order (-1 in a decode row: the slot's last
+    sampled token, read on the device: the engine's overlapped loop has not seen it on the host
+    yet). num_generated / max_new_tokens are the
     probe's per-row counts (trail_kernels.probe), carried to the device in the same copy."""
     slots: np.ndarray
     flags: np.ndarray
@@ -126,7 +128,6 @@ class StepBatch:
     sampled: list[int]           # host: indices of the rows that sample
     num_tokens: int
     all_greedy: bool = False     # host: every sampling row is greedy (argmax, no sort)
-    seen_index: torch.Tensor | None = None     # int64 [T], flat index of each token in `seen`
     probe_slots: torch.Tensor | None = None    # int32 [S], the probe's slot per row (pads: scratch)
     exact_sampler: bool = False  # host: a row's top_k exceeds MAX_CANDIDATES (sorted sampler)
     graph: tuple[str, int, bool] | None = None  # (kind, bucket, greedy) when a captured graph runs the step
@@ -177,7 +178,7 @@ def bucket_for(n: int, sizes: Sequence[int]) -> int | None:
 
 # (name, numpy dtype, per token / per row / per row + 1)
 _COLUMNS = (
-    ("input_ids", np.int64, "T"), ("positions", np.int64, "T"), ("seen_index", np.int64, "T"),
+    ("input_ids", np.int64, "T"), ("positions", np.int64, "T"),
     ("token_slots", np.int32, "T"),
     ("cu", np.int32, "R1"), ("ctx", np.int32, "R"), ("attn_slots", np.int32, "R"), ("probe_slots", np.int32, "R"),
     ("starts", np.int32, "R"), ("flags", np.int32, "R"), ("num_gen", np.int32, "R"), ("max_new", np.int32, "R"),
@@ -254,6 +255,8 @@ class ModelRunner:
         self.max_context = self.max_blocks * self.block_size
         # row max_slots is a scratch row for padded rows (CUDA-graph buckets)
         self.seen = torch.zeros(self.max_slots + 1, cfg.vocab_size, dtype=torch.bool, device=self.device)
+        # each slot's last sampled token (row max_slots: pads), the input of its next decode
+        self.last_tokens = torch.zeros(self.max_slots + 1, dtype=torch.int64, device=self.device)
         self._rng = random.Random(seed)
         # per-slot sampling parameters, written at admission (set_sampling); index max_slots = pads
         n = self.max_slots + 1
@@ -397,7 +400,7 @@ class ModelRunner:
         self._ensure_capacity(Tt, rows)
         buf = self.buffers
         buf.wait_reusable()
-        c, ar, pad_slot, V = buf.np, self._arange, self.max_slots, self.config.vocab_size
+        c, ar, pad_slot = buf.np, self._arange, self.max_slots
         token_slots = np.repeat(slots, lens)
         c["input_ids"][:T] = plan.token_ids
         c["input_ids"][T:Tt] = 0
@@ -405,8 +408,6 @@ class ModelRunner:
         c["positions"][T:Tt] = 0
         c["token_slots"][:T] = token_slots
         c["token_slots"][T:Tt] = -1
-        c["seen_index"][:T] = token_slots * V + plan.token_ids
-        c["seen_index"][T:Tt] = pad_slot * V
         c["cu"][:S + 1] = cu
         c["cu"][S + 1:rows + 1] = T + ar[1:P + 1]
         c["cu"][rows] = Tt
@@ -462,7 +463,7 @@ class ModelRunner:
             temperature=t["temperature"][:samples], top_k=t["top_k"][:samples], top_p=t["top_p"][:samples],
             repetition_penalty=t["penalty"][:samples], uniforms=t["uniforms"][:samples],
             reset_slots=t["reset_slots"][:resets], num_generated=t["num_gen"][:rows], max_new_tokens=t["max_new"][:rows],
-            sampled=[], num_tokens=tokens, seen_index=t["seen_index"][:tokens], probe_slots=t["probe_slots"][:rows])
+            sampled=[], num_tokens=tokens, probe_slots=t["probe_slots"][:rows])
 
     def graph_eligible(self, plan: BatchPlan) -> bool:
         """A decode-only step that a captured graph can run: every row one token, SAMPLE only (no
@@ -602,10 +603,14 @@ class ModelRunner:
     # ---- device side -----------------------------------------------------------------------
     def forward(self, batch: StepBatch) -> tuple[torch.Tensor, LayerTap | None]:
         """-> (logits fp32 [R, vocab] of the sampling rows' last tokens, layer tap or None)."""
+        # a token id of -1 is the slot's last sampled token, read here on the device
+        slots = batch.token_slots.long()
+        ids = torch.where(batch.input_ids >= 0, batch.input_ids, self.last_tokens.index_select(0, slots.clamp(min=0)))
         self.seen.index_fill_(0, batch.reset_slots, False)
         # a flat scatter: indexed assignment (index_put_) checks its indices with a host sync
-        self.seen.view(-1).scatter_(0, batch.seen_index, True)
-        logits, states = self.model(batch.input_ids, batch.meta, self.kv_cache,
+        self.seen.view(-1).scatter_(0, torch.where(slots >= 0, slots, self.max_slots) * self.config.vocab_size + ids,
+                                    True)
+        logits, states = self.model(ids, batch.meta, self.kv_cache,
                                     logits_indices=batch.logits_indices, tap_layer=self.tap_layer)
         tap = None
         if states is not None:
@@ -619,11 +624,17 @@ class ModelRunner:
         return self._sample(logits, batch, batch.all_greedy, batch.exact_sampler)
 
     def _sample(self, logits: torch.Tensor, batch: StepBatch, greedy: bool, exact: bool) -> torch.Tensor:
+        """Next tokens of the sampling entries, also kept by slot in `last_tokens` (the next
+        decode's input)."""
         seen = self.seen.index_select(0, batch.sample_slots)
         if greedy:                # argmax only when no row samples
-            return torch.argmax(apply_repetition_penalty(logits.float(), seen, batch.repetition_penalty), dim=-1)
-        fn = sample_reference if exact else sample    # exact: a row's top_k exceeds the candidates
-        return fn(logits, batch.temperature, batch.top_k, batch.top_p, batch.repetition_penalty, batch.uniforms, seen)
+            tokens = torch.argmax(apply_repetition_penalty(logits.float(), seen, batch.repetition_penalty), dim=-1)
+        else:
+            fn = sample_reference if exact else sample    # exact: a row's top_k exceeds the candidates
+            tokens = fn(logits, batch.temperature, batch.top_k, batch.top_p, batch.repetition_penalty, batch.uniforms,
+                        seen)
+        self.last_tokens.index_copy_(0, batch.sample_slots, tokens)
+        return tokens
 
     def execute(self, plan: BatchPlan) -> StepOutput:
         batch = self.prepare_plan(plan)
