@@ -1,23 +1,43 @@
-"""End-to-end serving benchmark: fcfs vs sjf_prompt vs trail (variants) vs oracle on one engine,
-the same requests, open-loop arrivals in real time (issue 16; run by `bench/gpu_suite.sh serve`
-through bench/suite/serve_smollm2.py).
+"""End-to-end serving benchmark: fcfs vs sjf_prompt vs trail (variants) vs oracle on one engine
+per policy, the same requests, open-loop arrivals in real time (issue 16; run by
+`bench/gpu_suite.sh serve` through bench/suite/serve_smollm2.py).
 
 Workload: held-out requests of the recorded trace (bench/results/predictor/trace.jsonl.gz: prompts
 of ShareGPT / Alpaca and SmolLM2-135M-Instruct's recorded output lengths, greedy with repetition
 penalty 1.1, max 512 new tokens), replayed: each request stops at its recorded length with EOS
-ignored, so every policy does the same work; the predictors only see the 512 cap. Arrivals: Poisson
-at a load x the saturation rate measured first in the same run (fcfs, all requests at once:
-completed requests per second), or a burst (all at once). Memory regimes: `ample` (a batch cap,
-KV for every running request) and `kv` (a GPU pool for --kv-requests average requests + host blocks:
-memory binds, so keep / swap / recompute happen).
+ignored, so every policy does the same work; the predictors only see the 512 cap. The held-out
+pool has 367 requests; a run of more draws every pool request once (a seeded permutation) and the
+rest again from further permutations: the JSON states how many are reused (`reused`).
+
+Arrivals: Poisson at load x the *sustained* saturation rate, or a burst (all at once). The
+saturation rate is searched first (`--saturation search`): fcfs serves short Poisson probes at
+increasing rates; a rate is sustained when the queueing delay does not grow over the probe (mean
+TTFT of the last quarter of arrivals minus the first quarter's <= --sat-growth x the mean service
+time); saturation = the highest sustained rate (geometric steps, then bisection). Short probes
+overstate it (simulated on run2's costs: 200-request probes with 0.5 -> 23-25 req/s, 300 with
+0.25 -> ~22, 1,000 -> ~20), hence the defaults 300 requests, 0.25. Or given:
+`--saturation ample=R,kv=R` or a JSON file from an earlier run (its saturation_req_s_* keys).
+
+Memory regimes: `ample` (a batch cap, KV for every running request) and `kv` (a GPU pool for
+--kv-requests average requests + host blocks: memory binds, so keep / swap / recompute happen).
+
+Predictions: the shipped probe and prompt predictor (real SmolLM2 weights), or with
+`--recorded-predictions` the SmolLM2 probe's per-step predictions recorded on the same requests
+(bench/results/sim/recorded_predictions.npz, by trace id) and its prompt predictor's totals: the
+probe kernel still runs for its cost, the scheduler is fed the recorded values. This is the mode
+for the 8B shape with random weights (`--model random:llama3-8b`); every output says so.
+
+Grid: regime x load x seed cells (seed-major). `--section I/N` runs the I-th of N equal slices
+(1-based), `--cells ample:1.1:0,kv:burst:2` an explicit list; each call writes its own serve.json
+(per cell and policy: compare.summarize's figures, ratios, oracle fraction, per-request latency /
+TTFT, the request ids and arrivals) and serve_steps.npz (the engines' per-step telemetry, for
+bench/sim_vs_real.py), within --budget-s. `python bench/serve.py merge DIR ... --out DIR` combines
+sections into serve.json, serve.summary.txt (mean and spread over seeds) and plots vs load.
 
     python bench/serve.py --out DIR [--model GGUF|HF_DIR|random:PRESET] [--regimes ample,kv]
-        [--loads 1.0,1.1,burst] [--seeds 0,1,2] [--num-requests 120] [--budget-s 420]
-
-Cells (regime x load x seed) run in that order until the time budget is spent; the JSON says which
-ran. Per cell and policy: compare.summarize's figures (mean / p50 / p99 latency, TTFT, throughput,
-preemptions, swaps, recomputed tokens) plus the ratio to fcfs, the oracle fraction and the ratio to
-sjf_prompt; tables (serve.summary.txt) and plots (latency / TTFT / p99 vs load per regime).
+        [--loads 0.8,1.0,1.1,burst] [--seeds 0,1,2] [--num-requests 500] [--section 1/3]
+        [--saturation search|ample=R,kv=R|FILE] [--recorded-predictions] [--budget-s 420]
+    python bench/serve.py merge DIR [DIR ...] --out DIR
 """
 from __future__ import annotations
 
@@ -26,21 +46,23 @@ import gc
 import gzip
 import json
 import logging
+import math
 import time
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from trail.compare import ReplayRequest, compare, run_policy
-from trail.engine import LLMEngine
-from trail.engine_config import EngineConfig
 from trail.request import SamplingParams
 from trail.scheduler_types import TRAIL_PAPER
+from trail.telemetry import STEP_FIELDS, Telemetry
 
 logger = logging.getLogger("serve")
 ROOT = Path(__file__).resolve().parents[1]
 TRACE = ROOT / "bench" / "results" / "predictor" / "trace.jsonl.gz"
+RECORDED = ROOT / "bench" / "results" / "sim" / "recorded_predictions.npz"
 
 # name -> (policy, policy_options)
 POLICIES = {
@@ -54,8 +76,12 @@ POLICIES = {
 }
 
 
-def held_out_requests(max_prompt: int = 512) -> list[tuple[list[int], int]]:
-    """(prompt ids, recorded output length) of the trace's val + test requests (never trained on)."""
+# ------------------------------------------------------------------------------------------------
+# Workload
+# ------------------------------------------------------------------------------------------------
+def held_out_requests(max_prompt: int = 512) -> list[tuple[str, list[int], int]]:
+    """(trace id, prompt ids, recorded output length) of the trace's val + test requests (never
+    trained on), in trace order."""
     from trail.predictor.bins import split_of
 
     out = []
@@ -64,19 +90,94 @@ def held_out_requests(max_prompt: int = 512) -> list[tuple[list[int], int]]:
         for line in f:
             r = json.loads(line)
             if split_of(r["id"]) in ("val", "test") and len(r["prompt_ids"]) <= max_prompt:
-                out.append((r["prompt_ids"], len(r["output_ids"])))
+                out.append((r["id"], r["prompt_ids"], len(r["output_ids"])))
     return out
 
 
-def workload(pool, n: int, rate: float | None, seed: int) -> list[ReplayRequest]:
-    """n requests drawn from `pool` (without replacement while it lasts); Poisson arrivals at
-    `rate` req/s, or all at t = 0 when rate is None."""
+def workload_indices(pool_size: int, n: int, rate: float | None, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(pool indices, arrival times, how many indices repeat an earlier one): a seeded
+    permutation of the pool, continued by further permutations when n exceeds it (each request at
+    most ceil(n / pool) times); Poisson arrivals at `rate` req/s, or all at t = 0 when rate is
+    None. For n <= pool_size the draws equal the first serving runs' (serve_run1 / serve_run2)."""
     rng = np.random.default_rng(seed)
-    idx = rng.permutation(len(pool))[:n] if n <= len(pool) else rng.integers(0, len(pool), n)
+    idx = rng.permutation(pool_size)[:n]
+    while len(idx) < n:
+        idx = np.concatenate([idx, rng.permutation(pool_size)[: n - len(idx)]])
     arrivals = np.zeros(n) if rate is None else np.cumsum(rng.exponential(1.0 / rate, n))
-    return [ReplayRequest(pool[i][0], pool[i][1], float(t)) for i, t in zip(idx, arrivals)]
+    return idx, arrivals, max(0, n - pool_size)
 
 
+def workload(pool, n: int, rate: float | None, seed: int, recorded: dict | None = None) -> tuple[list[ReplayRequest], dict]:
+    """n requests of `pool` (see workload_indices) as ReplayRequests, and what identifies them
+    (trace ids, arrivals, reused count). `recorded`: trace id -> per-step predictions to feed."""
+    idx, arrivals, reused = workload_indices(len(pool), n, rate, seed)
+    reqs = [ReplayRequest(pool[i][1], pool[i][2], float(t),
+                          None if recorded is None else recorded[pool[i][0]]) for i, t in zip(idx, arrivals)]
+    return reqs, {"request_ids": [pool[i][0] for i in idx], "arrivals": [round(float(t), 6) for t in arrivals],
+                  "reused": reused}
+
+
+def load_recorded(path: Path = RECORDED) -> tuple[dict, dict, str]:
+    """trace id -> per-step predicted remaining (float32), trace id -> prompt-time total, and a
+    label naming the source."""
+    d = np.load(path)
+    meta = json.loads(str(d["meta"]))
+    cu = d["cu"]
+    pred = {str(k): d["pred"][cu[i]: cu[i + 1]].astype(np.float32) for i, k in enumerate(d["ids"])}
+    prompt = {str(k): float(v) for k, v in zip(d["ids"], d["prompt_pred"])}
+    return pred, prompt, f"recorded from {meta['model']} (layer {meta['layer']}, {meta['prompt_predictor']}) in {path.name}"
+
+
+def queue_growth(arrival: np.ndarray, ttft: np.ndarray, latency: np.ndarray) -> float:
+    """Growth of the queueing delay over a Poisson run, in mean service times: mean TTFT of the
+    last quarter of arrivals minus the first quarter's, over mean (latency - TTFT)."""
+    order = np.argsort(arrival, kind="stable")
+    q = max(1, len(order) // 4)
+    service = float(np.mean(latency - ttft))
+    return float(ttft[order[-q:]].mean() - ttft[order[:q]].mean()) / max(service, 1e-9)
+
+
+def saturation_search(probe: Callable[[float], dict], start: float, growth: float = 0.25, step: float = 1.3,
+                      bisect: int = 2, max_probes: int = 5) -> dict:
+    """Highest sustained rate: probe(rate) -> {'growth': ...}; up by `step` from `start` while
+    sustained (down while not), then `bisect` geometric bisections. Returns the rate and every probe."""
+    probes = []
+
+    def ok(rate):
+        r = probe(rate)
+        r["rate"] = rate
+        r["sustained"] = bool(r["growth"] <= growth)
+        probes.append(r)
+        logger.info("saturation probe %.2f req/s: growth %.2f service times -> %s", rate, r["growth"],
+                    "sustained" if r["sustained"] else "not sustained")
+        return r["sustained"]
+
+    lo = hi = None
+    rate = start
+    while len(probes) < max_probes:
+        if ok(rate):
+            lo = rate
+            if hi is not None:
+                break
+            rate *= step
+        else:
+            hi = rate
+            if lo is not None:
+                break
+            rate /= step
+    for _ in range(bisect):
+        if lo is None or hi is None or len(probes) >= max_probes:
+            break
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    rate = lo if lo is not None else min(p["rate"] for p in probes)
+    return {"rate": rate, "bracket": [lo, hi], "criterion": f"queueing-delay growth <= {growth} service times",
+            "probes": probes}
+
+
+# ------------------------------------------------------------------------------------------------
+# Engines
+# ------------------------------------------------------------------------------------------------
 def load_parts(model_source: str, device: str):
     from trail.models.loader import load_model
     from trail.predictor.probe_file import load_probe_params, shipped_probe_dir
@@ -84,29 +185,137 @@ def load_parts(model_source: str, device: str):
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = load_model(model_source, device, dtype)
-    if model_source.startswith("random:"):       # timing / smoke runs: a random probe of the shipped size
-        probe = ProbeParams.random(model.config.hidden_size, 512, 10, generator=torch.Generator().manual_seed(0))
-        return model, probe, min(19, model.config.num_layers - 1), None
     shipped = shipped_probe_dir("SmolLM2-135M-Instruct")
+    if model_source.startswith("random:"):       # timing / recorded runs: a random probe of the shipped size
+        probe = ProbeParams.random(model.config.hidden_size, 512, 10, generator=torch.Generator().manual_seed(0))
+        layer = min(19, model.config.num_layers - 1)
+        try:
+            from trail.predictor.probe_file import load_probe
+
+            layer = min(load_probe(shipped / "probe.json")[1].layer, model.config.num_layers - 1)
+        except Exception:  # noqa: BLE001 - the shipped file only sets the layer's depth
+            pass
+        return model, probe, layer, None
     probe, spec = load_probe_params(shipped / "probe", expect_d=model.config.hidden_size)
     from trail.engine import prompt_predictor_fn
 
     return model, probe, spec.layer, prompt_predictor_fn(shipped / "prompt_boe", model, None)
 
 
+class Engines:
+    """One engine per (regime, policy), built on first use and reused across cells (a run leaves
+    it idle: every block and slot back, checked); each run starts with fresh telemetry."""
+
+    def __init__(self, model, probe, layer, predictor, args, mean_total: float, reuse: bool = True):
+        self.model, self.probe, self.layer, self.predictor, self.args = model, probe, layer, predictor, args
+        self.mean_total, self.reuse = mean_total, reuse
+        self.cache: dict = {}
+        self.prefill_rate = None
+
+    def config(self, regime: str, policy: str, options: dict):
+        from trail.engine_config import EngineConfig
+
+        a = self.args
+        # ample: KV for max_batch requests of max_model_len (the batch cap binds, memory never)
+        kw = dict(num_gpu_blocks=a.max_batch * 1024 // 16, num_host_blocks=0)
+        if regime == "kv":
+            kw = dict(num_gpu_blocks=int(a.kv_requests * self.mean_total / 16), num_host_blocks=a.host_blocks)
+        return EngineConfig(policy=policy, policy_options=options, max_batch=a.max_batch,
+                            max_slots=max(1024, a.num_requests), max_model_len=1024,
+                            prefill_tokens_per_s=self.prefill_rate, **kw)
+
+    def get(self, regime: str, name: str):
+        from trail.engine import LLMEngine
+
+        key = (regime, name)
+        engine = self.cache.get(key) if self.reuse else None
+        if engine is None:
+            if not self.reuse:
+                self.cache.clear()
+                gc.collect()                     # the previous engine and its KV pool go first
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            policy, options = POLICIES[name]
+            engine = LLMEngine(self.model, None, self.config(regime, policy, dict(options)), probe=self.probe,
+                               probe_layer=self.layer, probe_max_new=512, prompt_predictor=self.predictor,
+                               eos_token_ids=[2])
+            self.prefill_rate = engine.prefill_tokens_per_s
+            self.cache[key] = engine
+        else:
+            engine.check_idle()
+        engine.telemetry = Telemetry(keep_requests=False)
+        return engine
+
+
+# ------------------------------------------------------------------------------------------------
+# Cells
+# ------------------------------------------------------------------------------------------------
+def grid(regimes: Sequence[str], loads: Sequence[str], seeds: Sequence[int]) -> list[tuple[str, str, int]]:
+    """Seed-major: a budget cut or a section split leaves whole seeds of every regime and load."""
+    return [(r, l, s) for s in seeds for r in regimes for l in loads]
+
+
+def select_cells(cells: list, section: str | None, explicit: str | None) -> list:
+    if explicit:
+        want = []
+        for item in explicit.split(","):
+            r, l, s = item.split(":")
+            want.append((r, l, int(s)))
+        return want
+    if section:
+        i, n = (int(x) for x in section.split("/"))
+        if not 1 <= i <= n:
+            raise ValueError(f"--section must be I/N with 1 <= I <= N, got {section!r}")
+        return [c for k, c in enumerate(cells) if k * n // len(cells) == i - 1]
+    return cells
+
+
+def _rotated(policies: list, seed: int) -> list:
+    k = seed % len(policies)
+    return policies[k:] + policies[:k]
+
+
+def parse_saturation(value: str) -> dict | None:
+    if value == "search":
+        return None
+    path = Path(value)
+    if path.is_file():
+        d = json.loads(path.read_text())
+        return {k.removeprefix("saturation_req_s_"): float(v) for k, v in d.items() if k.startswith("saturation_req_s_")}
+    return {k: float(v) for k, v in (item.split("=") for item in value.split(","))}
+
+
 def main(argv=None) -> int:
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "merge":
+        return merge_main(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--model", default=None, help="GGUF file, HF folder or random:PRESET (default: SmolLM2)")
     ap.add_argument("--regimes", default="ample,kv")
-    ap.add_argument("--loads", default="1.0,1.1,burst")
-    ap.add_argument("--seeds", default="0")
-    ap.add_argument("--num-requests", type=int, default=120)
+    ap.add_argument("--loads", default="0.8,1.0,1.1,burst")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--section", default=None, help="I/N: the I-th of N slices of the grid (1-based)")
+    ap.add_argument("--cells", default=None, help="explicit cells regime:load:seed,... (overrides --section)")
+    ap.add_argument("--num-requests", type=int, default=500)
     ap.add_argument("--policies", default="fcfs,sjf_prompt,trail,trail_paper,oracle")
     ap.add_argument("--max-batch", type=int, default=48)
     ap.add_argument("--kv-requests", type=float, default=24, help="kv regime: GPU pool for this many average requests")
     ap.add_argument("--host-blocks", type=int, default=128)
     ap.add_argument("--max-output", type=int, default=512, help="use only requests with recorded lengths up to this")
+    ap.add_argument("--max-prompt", type=int, default=512, help="use only requests with prompts up to this many tokens")
+    ap.add_argument("--saturation", default="search", help="search | ample=R,kv=R | a JSON with saturation_req_s_*")
+    ap.add_argument("--sat-requests", type=int, default=300, help="requests per saturation probe")
+    ap.add_argument("--sat-start", type=float, default=None, help="first probe rate (default: all-at-once fcfs rate)")
+    ap.add_argument("--sat-growth", type=float, default=0.25,
+                    help="a rate is sustained when the queueing delay grows by at most this many service times")
+    ap.add_argument("--sat-max-probes", type=int, default=5)
+    ap.add_argument("--recorded-predictions", action="store_true",
+                    help="feed the scheduler SmolLM2's recorded predictions (probe still runs for its cost)")
+    ap.add_argument("--no-reuse-engines", action="store_true", help="a fresh engine for every run")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up requests, all at once (default 2 x max batch)")
     ap.add_argument("--budget-s", type=float, default=420)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
@@ -119,102 +328,266 @@ def main(argv=None) -> int:
         args.model = str(smollm2_hf_dir() if args.device == "cpu" else smollm2_gguf_path())
     model, probe, layer, predictor = load_parts(args.model, args.device)
     vocab = model.config.vocab_size
-    pool = [([t % vocab for t in p], n) for p, n in held_out_requests() if n <= args.max_output]  # % vocab: identity for SmolLM2
+    pool = [(rid, [t % vocab for t in p], n) for rid, p, n in held_out_requests(args.max_prompt) if n <= args.max_output]
+    recorded = None
+    mode = "probe"
+    if args.recorded_predictions:
+        recorded, prompt_pred, mode = load_recorded()
+        by_prompt = {tuple(p): prompt_pred[rid] for rid, p, _ in pool}
+
+        def predictor(prompts):      # noqa: F811 - the recorded prompt predictor's totals
+            return np.array([by_prompt[tuple(int(t) for t in p)] for p in prompts])
     policies = args.policies.split(",")
     if predictor is None:
         policies = [p for p in policies if p != "sjf_prompt"]
-    mean_total = float(np.mean([len(p) + n for p, n in pool]))
+    mean_total = float(np.mean([len(p) + n for _, p, n in pool]))
     params = SamplingParams(max_new_tokens=512, repetition_penalty=1.1)
-    rate_cache = {}
+    engines = Engines(model, probe, layer, predictor, args, mean_total, reuse=not args.no_reuse_engines)
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    regimes = args.regimes.split(",")
+    cells = select_cells(grid(regimes, args.loads.split(","), [int(s) for s in args.seeds.split(",")]),
+                         args.section, args.cells)
+    result = {"model": args.model, "predictions": mode, "max_output": args.max_output, "max_prompt": args.max_prompt,
+              "device": device,
+              "num_requests": args.num_requests, "pool": len(pool), "max_batch": args.max_batch,
+              "kv_requests": args.kv_requests, "host_blocks": args.host_blocks, "mean_total_tokens": mean_total,
+              "policies": policies, "section": args.section, "cells_requested": [list(c) for c in cells],
+              "cells": [], "skipped": [], "saturation": {}}
+    steps: dict[str, np.ndarray] = {}
 
-    def make_engine_for(regime):
-        def make(name):
-            policy, options = POLICIES[name]
-            gc.collect()                     # the previous policy's engine and its KV pool go first
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            # ample: KV for max_batch requests of max_model_len (the batch cap binds, memory never)
-            kw = dict(num_gpu_blocks=args.max_batch * 1024 // 16, num_host_blocks=0)
-            if regime == "kv":
-                kw = dict(num_gpu_blocks=int(args.kv_requests * mean_total / 16), num_host_blocks=args.host_blocks)
-            config = EngineConfig(policy=policy, policy_options=options, max_batch=args.max_batch,
-                                  max_slots=max(1024, args.num_requests), max_model_len=1024,
-                                  prefill_tokens_per_s=rate_cache.get("prefill"), **kw)
-            engine = LLMEngine(model, None, config, probe=probe, probe_layer=layer, probe_max_new=512,
-                               prompt_predictor=predictor, eos_token_ids=[2])
-            rate_cache["prefill"] = engine.prefill_tokens_per_s
-            return engine
-        return make
+    def save():
+        result["wall_s"] = time.perf_counter() - t_start
+        (out / "serve.json").write_text(json.dumps(result, indent=1))
+        np.savez_compressed(out / "serve_steps.npz", fields=np.array(STEP_FIELDS), **steps)
 
-    result = {"model": args.model, "max_output": args.max_output, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-              "num_requests": args.num_requests, "max_batch": args.max_batch, "policies": policies,
-              "pool": len(pool), "cells": [], "skipped": []}
-    regimes, sat = args.regimes.split(","), {}
-    # warm-up (Triton compiles, caches, allocator): not measured, so saturation is not understated
-    run_policy(make_engine_for(regimes[0]), "fcfs", workload(pool, min(args.num_requests, 48), None, 999), params)
-    for regime in regimes:
-        # saturation: fcfs with every request at once, completed requests per second
-        sat_run = run_policy(make_engine_for(regime), "fcfs", workload(pool, args.num_requests, None, 1000), params)
-        sat[regime] = result[f"saturation_req_s_{regime}"] = args.num_requests / sat_run["makespan_s"]
+    def serve(regime, name, reqs):
+        run = run_policy(lambda _p: engines.get(regime, name), name, reqs, params)
+        tel = engines.cache[(regime, name)].telemetry
+        return run, np.asarray(tel.steps, np.float64).reshape(-1, len(STEP_FIELDS))
+
+    # warm-up (Triton compiles, caches, allocator): not measured, so nothing later pays for it
+    warm, _ = workload(pool, 2 * args.max_batch if args.warmup is None else args.warmup, None, 999, recorded)
+    serve(regimes[0], policies[0], warm)
+    # saturation per regime in use
+    given = parse_saturation(args.saturation)
+    sat = {}
+    for regime in sorted({c[0] for c in cells}):
+        if given is not None:
+            if regime not in given:
+                raise ValueError(f"--saturation gives no rate for regime {regime!r}")
+            sat[regime] = given[regime]
+            result["saturation"][regime] = {"rate": given[regime], "source": args.saturation}
+        else:
+            start = args.sat_start
+            if start is None:   # the all-at-once completion rate: a first guess, not the answer
+                reqs, _ = workload(pool, args.sat_requests, None, 1000, recorded)
+                run, st = serve(regime, "fcfs", reqs)
+                start = args.sat_requests / run["makespan_s"]
+                steps[f"steps/sat/{regime}/all_at_once"] = st
+
+            def probe_rate(rate, regime=regime):
+                reqs, info = workload(pool, args.sat_requests, rate, 2000, recorded)
+                run, st = serve(regime, "fcfs", reqs)
+                steps[f"steps/sat/{regime}/{rate:.3f}"] = st
+                arr = np.asarray(info["arrivals"])
+                return {"growth": queue_growth(arr, run["ttft"], run["latency"]),
+                        "mean_ttft_s": float(run["ttft"].mean()), "mean_latency_s": float(run["latency"].mean()),
+                        "completed_req_s": args.sat_requests / run["makespan_s"]}
+
+            found = saturation_search(probe_rate, start, growth=args.sat_growth, max_probes=args.sat_max_probes)
+            found["start"] = start
+            sat[regime] = found["rate"]
+            result["saturation"][regime] = found
+        result[f"saturation_req_s_{regime}"] = sat[regime]
         logger.info("%s: saturation %.2f req/s", regime, sat[regime])
-    # seed-major, so that a budget cut leaves whole seeds of every regime and load
-    for seed in (int(s) for s in args.seeds.split(",")):
-        for regime in regimes:
-            make = make_engine_for(regime)
-            for load in args.loads.split(","):
-                if time.perf_counter() - t_start > args.budget_s:
-                    result["skipped"].append([regime, load, seed])
-                    continue
-                rate = None if load == "burst" else float(load) * sat[regime]
-                reqs = workload(pool, args.num_requests, rate, seed)
-                runs = {name: run_policy(make, name, reqs, params) for name in policies}
-                cmp = compare(runs)
-                result["cells"].append({"regime": regime, "load": load, "seed": seed, "rate_req_s": rate, **cmp})
-                logger.info("%s %s seed %d: %s", regime, load, seed,
-                            {n: round(s.get("latency_ratio_to_fcfs", 1.0), 3) for n, s in cmp["policies"].items()})
-                (out / "serve.json").write_text(json.dumps(result, indent=1))
-    result["wall_s"] = time.perf_counter() - t_start
-    (out / "serve.json").write_text(json.dumps(result, indent=1))
-    lines = [f"serving benchmark on {result['device']}: {args.model}, {args.num_requests} requests per run "
-             f"(replayed lengths), max batch {args.max_batch}; skipped (budget): {result['skipped']}"]
-    for regime in args.regimes.split(","):
-        lines.append(f"{regime}: saturation {result.get(f'saturation_req_s_{regime}', float('nan')):.2f} req/s")
-    lines.append(f"{'regime':<6}{'load':>6}{'seed':>5}  {'policy':<14}{'mean s':>8}{'/fcfs':>7}{'p99/fcfs':>9}"
-                 f"{'TTFT/fcfs':>10}{'oracle%':>8}{'preempt':>8}{'recomp':>8}")
-    for c in result["cells"]:
-        for name, s in c["policies"].items():
-            frac = s.get("oracle_gain_fraction")
-            lines.append(f"{c['regime']:<6}{c['load']:>6}{c['seed']:>5}  {name:<14}{s['mean_latency_s']:>8.2f}"
-                         f"{s['latency_ratio_to_fcfs']:>7.3f}{s['p99_ratio_to_fcfs']:>9.2f}{s['ttft_ratio_to_fcfs']:>10.2f}"
-                         f"{'' if frac is None else f'{100 * frac:.0f}':>8}{s['preemptions']:>8}{s['recomputed_tokens']:>8}")
-    (out / "serve.summary.txt").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    _plot(result, out)
+        save()
+    from tqdm.auto import tqdm
+
+    for regime, load, seed in tqdm(cells, desc="cells", unit="cell"):
+        if time.perf_counter() - t_start > args.budget_s:
+            result["skipped"].append([regime, load, seed])
+            continue
+        rate = None if load == "burst" else float(load) * sat[regime]
+        reqs, info = workload(pool, args.num_requests, rate, seed, recorded)
+        runs = {}
+        for name in _rotated(policies, seed):
+            runs[name], steps[f"steps/{regime}/{load}/{seed}/{name}"] = serve(regime, name, reqs)
+        runs = {name: runs[name] for name in policies}
+        cmp = compare(runs)
+        for name, s in cmp["policies"].items():
+            r = runs[name]
+            s.update(latency_s=np.round(r["latency"], 5).tolist(), ttft_s=np.round(r["ttft"], 5).tolist(),
+                     makespan_s=r["makespan_s"], mixed_steps=int((steps[f"steps/{regime}/{load}/{seed}/{name}"][:, STEP_FIELDS.index("prefill_tokens")] > 0).sum()),
+                     steps=int(len(steps[f"steps/{regime}/{load}/{seed}/{name}"])),
+                     telemetry={k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) else v)
+                                for k, v in r["telemetry"].items()})
+        result["cells"].append({"regime": regime, "load": load, "seed": seed, "rate_req_s": rate,
+                                "policy_order": _rotated(policies, seed), **info, **cmp})
+        logger.info("%s %s seed %d: %s", regime, load, seed,
+                    {n: round(s.get("latency_ratio_to_fcfs", 1.0), 3) for n, s in cmp["policies"].items()})
+        save()
+    save()
+    text = summary_lines(result)
+    (out / "serve.summary.txt").write_text(text)
+    logger.info("\n%s", text)
+    plot(result, out)
     return 0
 
 
-def _plot(result: dict, out: Path) -> None:
+# ------------------------------------------------------------------------------------------------
+# Tables, merge, plots
+# ------------------------------------------------------------------------------------------------
+def aggregate(result: dict) -> list[dict]:
+    """Per (regime, load, policy): mean and sd over seeds of the ratios to fcfs (mean latency,
+    p99, TTFT, throughput), the oracle fraction (cells where the oracle gains >= 10%), the ratio
+    to sjf_prompt, preemptions and recomputed tokens."""
+    groups: dict = {}
+    for c in result["cells"]:
+        for name, s in c["policies"].items():
+            groups.setdefault((c["regime"], c["load"], name), []).append((c, s))
+    rows = []
+    for (regime, load, name), items in groups.items():
+        def stat(key, items=items):
+            v = np.array([s[key] for _, s in items if s.get(key) is not None], float)
+            return (float(v.mean()), float(v.std())) if len(v) else (math.nan, math.nan)
+
+        thr = np.array([s["throughput_tok_s"] / c["policies"]["fcfs"]["throughput_tok_s"] for c, s in items
+                        if "fcfs" in c["policies"]])
+        rows.append({"regime": regime, "load": load, "policy": name, "seeds": sorted(c["seed"] for c, _ in items),
+                     "mean_latency_s": stat("mean_latency_s"), "ratio": stat("latency_ratio_to_fcfs"),
+                     "p99_ratio": stat("p99_ratio_to_fcfs"), "ttft_ratio": stat("ttft_ratio_to_fcfs"),
+                     "oracle_fraction": stat("oracle_gain_fraction"), "vs_sjf_prompt": stat("latency_ratio_to_sjf_prompt"),
+                     "throughput_ratio": (float(thr.mean()), float(thr.std())) if len(thr) else (math.nan, math.nan),
+                     "preemptions": stat("preemptions"), "recomputed_tokens": stat("recomputed_tokens"),
+                     "within_noise": [bool(s.get("within_noise")) for _, s in items if "within_noise" in s]})
+    order = {"burst": 1e9}
+    rows.sort(key=lambda r: (r["regime"], order.get(r["load"], float(r["load"]) if r["load"] != "burst" else 0),
+                             result["policies"].index(r["policy"]) if r["policy"] in result["policies"] else 99))
+    return rows
+
+
+def summary_lines(result: dict) -> str:
+    f = lambda ms, p=".3f": "" if math.isnan(ms[0]) else f"{ms[0]:{p}}±{ms[1]:{p}}"  # noqa: E731
+    lines = [f"serving benchmark on {result['device']}: {result['model']}, predictions: {result.get('predictions', 'probe')}; "
+             f"{result['num_requests']} requests per run (replayed lengths; pool {result['pool']}, "
+             f"{max(0, result['num_requests'] - result['pool'])} reused), max batch {result['max_batch']}; "
+             f"skipped (budget): {result['skipped']}"]
+    for k, v in result.items():
+        if k.startswith("saturation_req_s_"):
+            lines.append(f"{k.removeprefix('saturation_req_s_')}: saturation {v:.2f} req/s (sustained search)"
+                         if isinstance(result.get("saturation", {}).get(k.removeprefix("saturation_req_s_")), dict)
+                         and "probes" in result["saturation"][k.removeprefix("saturation_req_s_")]
+                         else f"{k.removeprefix('saturation_req_s_')}: saturation {v:.2f} req/s")
+    lines.append("mean ± sd over seeds; ratios to fcfs on the same requests")
+    lines.append(f"{'regime':<6}{'load':>6} {'seeds':<8}{'policy':<14}{'mean s':>13}{'/fcfs':>14}{'p99/fcfs':>13}"
+                 f"{'TTFT/fcfs':>13}{'oracle frac':>14}{'/sjf_prompt':>13}{'thr/fcfs':>13}{'preempt':>12}{'recomp':>14}")
+    for r in aggregate(result):
+        lines.append(f"{r['regime']:<6}{r['load']:>6} {','.join(map(str, r['seeds'])):<8}{r['policy']:<14}"
+                     f"{f(r['mean_latency_s'], '.2f'):>13}{f(r['ratio']):>14}{f(r['p99_ratio'], '.2f'):>13}"
+                     f"{f(r['ttft_ratio'], '.2f'):>13}{f(r['oracle_fraction'], '.2f'):>14}{f(r['vs_sjf_prompt']):>13}"
+                     f"{f(r['throughput_ratio']):>13}{f(r['preemptions'], '.0f'):>12}{f(r['recomputed_tokens'], '.0f'):>14}")
+    return "\n".join(lines) + "\n"
+
+
+def merge(dirs: Sequence[Path]) -> dict:
+    """Sections of one grid -> one result (cells tagged with the folder they came from). Runs must
+    agree on model, predictions, request count and batch; saturation rates may differ only if
+    every section searched its own (then per-section rates are listed)."""
+    parts = [json.loads((Path(d) / "serve.json").read_text()) for d in dirs]
+    keys = ("model", "predictions", "num_requests", "max_batch", "device")
+    for p in parts[1:]:
+        for k in keys:
+            if p.get(k) != parts[0].get(k):
+                raise ValueError(f"merge: {k} differs between sections: {parts[0].get(k)!r} vs {p.get(k)!r}")
+    out = {k: parts[0].get(k) for k in keys + ("pool", "max_output", "kv_requests", "host_blocks", "mean_total_tokens")}
+    out["policies"] = list(dict.fromkeys(n for p in parts for n in p["policies"]))
+    out["cells"], out["skipped"], out["sections"] = [], [], []
+    for d, p in zip(dirs, parts):
+        out["sections"].append({"dir": str(d), "section": p.get("section"), "cells": [[c["regime"], c["load"], c["seed"]] for c in p["cells"]],
+                                **{k: v for k, v in p.items() if k.startswith("saturation_req_s_")}})
+        for c in p["cells"]:
+            out["cells"].append(dict(c, source=str(d)))
+        out["skipped"] += p.get("skipped", [])
+        for k, v in p.items():
+            if k.startswith("saturation_req_s_"):
+                out.setdefault(k, v)
+                if abs(out[k] - v) > 1e-9:
+                    logger.warning("merge: %s differs between sections (%.3f vs %.3f); cells keep their own rate_req_s",
+                                   k, out[k], v)
+    return out
+
+
+def merge_main(argv) -> int:
+    ap = argparse.ArgumentParser(description="combine serve.py sections")
+    ap.add_argument("dirs", nargs="+")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    result = merge([Path(d) for d in args.dirs])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serve.json").write_text(json.dumps(result, indent=1))
+    text = summary_lines(result) + "".join(f"section {s['section']}: {s['dir']}: {s['cells']}\n" for s in result["sections"])
+    (out / "serve.summary.txt").write_text(text)
+    logger.info("\n%s", text)
+    plot(result, out)
+    return 0
+
+
+def plot(result: dict, out: Path) -> None:
+    """Per regime: ratios to fcfs (top) and absolute seconds (bottom) of mean latency, mean TTFT
+    and p99 vs load, one line per policy (mean ± sd over seeds), and the burst as bars."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    for regime in {c["regime"] for c in result["cells"]}:
-        cells = [c for c in result["cells"] if c["regime"] == regime and c["load"] != "burst"]
-        if not cells:
-            continue
-        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-        for ax, key, title in zip(axes, ("mean_latency_s", "mean_ttft_s", "p99_latency_s"),
-                                  ("mean latency (s)", "mean TTFT (s)", "p99 latency (s)")):
+    rows = aggregate(result)
+    absolute = {}
+    for c in result["cells"]:
+        for name, s in c["policies"].items():
+            for key in ("mean_latency_s", "mean_ttft_s", "p99_latency_s"):
+                absolute.setdefault((c["regime"], c["load"], name, key), []).append(s[key])
+    tag = f"{result['device']}, {Path(str(result['model'])).name}, {result.get('predictions', 'probe')}"
+    for regime in sorted({r["regime"] for r in rows}):
+        rs = [r for r in rows if r["regime"] == regime]
+        loads = sorted({float(r["load"]) for r in rs if r["load"] != "burst"})
+        fig, axes = plt.subplots(2, 4, figsize=(17, 7.2))
+        panels = (("ratio", "mean_latency_s", "mean latency"), ("ttft_ratio", "mean_ttft_s", "mean TTFT"),
+                  ("p99_ratio", "p99_latency_s", "p99 latency"))
+        for col, (rkey, akey, title) in enumerate(panels):
             for name in result["policies"]:
-                pts = sorted((float(c["load"]), c["policies"][name][key]) for c in cells if name in c["policies"])
+                pts = sorted((float(r["load"]), *r[rkey]) for r in rs if r["policy"] == name and r["load"] != "burst")
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", label=name)
-            ax.set_xlabel("load (x measured saturation)")
-            ax.set_title(title)
-        axes[0].legend(fontsize=8)
-        fig.suptitle(f"{regime} regime, {result['device']}")
+                    x, m, sd = zip(*pts)
+                    axes[0, col].errorbar(x, m, yerr=sd, marker="o", capsize=3, label=name)
+                ab = sorted((float(l), float(np.mean(v)), float(np.std(v))) for (g, l, n, k), v in absolute.items()
+                            if g == regime and n == name and k == akey and l != "burst")
+                if ab:
+                    x, m, sd = zip(*ab)
+                    axes[1, col].errorbar(x, m, yerr=sd, marker="o", capsize=3, label=name)
+            axes[0, col].axhline(1.0, color="grey", lw=0.8, ls="--")
+            axes[0, col].set_title(f"{title} / fcfs")
+            axes[1, col].set_title(f"{title} (s)")
+            for ax in axes[:, col]:
+                ax.set_xlabel("load (x sustained saturation)")
+                if loads:
+                    ax.set_xticks(loads)
+        burst = [r for r in rs if r["load"] == "burst"]
+        if burst:
+            names = [r["policy"] for r in burst]
+            axes[0, 3].bar(range(len(burst)), [r["ratio"][0] for r in burst], yerr=[r["ratio"][1] for r in burst], capsize=3)
+            axes[0, 3].set_xticks(range(len(burst)), names, rotation=30, fontsize=8)
+            axes[0, 3].axhline(1.0, color="grey", lw=0.8, ls="--")
+            vals = [absolute[(regime, "burst", n, "mean_latency_s")] for n in names]
+            axes[1, 3].bar(range(len(burst)), [np.mean(v) for v in vals], yerr=[np.std(v) for v in vals], capsize=3)
+            axes[1, 3].set_xticks(range(len(burst)), names, rotation=30, fontsize=8)
+        axes[0, 3].set_title("burst: mean latency / fcfs")
+        axes[1, 3].set_title("burst: mean latency (s)")
+        if axes[0, 0].get_legend_handles_labels()[0]:
+            axes[0, 0].legend(fontsize=8)
+        fig.suptitle(f"{regime} regime, {tag} (mean ± sd over seeds)")
         fig.tight_layout()
         fig.savefig(out / f"serve_{regime}.png", dpi=110)
         plt.close(fig)

@@ -199,3 +199,66 @@ def test_collect_through_our_runner_matches_transformers(pipeline_run, tmp_path)
         assert g.prompt_ids == r.prompt_ids
         assert g.output_ids == r.output_ids[:6]
         assert g.finish == ("eos" if r.output_len <= 6 and not r.hit_cap else "length")
+
+
+def test_eval_probe_reuses_features_and_picks_unseen_requests(pipeline_run, tmp_path, monkeypatch, caplog):
+    """The probe records the ids it saw, so on its own training trace the default evaluates just
+    the test split; with --features the forward is never run and the numbers are the same;
+    --ids / --limit restrict; --record writes the simulator's npz."""
+    from trail.predictor import embed as E
+    from trail.predictor.recorded import check_recorded
+    from trail.predictor.trace import read_trace
+
+    d, _ = pipeline_run
+    spec = json.loads((d / "probe" / "probe.json").read_text())
+    layer = spec["layer"]
+    recs = read_trace(d / "trace.jsonl").records
+    test_ids = [r.id for r in recs if B.split_of(r.id) == "test"]
+    assert run_verb(["eval-probe", str(d / "trace.jsonl"), "--probe", str(d / "probe"), "--out", str(tmp_path / "a"),
+                     "--device", "cpu", "--record", str(tmp_path / "rec.npz")]) == 0
+    a = json.loads((tmp_path / "a" / "eval.json").read_text())
+    assert a["requests"] == len(test_ids) and "never saw" in a["selection"]
+    assert check_recorded(tmp_path / "rec.npz")["layer"] == layer
+    assert set(a["ranking"]["admission"]) >= {"boe", "prefill_probe"} and "(vi) filter" in a["ranking"]["alive"]
+
+    assert run_verb(["embed", str(d / "trace.jsonl"), "--out", str(tmp_path / "dense.safetensors"),
+                     "--dense-layer", str(layer), "--device", "cpu"]) == 0
+
+    def no_forward(*a, **k):
+        raise AssertionError("the forward ran although features were given")
+
+    monkeypatch.setattr(E, "embed_dense", no_forward)
+    assert run_verb(["eval-probe", str(d / "trace.jsonl"), "--probe", str(d / "probe"), "--out", str(tmp_path / "b"),
+                     "--device", "cpu", "--features", str(tmp_path / "dense.safetensors")]) == 0
+    b = json.loads((tmp_path / "b" / "eval.json").read_text())
+    for m, v in a["methods"].items():
+        assert b["methods"][m]["mae"] == pytest.approx(v["mae"], rel=1e-4, abs=1e-3)
+    two = [recs[0].id, recs[1].id]
+    assert run_verb(["eval-probe", str(d / "trace.jsonl"), "--probe", str(d / "probe"), "--out", str(tmp_path / "c"),
+                     "--device", "cpu", "--features", str(tmp_path / "dense.safetensors"), "--ids", ",".join(two)]) == 0
+    assert json.loads((tmp_path / "c" / "eval.json").read_text())["requests"] == 2
+    assert run_verb(["eval-probe", str(d / "trace.jsonl"), "--probe", str(d / "probe"), "--out", str(tmp_path / "e"),
+                     "--device", "cpu", "--features", str(tmp_path / "dense.safetensors"), "--split", "all",
+                     "--limit", "3"]) == 0
+    assert json.loads((tmp_path / "e" / "eval.json").read_text())["requests"] == 3
+
+
+def test_eval_probe_bad_probe_path_fails_before_the_model_loads(pipeline_run, tmp_path, monkeypatch):
+    from trail.predictor import cli_verbs
+
+    d, _ = pipeline_run
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the --probe path was checked")
+
+    monkeypatch.setattr(cli_verbs, "_load_lm", no_model)
+    with pytest.raises(FileNotFoundError, match="no probe directory or probe file"):
+        run_verb(["eval-probe", str(d / "trace.jsonl"), "--probe", str(tmp_path / "nope"), "--out", str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match="has no probe.json"):
+        run_verb(["eval-probe", str(d / "trace.jsonl"), "--probe", str(tmp_path), "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="eval-probe needs the layer probe"):
+        run_verb(["eval-probe", str(d / "trace.jsonl"), "--probe", str(d / "probe" / "prompt_boe.json"),
+                  "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="features"):
+        run_verb(["eval-probe", str(d / "trace.jsonl"), "--probe", str(d / "probe"), "--out", str(tmp_path),
+                  "--features", str(tmp_path / "missing.safetensors")])

@@ -93,3 +93,23 @@ def test_filter_fit_and_eval_run_on_gpu(gpu_lm, prompts_ids):
     res = eval_probe.evaluate(dense, mlp, spec, device="cuda")
     assert all(v["mae"] == v["mae"] for v in res["methods"].values())
     assert res["methods"]["(iii) no_feature"]["mae"] == pytest.approx(0.0, abs=1e-4)   # every L is 41
+
+
+def test_gpu_run_script_tiny_on_cuda(smollm2_dir, tmp_path):
+    """bench/predictor_gpu_run.py's tiny CPU check (tests/test_predictor_gpu_run.py) on CUDA: our
+    engine collects in bf16 (CUDA graphs), features and training stay on the device."""
+    import json
+
+    from test_predictor_gpu_run import _script, _tiny_prompts
+
+    mod = _script()
+    _tiny_prompts(tmp_path / "p.jsonl.gz")
+    rc = mod.main(["--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--prompts",
+                   str(tmp_path / "p.jsonl.gz"), "--num", "4", "--num-alpaca", "4", "--max-new-tokens", "32",
+                   "--batch-size", "8", "--device", "cuda", "--layers", "7,19", "--epochs", "3", "--widths", "32",
+                   "--lrs", "1e-3", "--ft-epochs", "1", "--judge-n", "60", "--judge-seeds", "0", "--budget-s", "400",
+                   "--reserve-s", "100"])
+    S = json.loads((tmp_path / "out" / "predictor_run.json").read_text())
+    assert rc == 0 and not S["errors"], S["errors"]
+    assert S["collect"]["backend"] == "trail.model_runner" and S["collect"]["new_requests"] == 8
+    assert "new_on_test" in S["eval"] and "shipped_on_test" in S["eval"]

@@ -1,6 +1,5 @@
 """Predictor pipeline pieces without a model: prompt readers, traces, bins, probe files,
 feature gathering, baselines, and the filter adapter's plumbing around probe_reference."""
-import gzip
 import io
 import json
 import math
@@ -13,7 +12,7 @@ from trail.predictor import bins as B
 from trail.predictor import prompts as P
 from trail.predictor.embed import DenseFeatures, SampledFeatures, probe_inputs
 from trail.predictor.probe_file import ProbeMLP, ProbeSpec, load_probe, save_probe
-from trail.predictor.trace import Trace, TraceRecord, TraceWriter, read_trace
+from trail.predictor.trace import TraceRecord, TraceWriter, read_trace
 
 
 # ---- prompts -------------------------------------------------------------------------------
@@ -217,7 +216,7 @@ def test_standardisation_is_folded_into_fc1():
     with torch.no_grad():
         ce = float(torch.nn.functional.cross_entropy(mlp(x), y))
     assert ce < 0.8 * math.log(4), ce       # learned something, on raw (unstandardised) inputs
-    assert info["history"][-1]["train_ce"] < info["history"][0]["train_ce"]
+    assert info["history"][-1]["train_nll"] < info["history"][0]["train_nll"]
 
 
 def test_no_feature_baseline_matches_brute_force():

@@ -31,6 +31,7 @@ class ReplayRequest:
     prompt_ids: Sequence[int]
     output_len: int
     arrival: float = 0.0          # seconds after the run's start
+    recorded_predictions: Sequence[float] | None = None   # fed to the scheduler instead of the probe's
 
 
 class EngineClock:
@@ -74,8 +75,9 @@ class _Replay:
         while self.pending and self.requests[self.pending[0]].arrival <= now:
             i = self.pending.pop(0)
             r = self.requests[i]
+            extra = {} if r.recorded_predictions is None else {"recorded_predictions": r.recorded_predictions}
             rid = self.engine.add_request(list(r.prompt_ids), self.params, arrival=self.offset + r.arrival,
-                                          replay_length=r.output_len)
+                                          replay_length=r.output_len, **extra)
             self.ids[rid] = i
 
     def collect(self, outs) -> int:

@@ -681,6 +681,8 @@ class LLMEngine:
                     if out.finished and out.request_id in want:
                         final[out.request_id] = out
                         bar.update(1)
+        while self._in_flight is not None and not self._requests:     # a step of finished requests only
+            self.step()
         return [final[i] for i in ids]
 
     def check_idle(self) -> None:

@@ -75,7 +75,7 @@ class EngineConfig:
     enforce_eager: bool = False
     cuda_graph_sizes: tuple[int, ...] | None = None
     cuda_graph_tokens: tuple[int, ...] | None = None
-    overlap: bool = False
+    overlap: bool = True
 
     def __post_init__(self):
         if self.policy not in POLICIES:

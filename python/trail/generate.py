@@ -45,7 +45,7 @@ def generate_with_predictions(model, prompts: Sequence[Sequence[int]], probe: Pr
     block = 16
     config = EngineConfig(policy="fcfs", max_batch=n, max_slots=n, max_tokens_per_step=max(n, sum(map(len, prompts))),
                           max_model_len=longest, block_size=block, num_gpu_blocks=n * -(-longest // block),
-                          num_host_blocks=0, prefill_tokens_per_s=1.0)
+                          num_host_blocks=0, prefill_tokens_per_s=1.0, overlap=False)   # one record per step
     engine = LLMEngine(model, None, config, probe=probe, probe_layer=probe_layer, eos_token_ids=stop_ids)
     sp = sample_params
     params = SamplingParams(max_new_tokens=max_new_tokens, **({} if sp is None else dict(

@@ -5,6 +5,11 @@ through `EngineConfig` (`kv_layout`, `scheduler_config`) and keeps GPU / host bl
 
     t = base + per_decode * decode_rows + per_prefill_token * prefill_tokens
           + per_ctx_token * sum(context after the step) + swapped_bytes / (pcie_gbps * 1e9)
+          [+ mixed_base + mixed_per_row * rows   when the step has a prefill / recompute row]
+
+(the bracket: an engine whose decode-only steps replay a CUDA graph while steps with a prefill row
+run eagerly pays a fixed launch cost for every admission; `fit_step_model` fits both classes from
+an engine's per-step telemetry; mixed_* = 0 is the single-class model of the committed fit)
 
 (recomputed tokens are prefill tokens, so recompute costs what prefill costs), optionally times a
 lognormal noise factor. A trace is arrivals + per request prompt length, true output length,
@@ -32,6 +37,7 @@ from trail_kernels import row_flags
 logger = logging.getLogger(__name__)
 
 POLICY_ORDER = ("fcfs", "sjf_prompt", "trail", "oracle")
+STEP_LOG_FIELDS = ("t", "rows", "prefill_rows", "prefill_tokens", "preempted", "dt")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -46,10 +52,18 @@ class StepTimeModel:
     per_ctx_token_s: float
     pcie_gbps: float = 25.0
     source: str = ""
+    mixed_base_s: float = 0.0       # extra per step with any prefill / recompute row (eager vs graph)
+    mixed_per_row_s: float = 0.0    # extra per row (decode or prefill) of such a step
 
-    def step_time(self, decode_rows: int, prefill_tokens: int, ctx_sum: int, swap_bytes: float = 0.0) -> float:
-        return (self.base_s + self.per_decode_s * decode_rows + self.per_prefill_token_s * prefill_tokens
-                + self.per_ctx_token_s * ctx_sum + swap_bytes / (self.pcie_gbps * 1e9))
+    def step_time(self, decode_rows: int, prefill_tokens: int, ctx_sum: int, swap_bytes: float = 0.0,
+                  prefill_rows: int = 0) -> float:
+        """`prefill_rows`: rows of the step that prefill or recompute (0: a decode-only step; when
+        omitted a step with prefill_tokens > 0 counts as mixed with one prefill row)."""
+        t = (self.base_s + self.per_decode_s * decode_rows + self.per_prefill_token_s * prefill_tokens
+             + self.per_ctx_token_s * ctx_sum + swap_bytes / (self.pcie_gbps * 1e9))
+        if prefill_rows > 0 or prefill_tokens > 0:
+            t += self.mixed_base_s + self.mixed_per_row_s * (decode_rows + max(prefill_rows, 1))
+        return t
 
     @classmethod
     def from_json(cls, path: str | Path) -> "StepTimeModel":
@@ -209,6 +223,29 @@ class SimResult:
     steps: int
     max_preemptions_of_one: int
     config: dict = field(default_factory=dict)
+    step_log: np.ndarray | None = None     # [steps, len(STEP_LOG_FIELDS)] when simulate(record_steps=True)
+    in_batch_s: np.ndarray | None = None   # per request: seconds in the running batch (steps it was in)
+
+    def waiting(self) -> dict:
+        """Where the latency goes, mean over requests: in the running batch (every step a request
+        was in, its prefill included) and out of it (queued before its first step, or preempted:
+        kept / swapped / dropped), beside the TTFT."""
+        lat = self.finish - self.arrival
+        busy = self.in_batch_s if self.in_batch_s is not None else np.full(len(lat), np.nan)
+        return {"latency_s": float(lat.mean()), "ttft_s": float((self.first_token - self.arrival).mean()),
+                "in_batch_s": float(busy.mean()), "not_in_batch_s": float((lat - busy).mean())}
+
+    def step_summary(self) -> dict:
+        """Steps with a prefill row ('mixed') against decode-only ones: counts and time shares."""
+        if self.step_log is None:
+            raise ValueError("simulate(..., record_steps=True) keeps the per-step log")
+        lg = self.step_log
+        mixed = lg[:, 2] > 0
+        total = float(lg[:, 5].sum())
+        return {"steps": int(len(lg)), "mixed_steps": int(mixed.sum()), "decode_steps": int((~mixed).sum()),
+                "mixed_time_s": float(lg[mixed, 5].sum()), "decode_time_s": float(lg[~mixed, 5].sum()),
+                "mixed_time_share": float(lg[mixed, 5].sum()) / total if total > 0 else math.nan,
+                "mean_rows": float(lg[:, 1].mean()) if len(lg) else math.nan}
 
     def metrics(self) -> dict:
         lat = self.finish - self.arrival
@@ -251,11 +288,14 @@ class SimInput:
 
 
 def simulate(trace: SimTrace, engine: EngineConfig, spec: KVCacheSpec, step_model: StepTimeModel,
-             noise_sd: float = 0.0, seed: int = 0, max_steps: int | None = None) -> SimResult:
+             noise_sd: float = 0.0, seed: int = 0, max_steps: int | None = None,
+             record_steps: bool = False) -> SimResult:
     """Runs `trace` to completion under `engine.policy`. Each step: arrivals up to now are added,
     the policy step plans, preempted rows are applied (swap out / free), scheduled rows swap in and
     allocate, the clock advances by the step-time model, sampled rows gain a token, requests that
-    reached their true length finish."""
+    reached their true length finish. `record_steps`: keep one row per step in
+    `SimResult.step_log` (STEP_LOG_FIELDS)."""
+    step_log: list | None = [] if record_steps else None
     trace.validate()
     n = len(trace)
     layout = engine.kv_layout(spec)
@@ -275,6 +315,7 @@ def simulate(trace: SimTrace, engine: EngineConfig, spec: KVCacheSpec, step_mode
     first = np.full(n, np.nan)
     finish = np.full(n, np.nan)
     npre = np.zeros(n, np.int64)
+    in_batch = np.zeros(n)          # seconds each request spent in the running batch
     gblocks: dict[int, list[int]] = {}
     hblocks: dict[int, list[int]] = {}
     kinds = {(0, Mode.KEEP): "policy_keep", (0, Mode.SWAP): "policy_swap", (0, Mode.RECOMPUTE): "policy_recompute",
@@ -341,11 +382,15 @@ def simulate(trace: SimTrace, engine: EngineConfig, spec: KVCacheSpec, step_mode
         prefill = (flags & row_flags.PREFILL) != 0
         pf_tokens = int(tokens[prefill].sum())
         recomputed += int(tokens[(flags & row_flags.RECOMPUTE) != 0].sum())
-        dt = step_model.step_time(int(len(S) - prefill.sum()), pf_tokens,
-                                  int((S[:, SCHED.CTX_START] + tokens).sum()), swap_bytes)
+        n_pf = int(prefill.sum())
+        dt = step_model.step_time(int(len(S) - n_pf), pf_tokens,
+                                  int((S[:, SCHED.CTX_START] + tokens).sum()), swap_bytes, prefill_rows=n_pf)
         if noise_sd > 0:
             dt *= math.exp(rng.normal(0.0, noise_sd))
+        if step_log is not None:
+            step_log.append((now, len(S), n_pf, pf_tokens, len(P), dt))
         now += dt
+        in_batch[rids] += dt
         swapped += swap_bytes
         samp = (flags & row_flags.SAMPLE) != 0
         sr = rids[samp]
@@ -365,7 +410,9 @@ def simulate(trace: SimTrace, engine: EngineConfig, spec: KVCacheSpec, step_mode
                 finish[fin] = now
                 done_n += len(fin)
     return SimResult(sc.policy, trace.arrival.copy(), first, finish, L.copy(), counts, swapped, recomputed, steps,
-                     int(npre.max()) if n else 0, {k: v for k, v in asdict(sc).items()})
+                     int(npre.max()) if n else 0, {k: v for k, v in asdict(sc).items()},
+                     None if step_log is None else np.asarray(step_log, np.float64).reshape(-1, len(STEP_LOG_FIELDS)),
+                     in_batch)
 
 
 # ------------------------------------------------------------------------------------------------

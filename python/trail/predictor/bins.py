@@ -6,10 +6,13 @@ r falls in bin k when e_k <= r < e_{k+1}, and anything >= e_{K-1} in the last bi
 remaining length of the training labels in it, so an open-ended bin has a finite value.
 
 Split: sha1 of the request id decides, independently of what else is in the trace: 10% test
-(held out for evaluation), 10% validation (early stopping, filter fitting), 80% train.
+(held out for evaluation), 10% validation (early stopping, filter fitting), 80% train. A probe
+records the ids it saw (train + validation) as a compact set of 32-bit id hashes
+(`encode_id_set`), so evaluation can keep exactly the requests it never saw, in any trace.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import math
 from typing import Sequence
@@ -85,3 +88,21 @@ def split_of(request_id: str) -> str:
     if h < TEST_PERCENT + VAL_PERCENT:
         return "val"
     return "train"
+
+
+def id_hash32(request_id: str) -> int:
+    """32 bits of sha1(id), independent of the split's bits (bytes 8..12)."""
+    return int.from_bytes(hashlib.sha1(request_id.encode("utf-8")).digest()[8:12], "little")
+
+
+def encode_id_set(ids: Sequence[str]) -> str:
+    """base64 of the sorted, distinct 32-bit hashes of `ids` (4 bytes per id)."""
+    hs = sorted({id_hash32(i) for i in ids})
+    return base64.b64encode(b"".join(h.to_bytes(4, "little") for h in hs)).decode("ascii")
+
+
+def decode_id_set(text: str) -> set[int]:
+    raw = base64.b64decode(text.encode("ascii"), validate=True)
+    if len(raw) % 4:
+        raise ValueError("id set: length is not a multiple of 4 bytes")
+    return {int.from_bytes(raw[i: i + 4], "little") for i in range(0, len(raw), 4)}

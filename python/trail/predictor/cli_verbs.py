@@ -1,4 +1,4 @@
-"""The predictor's `trail` subcommands: collect, embed, train-probe, eval-probe.
+"""The predictor's `trail` subcommands: collect, embed, train-probe, eval-probe, judge.
 
 `trail.cli` calls `add_subcommands(subparsers)`; each handler imports what it needs lazily so
 `trail --help` stays fast. Handlers print a short summary (this module is CLI code).
@@ -39,17 +39,9 @@ def cmd_collect(args) -> int:
     lm = _load_lm(args)
     runner = None
     if args.backend == "runner":
-        from trail.engine import LLMEngine
-        from trail.engine_config import EngineConfig
-        from trail.models.loader import load_model
-        from trail.predictor.runner_backend import RunnerGenerator
+        from trail.predictor.runner_backend import collect_engine
 
-        config = EngineConfig(policy="fcfs", max_batch=args.batch_size, max_slots=max(args.batch_size, 1024),
-                              max_model_len=args.max_prompt_tokens + args.max_new_tokens,
-                              max_tokens_per_step=max(8192, args.batch_size))
-        engine = LLMEngine(load_model(_model_source(args), lm.device, lm.dtype), lm.tokenizer, config,
-                           eos_token_ids=lm.eos_token_ids())
-        runner = RunnerGenerator(engine)
+        runner = collect_engine(_model_source(args), lm, args.batch_size, args.max_prompt_tokens, args.max_new_tokens)
     trace = C.collect(prompts, args.out, lm, max_new_tokens=args.max_new_tokens,
                       repetition_penalty=args.repetition_penalty, temperature=args.temperature,
                       top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
@@ -124,22 +116,55 @@ def cmd_train_probe(args) -> int:
             raise SystemExit("train-probe needs --features (from `trail embed`) unless --prompt-only")
         feats = SampledFeatures.load(args.features, device=_device(args))
         res = pipeline.train_all(feats, trace, lm, args.out, layer=args.layer, sweep=args.sweep_layers,
-                                 edges=edges, cfg=cfg, device=_device(args), minilm=minilm)
+                                 edges=edges, cfg=cfg, device=_device(args), minilm=minilm, select=args.select)
     print(json.dumps(res, indent=1, default=str))
     return 0
 
 
+def _read_ids(text):
+    """--ids: a file with one id per line, or a comma list."""
+    if text is None:
+        return None
+    p = Path(text)
+    if p.is_file():
+        return [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    return [x for x in text.split(",") if x]
+
+
 def cmd_eval_probe(args) -> int:
     from trail.predictor import pipeline
+    from trail.predictor.eval_probe import format_table
+    from trail.predictor.probe_file import resolve_layer_probe
     from trail.predictor.trace import read_trace
 
+    # everything a user can get wrong is checked before the model loads
+    resolve_layer_probe(args.probe)
+    if args.features and not Path(args.features).is_file():
+        raise SystemExit(f"--features {args.features}: file not found (write it with `trail embed TRACE "
+                         f"--dense-layer LAYER --out FILE`)")
+    trace = read_trace(args.trace)
+    ids = _read_ids(args.ids)
     lm = _load_lm(args)
-    res = pipeline.evaluate_dir(read_trace(args.trace), args.probe, lm, args.out, split=args.split,
-                                device=_device(args), minilm=args.minilm_dir)
-    from trail.predictor.eval_probe import format_table
-
+    res = pipeline.evaluate_dir(trace, args.probe, lm, args.out, split=args.split, device=_device(args),
+                                minilm=args.minilm_dir, features=args.features, ids=ids, limit=args.limit,
+                                record_npz=args.record)
     print(format_table(res))
-    print(f"wrote {Path(args.out) / 'eval.json'} and mae_vs_generated.png")
+    print(f"evaluated {res['selection']}")
+    print(f"wrote {Path(args.out) / 'eval.json'} and mae_vs_generated.png"
+          + (f", recorded predictions {args.record}" if args.record else ""))
+    return 0
+
+
+def cmd_judge(args) -> int:
+    from trail.predictor.sim_judge import format_judge, judge
+
+    loads = [float(x) for x in args.loads.split(",")]
+    seeds = [int(x) for x in args.seeds.split(",")]
+    res = judge(args.npz, loads, seeds, n=args.n, regime=args.regime)
+    print(format_judge(res))
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1, default=float))
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -184,6 +209,8 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="probe directory")
     p.add_argument("--layer", type=int, default=None)
     p.add_argument("--sweep-layers", action="store_true", help="one probe per embedded layer, keep the best")
+    p.add_argument("--select", action="store_true",
+                   help="choose the MLP width and learning rate on validation (256/512/1024 x 1e-3/3e-4)")
     p.add_argument("--prompt-only", action="store_true", help="train only the prompt predictors")
     p.add_argument("--num-bins", type=int, default=10)
     p.add_argument("--bin-edges", default=None, help="comma list from 0, last may be inf")
@@ -202,11 +229,27 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("trace")
     p.add_argument("--probe", required=True, help="probe directory (or NAME of probe.json)")
     p.add_argument("--out", required=True, help="directory for eval.json, table, plot")
-    p.add_argument("--split", default="test",
-                   help="test (held-out requests of the training trace) or all (a trace the probe never saw)")
+    p.add_argument("--split", default="auto", choices=("auto", "all", "train", "val", "test"),
+                   help="auto (default): every request the probe never saw (its training trace: the test split; "
+                        "any other trace: all of it); or a fixed id-hash split")
+    p.add_argument("--features", default=None,
+                   help="dense features of the probe's layer from `trail embed TRACE --dense-layer L` (skips the forward)")
+    p.add_argument("--ids", default=None, help="evaluate only these request ids (a file, one per line, or a comma list)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate at most this many requests")
+    p.add_argument("--record", default=None,
+                   help="also write the filter's per-step predictions (.npz, the simulator's format; see `trail judge`)")
     p.add_argument("--minilm-dir", default=None)
     _model_args(p)
     p.set_defaults(func=cmd_eval_probe)
+
+    p = sub.add_parser("judge", help="replay recorded predictions in the simulator: fraction of the oracle's gain")
+    p.add_argument("npz", help="recorded predictions (`trail eval-probe --record`)")
+    p.add_argument("--loads", default="0.9,1.0,1.1", help="loads as multiples of fcfs saturation")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("-n", type=int, default=2000, help="requests per simulated run")
+    p.add_argument("--regime", choices=("ample", "kv"), default="ample")
+    p.add_argument("--out", default=None, help="write the result JSON here")
+    p.set_defaults(func=cmd_judge)
 
 
 def _with_batch_default(fn):

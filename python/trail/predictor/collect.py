@@ -1,7 +1,9 @@
 """`trail collect`: run prompts through the model and write a trace (resumable).
 
 Prompts are chat-templated, those longer than `max_prompt_tokens` are skipped (logged), and the
-rest go through the model in batches of similar prompt length. Each finished batch is appended to
+rest go through the model: with transformers in static batches of similar prompt length, with our
+engine in the given order (continuous batching; so a run stopped at a `deadline` keeps a random
+subset of the prompts, not the shortest ones). Each finished batch is appended to
 the trace and flushed, so a killed run resumes where it stopped: prompts whose id is already in
 the trace are not run again, and the decoding settings must match the trace's header.
 """
@@ -43,10 +45,13 @@ def collect(prompts: Sequence[Prompt], trace_path: str | os.PathLike,
             lm: hf_backend.LoadedModel | None = None, *, max_new_tokens: int = 512,
             repetition_penalty: float = 1.1, temperature: float = 0.0, top_p: float = 1.0,
             seed: int = 0, batch_size: int = 256, max_prompt_tokens: int = 1024,
-            progress: bool = True, runner=None) -> Trace:
+            progress: bool = True, runner=None, deadline: float | None = None) -> Trace:
     """`runner`: a runner_backend.RunnerGenerator (our forward, continuous batching with
     `batch_size` ignored: its slots bound the batch); None: transformers `generate` in static
-    batches of `batch_size` similar-length prompts."""
+    batches of `batch_size` similar-length prompts. `deadline` (time.monotonic()): stop taking
+    results once it passes (requests in flight then are dropped; the trace stays resumable)."""
+    import time
+
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if batch_size < 1:
@@ -67,7 +72,8 @@ def collect(prompts: Sequence[Prompt], trace_path: str | os.PathLike,
         if too_long:
             logger.info("skipped %d prompts longer than %d tokens", too_long, max_prompt_tokens)
         logger.info("collect: %d to run, %d already in %s", len(todo), len(writer.done), trace_path)
-        todo.sort(key=lambda t: len(t[1]))
+        if runner is None:
+            todo.sort(key=lambda t: len(t[1]))
         bar = tqdm(total=len(todo), desc="collect", unit="req", disable=not progress)
         if runner is not None:
             done = 0
@@ -81,8 +87,14 @@ def collect(prompts: Sequence[Prompt], trace_path: str | os.PathLike,
                 if done % 64 == 0:
                     writer.flush()
                 bar.update(1)
+                if deadline is not None and time.monotonic() > deadline:
+                    logger.warning("collect: deadline reached after %d of %d requests", done, len(todo))
+                    break
             todo = []
         for start in range(0, len(todo), batch_size):
+            if deadline is not None and time.monotonic() > deadline:
+                logger.warning("collect: deadline reached after %d of %d requests", start, len(todo))
+                break
             chunk = todo[start: start + batch_size]
             outs = hf_backend.generate(lm, [ids for _, ids in chunk], max_new_tokens,
                                        repetition_penalty, temperature, top_p, seed)

@@ -61,6 +61,17 @@ class SampledFeatures:
             raise KeyError(f"layer {layer} not embedded (have {self.layers})")
         return self.feats[self.layers.index(layer)]
 
+    def select(self, ids: Sequence[str]) -> "SampledFeatures":
+        """The requests `ids`, in that order (KeyError naming the missing ones)."""
+        index = {r: i for i, r in enumerate(self.ids)}
+        missing = [r for r in ids if r not in index]
+        if missing:
+            raise KeyError(f"{len(missing)} request(s) have no features here, e.g. {missing[:3]}")
+        rows = torch.tensor([index[r] for r in ids], dtype=torch.long)
+        return SampledFeatures(list(ids), list(self.layers), self.feats[:, rows.to(self.feats.device)],
+                               self.g[rows.to(self.g.device)], self.total_len[rows.to(self.total_len.device)],
+                               self.hit_cap[rows.to(self.hit_cap.device)], dict(self.meta))
+
     def rows(self, select: torch.Tensor | None = None):
         """(request index, g, remaining) of the non-empty slots, in [N, S] order, restricted to
         the requests where `select` [N] is True."""
@@ -98,6 +109,27 @@ class DenseFeatures:
 
     def request(self, i: int) -> torch.Tensor:
         return self.feats[int(self.cu[i]): int(self.cu[i + 1])]
+
+    def select(self, ids: Sequence[str]) -> "DenseFeatures":
+        """The requests `ids`, in that order (KeyError naming the missing ones)."""
+        index = {r: i for i, r in enumerate(self.ids)}
+        missing = [r for r in ids if r not in index]
+        if missing:
+            raise KeyError(f"{len(missing)} request(s) have no features here, e.g. {missing[:3]}")
+        if list(ids) == self.ids:
+            return self
+        rows = [index[r] for r in ids]
+        cu = self.cu.long().cpu()
+        lens = (cu[1:] - cu[:-1])[rows]
+        new_cu = torch.zeros(len(rows) + 1, dtype=torch.int64)
+        new_cu[1:] = lens.cumsum(0)
+        gather = torch.cat([torch.arange(int(cu[i]), int(cu[i + 1])) for i in rows]) if rows else \
+            torch.zeros(0, dtype=torch.long)
+        dev = self.feats.device
+        return DenseFeatures(list(ids), self.layer, self.feats[gather.to(dev)], new_cu.to(self.cu.device),
+                             self.total_len[torch.tensor(rows, dtype=torch.long, device=self.total_len.device)],
+                             self.hit_cap[torch.tensor(rows, dtype=torch.long, device=self.hit_cap.device)],
+                             dict(self.meta))
 
     def save(self, path: str | os.PathLike) -> None:
         from safetensors.torch import save_file

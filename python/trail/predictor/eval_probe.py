@@ -13,6 +13,11 @@ reported over all requests and over those that ended with EOS. Methods:
   (v)   trail_every8, trail_every1   TRAIL's plain-product refinement
   (vi)  filter             our filter (tempered by alpha, divided by pi, floored) every step
 Every filter-based estimate is `trail_kernels.probe.probe_reference` (via filter_adapter).
+
+Ranking (what a scheduler uses, `ranking.py`): `ranking.alive` — per method, the rank correlation
+between predicted and true remaining length among the requests alive at the same position g;
+`ranking.admission` — per prompt-time predictor (the prompt predictors' expected totals, the
+prefill probe's first readout), the ranking of the true totals at admission.
 """
 from __future__ import annotations
 
@@ -22,7 +27,10 @@ from typing import Sequence
 
 import torch
 
+from tqdm.auto import tqdm
+
 from trail.predictor import bins as B
+from trail.predictor import ranking as R
 from trail.predictor.embed import DenseFeatures
 from trail.predictor.filter_adapter import (NEVER, per_request_abs_err, positions, probe_params,
                                             run_filter, truth)
@@ -70,9 +78,12 @@ def _curve(est: torch.Tensor, dense: DenseFeatures, g: torch.Tensor, max_new: in
 
 
 def evaluate(dense: DenseFeatures, mlp: ProbeMLP, spec: ProbeSpec, prompt_log_probs: dict | None = None,
-             prompt_specs: dict | None = None, device: str | torch.device = "cpu") -> dict:
+             prompt_specs: dict | None = None, device: str | torch.device = "cpu", progress: bool = False,
+             estimates_out: dict | None = None, rank_step: int = 8) -> dict:
     """All methods on the requests in `dense`. `prompt_log_probs[name]`: [N, K] log bin
-    distributions of the total length from prompt predictor `name` (its spec in prompt_specs)."""
+    distributions of the total length from prompt predictor `name` (its spec in prompt_specs).
+    `estimates_out`: a dict to receive every method's per-position estimates (fp32 [sum L],
+    aligned with dense.feats) and the prompt-time totals (`prompt_total[name]`, [N])."""
     if dense.layer != spec.layer:
         raise ValueError(f"features are from layer {dense.layer}, the probe reads layer {spec.layer}")
     if dense.feats.shape[1] != spec.d:
@@ -86,6 +97,8 @@ def evaluate(dense: DenseFeatures, mlp: ProbeMLP, spec: ProbeSpec, prompt_log_pr
     eos_pos = eos_req[seg]
     first = dense.cu.long().cpu()[:-1]
     est: dict[str, torch.Tensor] = {}
+    bar = tqdm(total=2 * len(prompt_log_probs) + 4, desc="eval methods", unit="method", disable=not progress,
+               leave=False)
 
     for name, logp in prompt_log_probs.items():
         pspec = prompt_specs[name]
@@ -94,16 +107,23 @@ def evaluate(dense: DenseFeatures, mlp: ProbeMLP, spec: ProbeSpec, prompt_log_pr
         total = (logp.exp().cpu() * torch.tensor(pspec.bin_values)).sum(-1)
         est[f"(i) trail_baseline[{name}]"] = (total[seg] - g.float()).clamp_min(0)
         est[f"(ii) prompt_filter[{name}]"] = run_filter(
-            probe_params(mlp, spec, update_every=NEVER, device=device), dense, max_new, init_log_post=logp).cpu()
+            probe_params(mlp, spec, update_every=NEVER, device=device), dense, max_new, init_log_post=logp, progress=progress).cpu()
+        bar.update(2)
     est["(iii) no_feature"] = no_feature_estimate(spec, g)
     est["(iv) prefill_probe"] = run_filter(probe_params(mlp, spec, update_every=NEVER, device=device),
-                                           dense, max_new).cpu()
+                                           dense, max_new, progress=progress).cpu()
+    bar.update(1)
     est["(v) trail_every8"] = run_filter(probe_params(mlp, spec, rule="trail", update_every=8, device=device),
-                                         dense, max_new).cpu()
+                                         dense, max_new, progress=progress).cpu()
+    bar.update(1)
     est["(v) trail_every1"] = run_filter(probe_params(mlp, spec, rule="trail", update_every=1, device=device),
-                                         dense, max_new).cpu()
-    filt, post_arg = run_filter(probe_params(mlp, spec, device=device), dense, max_new, record_argmax=True)
+                                         dense, max_new, progress=progress).cpu()
+    bar.update(1)
+    filt, post_arg = run_filter(probe_params(mlp, spec, device=device), dense, max_new, record_argmax=True,
+                                progress=progress)
     est["(vi) filter"] = filt.cpu()
+    bar.update(1)
+    bar.close()
 
     methods = {k: _summ(v, dense, eos_req, eos_pos) for k, v in est.items()}
     curves = {k: _curve(v, dense, g, max_new) for k, v in est.items()}
@@ -116,6 +136,20 @@ def evaluate(dense: DenseFeatures, mlp: ProbeMLP, spec: ProbeSpec, prompt_log_pr
         prompt_time[name] = _total_stats(total, lens, eos_req, logp.argmax(-1).cpu(), true_total_bin)
     prompt_time["prefill_probe"] = _total_stats(est["(iv) prefill_probe"][first], lens, eos_req,
                                                 post_arg.cpu()[first], true_total_bin)
+    totals = {name: (logp.exp().cpu() * torch.tensor(prompt_specs[name].bin_values)).sum(-1)
+              for name, logp in prompt_log_probs.items()}
+    totals["prefill_probe"] = est["(iv) prefill_probe"][first]
+    started = lens > 0
+    ranking = {"admission": {k: R.ranking_stats(v[started].numpy(), lens[started].numpy()) for k, v in totals.items()},
+               "alive": {}}
+    cu_np, lens_np = dense.cu.long().cpu().numpy(), lens.numpy()
+    for k, v in tqdm(est.items(), desc="rank correlation", unit="method", disable=not progress, leave=False):
+        a = R.alive_rank_correlation(v.numpy(), cu_np, lens_np, step=rank_step)
+        ranking["alive"][k] = {"spearman": a["spearman"], "kendall_tau_b": a["kendall_tau_b"], "steps": a["steps"],
+                               "step": a["step"]}
+    if estimates_out is not None:
+        estimates_out.update(est)
+        estimates_out["prompt_total"] = totals
     with torch.no_grad():
         q_arg = torch.cat([mlp(dense.feats[s: s + 65536].to(mlp.fc1.weight.device)).argmax(-1).cpu()
                            for s in range(0, dense.feats.shape[0], 65536)]) if dense.feats.shape[0] else torch.zeros(0, dtype=torch.long)
@@ -127,7 +161,7 @@ def evaluate(dense: DenseFeatures, mlp: ProbeMLP, spec: ProbeSpec, prompt_log_pr
     return {"requests": len(dense.ids), "eos_requests": int(eos_req.sum()), "positions": int(g.numel()),
             "layer": spec.layer, "alpha": spec.alpha, "eps": spec.eps, "max_new_tokens": max_new,
             "methods": methods, "ratio_to_filter": ratios, "prompt_time_total": prompt_time,
-            "bin_accuracy": bin_acc, "curves": {"bucket": CURVE_BUCKET, "mae": curves}}
+            "bin_accuracy": bin_acc, "ranking": ranking, "curves": {"bucket": CURVE_BUCKET, "mae": curves}}
 
 
 def _acc(pred, true, eos_mask):
@@ -158,6 +192,14 @@ def format_table(res: dict) -> str:
         lines.append(f"  {k:32s} {v['mae_total']:8.2f} {v['mae_total_eos']:8.2f} {acc:8.3f}")
     for k, v in res["bin_accuracy"].items():
         lines.append(f"bin accuracy {k}: {v['all']:.3f} (eos {v['eos']:.3f})")
+    rk = res.get("ranking")
+    if rk:
+        lines.append("ranking at admission (prompt-time total vs true total): spearman, kendall tau-b, pair accuracy")
+        for k, v in rk["admission"].items():
+            lines.append(f"  {k:32s} {v['spearman']:8.3f} {v['kendall_tau_b']:8.3f} {v['pairwise_accuracy']:8.3f}")
+        lines.append("rank correlation among requests alive at the same step (mean over g): spearman, kendall tau-b")
+        for k, v in rk["alive"].items():
+            lines.append(f"  {k:32s} {v['spearman']:8.3f} {v['kendall_tau_b']:8.3f}")
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+from tqdm.auto import tqdm
 
 from trail.predictor.embed import DenseFeatures
 from trail.predictor.probe_file import probe_params  # noqa: F401  (re-exported for older callers)
@@ -21,9 +22,9 @@ NEVER = 1 << 30
 
 
 def run_filter(params: ProbeParams, dense: DenseFeatures, max_new_tokens: int,
-               init_log_post: torch.Tensor | None = None, record_argmax: bool = False):
+               init_log_post: torch.Tensor | None = None, record_argmax: bool = False, progress: bool = False):
     """Expected remaining length at every (request, g): fp32 [sum L] aligned with `dense.feats`
-    (and, with `record_argmax`, the posterior's argmax bin there)."""
+    (and, with `record_argmax`, the posterior's argmax bin there). `progress`: a bar over g."""
     dev = params.device
     n = len(dense.ids)
     lens = dense.total_len.to(dev).long()
@@ -56,7 +57,7 @@ def run_filter(params: ProbeParams, dense: DenseFeatures, max_new_tokens: int,
             raise ValueError(f"init_log_post must be [{n}, {params.num_bins}], got {tuple(init_log_post.shape)}")
         state.log_post[:n] = torch.log_softmax(init_log_post.to(dev, torch.float32), -1)
         step(started, cu[started], 0, 0)
-    for g in range(1, int(lens.max())):
+    for g in tqdm(range(1, int(lens.max())), desc="filter steps", unit="g", disable=not progress, leave=False):
         slots = all_slots[lens > g]
         step(slots, cu[slots] + g, 0, g)
     return (out, arg) if record_argmax else out

@@ -114,6 +114,27 @@ def paths(path: str | os.PathLike) -> tuple[Path, Path]:
     return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
 
 
+def resolve_layer_probe(path: str | os.PathLike) -> tuple[Path, ProbeSpec]:
+    """`--probe` as a user gives it: a probe directory (holding probe.json), or NAME / NAME.json /
+    NAME.safetensors of a layer probe. Checks the files exist and the JSON is a valid layer probe,
+    without loading any model, so a bad path fails at once with a clear message."""
+    p = Path(path)
+    if p.is_dir():
+        if not paths(p / "probe")[1].is_file():
+            raise FileNotFoundError(f"--probe {p}: directory has no probe.json (a layer probe written by "
+                                    f"`trail train-probe`)")
+        p = p / "probe"
+    st, js = paths(p)
+    if not js.is_file():
+        raise FileNotFoundError(f"--probe {path}: no probe directory or probe file there ({js} not found)")
+    if not st.is_file():
+        raise FileNotFoundError(f"--probe {path}: {js.name} found but its weights {st} are missing")
+    spec = load_spec(p)
+    if spec.kind != "layer":
+        raise ValueError(f"--probe {path}: a {spec.kind!r} file; eval-probe needs the layer probe (probe.json)")
+    return p, spec
+
+
 def save_probe(path: str | os.PathLike, mlp: ProbeMLP, spec: ProbeSpec) -> tuple[Path, Path]:
     from safetensors.torch import save_file
 

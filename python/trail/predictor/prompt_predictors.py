@@ -6,8 +6,9 @@ used before prefill (engine ordering, `sjf_prompt`) and as baselines (i) / (ii) 
     tokens) on the prompt text, frozen, + the probe MLP as head. Stands for TRAIL's DistilBERT.
 (b) `boe`: bag of embeddings: the mean of the LLM's own input-embedding rows over the templated
     prompt ids (zero extra model cost) + the probe MLP as head.
-Both are trained on the request-hash train split with labels = bins of the total length L, and
-saved as probe files of kind `prompt_minilm` / `prompt_boe` beside the layer probe.
+Both are trained on the request-hash train split with labels = bins of the total length L
+(censored where the output hit the cap: at least L, see `train_probe.censored_nll`), and saved
+as probe files of kind `prompt_minilm` / `prompt_boe` beside the layer probe.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 from trail.predictor import bins as B
 from trail.predictor.probe_file import ProbeMLP, ProbeSpec, load_probe
 from trail.predictor.trace import TraceRecord
-from trail.predictor.train_probe import TrainConfig, split_mask, train_mlp
+from trail.predictor.train_probe import TrainConfig, model_prior, split_mask, train_mlp
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ def train_prompt_predictor(kind: str, records: Sequence[TraceRecord], features: 
     """Head over the total-length bins on the train split, early stopping on validation."""
     ids = [r.id for r in records]
     lens = torch.tensor([r.output_len for r in records], dtype=torch.float32, device=features.device)
+    capped = torch.tensor([r.hit_cap for r in records], dtype=torch.bool, device=features.device)
     tr, va = split_mask(ids, "train").to(features.device), split_mask(ids, "val").to(features.device)
     if not tr.any():
         raise ValueError("no training requests for the prompt predictor")
@@ -114,11 +116,13 @@ def train_prompt_predictor(kind: str, records: Sequence[TraceRecord], features: 
     pi = B.label_prior(lens[tr].cpu(), edges)
     cap = torch.full((int(va.sum()),), float(max_new_tokens), device=features.device)
     mlp, info = train_mlp(features[tr], B.bin_index(lens[tr], edges).to(features.device), features[va],
-                          lens[va], cap, values, len(edges) - 1, cfg, desc=kind)
+                          lens[va], cap, values, len(edges) - 1, cfg, desc=kind, censored=capped[tr])
+    pi = model_prior(mlp, features[tr])
     spec = ProbeSpec(kind=kind, model=model_id, d=int(features.shape[1]), h=cfg.hidden,
                      bin_edges=list(edges), bin_values=values, pi=pi, max_new_tokens=max_new_tokens,
                      encoder=encoder_name,
-                     training={"requests": int(tr.sum()), "label": "total output length",
+                     training={"requests": int(tr.sum()), "label": "total output length, censored at the cap",
+                               "censored_requests": int(capped[tr].sum()),
                                "best_epoch": info["best_epoch"], "config": cfg.__dict__},
                      validation={"requests": int(va.sum()), "mae_total": info["val_mae_samples"]})
     return mlp, spec

@@ -144,15 +144,39 @@ def load_prompts(n: int, sharegpt: str | os.PathLike | None | bool = True,
     return prompts[:n]
 
 
-def read_prompt_file(path: str | os.PathLike) -> list[Prompt]:
-    """A user's own prompts: a JSONL file of {"text": ..., ["id": ..., "source": ...]} or plain
-    text with one prompt per line."""
+def write_prompt_file(path: str | os.PathLike, prompts: list[Prompt]) -> Path:
+    """Prompts as JSONL ({"id", "source", "text"}; gzip when the name ends in .gz), readable by
+    `read_prompt_file` and `trail collect --prompts` on a machine without the dataset packages."""
+    import gzip
+
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps({"id": p.id, "source": p.source, "text": p.text}) + "\n"
+                    for p in prompts)
+    if path.suffix == ".gz":
+        with gzip.open(path, "wt", encoding="utf-8", compresslevel=9) as f:
+            f.write(lines)
+    else:
+        path.write_text(lines, encoding="utf-8")
+    return path
+
+
+def read_prompt_file(path: str | os.PathLike) -> list[Prompt]:
+    """A user's own prompts: a JSONL file of {"text": ..., ["id": ..., "source": ...]} (optionally
+    gzip-compressed, .jsonl.gz) or plain text with one prompt per line."""
+    import gzip
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file not found: {path}")
+    gz = path.suffix == ".gz"
+    text = gzip.open(path, "rt", encoding="utf-8").read() if gz else path.read_text(encoding="utf-8")
+    jsonl = path.suffix == ".jsonl" or path.name.endswith(".jsonl.gz")
     out = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+    for i, line in enumerate(text.split("\n")):   # not splitlines(): JSON strings may hold U+2028
         if not line.strip():
             continue
-        if path.suffix == ".jsonl":
+        if jsonl:
             rec = json.loads(line)
             if "text" not in rec:
                 raise ValueError(f"{path}:{i + 1}: record has no 'text'")

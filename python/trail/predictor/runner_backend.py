@@ -100,3 +100,22 @@ class RunnerGenerator:
                 if out.finished:
                     reason = "eos" if out.finish_reason == FinishReason.STOP else "length"
                     yield out.request_id, list(out.token_ids), reason
+
+
+def collect_engine(model_source, lm, max_batch: int, max_prompt_tokens: int, max_new_tokens: int,
+                   kv_headroom: float = 1.25) -> RunnerGenerator:
+    """A RunnerGenerator over a fresh fcfs `trail.engine.LLMEngine` sized for collection: at most
+    `max_batch` running requests, a KV pool of `kv_headroom` x what they can hold at full length
+    (bounded, so the rest of the device stays free for embedding), 1,024 queued slots."""
+    from trail.engine import LLMEngine
+    from trail.engine_config import EngineConfig
+    from trail.models.loader import load_model
+
+    max_len = max_prompt_tokens + max_new_tokens
+    blocks = int(max_batch * -(-max_len // 16) * kv_headroom) + 64
+    config = EngineConfig(policy="fcfs", max_batch=max_batch, max_slots=max(max_batch, 1024), max_model_len=max_len,
+                          max_tokens_per_step=max(8192, max_batch), num_gpu_blocks=blocks, num_host_blocks=64)
+    engine = LLMEngine(load_model(model_source, lm.device, lm.dtype), lm.tokenizer, config,
+                       eos_token_ids=lm.eos_token_ids())
+    logger.info("collection engine: max_batch %d, %d KV blocks, max_model_len %d", max_batch, blocks, max_len)
+    return RunnerGenerator(engine)

@@ -8,6 +8,12 @@ settings, then one line per request:
 the final EOS when there is one, so `output_len` counts decode steps and `hit_cap` is True when
 the request stopped at `max_new_tokens` without an EOS. Appending is how `trail collect` resumes;
 a torn last line (a killed run) is dropped with a warning.
+
+The reader checks what it reads against the header (`validate_records`): the header names
+max_new_tokens; every output has 1..max_new_tokens tokens; an "eos" record ends in one of the
+header's `eos_token_ids` (when the header lists them) and no record has an EOS id before its last
+token; a "length" record has exactly max_new_tokens tokens. A record that breaks a rule is a
+ValueError naming its line and id.
 """
 from __future__ import annotations
 
@@ -82,7 +88,8 @@ def record_line(rec: TraceRecord) -> str:
     return json.dumps(asdict(rec), separators=(",", ":"))
 
 
-def read_trace(path: str | os.PathLike) -> Trace:
+def read_trace(path: str | os.PathLike, validate: bool = True) -> Trace:
+    """Read a trace; `validate` checks every record against the header (module docstring)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"trace file not found: {path}")
@@ -103,7 +110,7 @@ def read_trace(path: str | os.PathLike) -> Trace:
         raise ValueError(f"{path}: not a trail trace (header format {head.get('format') if isinstance(head, dict) else head!r})")
     if head.get("version") != VERSION:
         raise ValueError(f"{path}: trace version {head.get('version')} is not supported (want {VERSION})")
-    records, seen = [], set()
+    records, seen, lines_of = [], set(), []
     for i, line in enumerate(lines[1:], start=2):
         if not line.strip():
             continue
@@ -120,7 +127,40 @@ def read_trace(path: str | os.PathLike) -> Trace:
             raise ValueError(f"{path}:{i}: duplicate request id {rec.id}")
         seen.add(rec.id)
         records.append(rec)
-    return Trace(head["settings"], records)
+        lines_of.append(i)
+    settings = head.get("settings")
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path}: trace header has no settings object")
+    if validate:
+        validate_records(settings, records, str(path), lines_of)
+    return Trace(settings, records)
+
+
+def validate_records(settings: dict, records: list[TraceRecord], where: str = "trace",
+                     line_numbers: list[int] | None = None) -> None:
+    """The checks of the module docstring; ValueError at the first record that fails one."""
+    mnt = settings.get("max_new_tokens")
+    if not isinstance(mnt, int) or isinstance(mnt, bool) or mnt < 1:
+        raise ValueError(f"{where}: header settings need max_new_tokens (a positive integer), got {mnt!r}")
+    eos_ids = settings.get("eos_token_ids")
+    if eos_ids is not None and (not isinstance(eos_ids, list) or not all(isinstance(e, int) for e in eos_ids)):
+        raise ValueError(f"{where}: header eos_token_ids must be a list of token ids, got {eos_ids!r}")
+    eos = set(eos_ids or ())
+    for j, r in enumerate(records):
+        at = f"{where}:{line_numbers[j]}" if line_numbers else where
+        if not 1 <= r.output_len <= mnt:
+            raise ValueError(f"{at}: record {r.id} has {r.output_len} output tokens, not in 1..max_new_tokens={mnt}")
+        if r.finish == "length" and r.output_len != mnt:
+            raise ValueError(f"{at}: record {r.id} finished by 'length' after {r.output_len} tokens, but "
+                             f"max_new_tokens is {mnt} (a length stop has exactly max_new_tokens tokens)")
+        if eos:
+            if r.finish == "eos" and r.output_ids[-1] not in eos:
+                raise ValueError(f"{at}: record {r.id} finished by 'eos' but its last token {r.output_ids[-1]} is not "
+                                 f"one of the header's eos_token_ids {sorted(eos)}")
+            early = next((k for k, t in enumerate(r.output_ids[:-1]) if t in eos), None)
+            if early is not None:
+                raise ValueError(f"{at}: record {r.id} has EOS id {r.output_ids[early]} at output position {early}, "
+                                 f"before its last token (generation should have stopped there)")
 
 
 class TraceWriter:

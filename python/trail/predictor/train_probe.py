@@ -2,9 +2,15 @@
 the filter's alpha / eps.
 
 Training rows are the sampled probe inputs of `embed.SampledFeatures` (prompt mean at g = 0 and
-16 decode positions per request), labels the bins of the remaining length L - g. Requests are
+16 decode positions per request), labels the bins of the remaining length L - g. A request that
+hit the max_new_tokens cap is right-censored: its natural remaining length is only known to be
+>= L - g, so its rows are trained on the probability mass of every bin at or above that bin
+(`censored_nll`), never on the cap as if it were the answer. The stored prior `pi` is the
+trained classifier's mean bin distribution over the training rows (with censored labels the
+label histogram is not the natural-length prior). Requests are
 split by id hash (`bins.split_of`): train 80%, validation 10% (early stopping on validation MAE,
-alpha/eps fitting), test 10% (never touched here; `trail eval-probe` reports on it). Features are
+the choice of width / learning rate (`select_config`), alpha/eps fitting), test 10% (never
+touched here; `trail eval-probe` reports on it). Features are
 standardised for training and the standardisation is folded into fc1, so the stored probe takes
 raw layer states. After the MLP, alpha and eps are chosen on the validation requests by running
 the filter (`filter_adapter`, i.e. `trail_kernels.probe.probe_reference`) over every position.
@@ -17,7 +23,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from trail.predictor import bins as B
@@ -41,6 +46,22 @@ class TrainConfig:
     seed: int = 0
 
 
+WIDTHS = (256, 512, 1024)
+LRS = (1e-3, 3e-4)
+
+
+def censored_nll(logits: torch.Tensor, y: torch.Tensor, censored: torch.Tensor | None) -> torch.Tensor:
+    """Mean negative log-likelihood of the labels: -log p[y] for an observed bin, -log sum_{k >= y}
+    p[k] for a right-censored row (the natural length is at least what was seen)."""
+    logp = torch.log_softmax(logits.float(), -1)
+    exact = logp.gather(1, y[:, None]).squeeze(1)
+    if censored is None or not bool(censored.any()):
+        return -exact.mean()
+    k = torch.arange(logits.shape[1], device=logits.device)
+    tail = torch.logsumexp(logp.masked_fill(k[None, :] < y[:, None], float("-inf")), -1)
+    return -torch.where(censored, tail, exact).mean()
+
+
 def split_mask(ids: list[str], which: str) -> torch.Tensor:
     return torch.tensor([B.split_of(i) == which for i in ids], dtype=torch.bool)
 
@@ -52,9 +73,12 @@ def expected_remaining(logits: torch.Tensor, values: torch.Tensor, cap: torch.Te
 
 def train_mlp(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, rem_val: torch.Tensor,
               cap_val: torch.Tensor, values: list[float], num_bins: int, cfg: TrainConfig,
-              progress: bool = False, desc: str = "train") -> tuple[ProbeMLP, dict]:
-    """Cross-entropy on bins, AdamW + cosine, early stopping on the validation MAE of the
-    expected remaining length. Returns the best MLP (standardisation folded into fc1)."""
+              progress: bool = False, desc: str = "train", censored: torch.Tensor | None = None
+              ) -> tuple[ProbeMLP, dict]:
+    """Censored likelihood on bins (`censored_nll`; plain cross-entropy where `censored` [N] is
+    None or all False), AdamW + cosine, early stopping on the validation MAE of the expected
+    remaining length (the capped readout against the seen remaining length, which is exact for
+    censored requests too). Returns the best MLP (standardisation folded into fc1)."""
     dev = x.device
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -67,23 +91,24 @@ def train_mlp(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, rem_val: to
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
     vals = torch.tensor(values, dtype=torch.float32, device=dev)
     xv = ((x_val.float() - mu) / sd) if x_val.numel() else x_val.float()
+    cens = censored.to(dev).bool() if censored is not None else None
     best, best_mae, best_epoch, history, bad = None, math.inf, -1, [], 0
     for epoch in tqdm(range(cfg.epochs), desc=desc, unit="epoch", disable=not progress, leave=False):
         mlp.train()
         perm = torch.randperm(x.shape[0], generator=gen).to(dev)
-        total = 0.0
+        total = torch.zeros((), device=dev)
         for s in range(steps_per_epoch):
             idx = perm[s * cfg.batch_size: (s + 1) * cfg.batch_size]
-            loss = F.cross_entropy(mlp((xf[idx] - mu) / sd), y[idx])
+            loss = censored_nll(mlp((xf[idx] - mu) / sd), y[idx], None if cens is None else cens[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            total += loss.item() * idx.numel()
+            total += loss.detach() * idx.numel()
         mlp.eval()
         with torch.no_grad():
             mae = float((expected_remaining(mlp(xv), vals, cap_val) - rem_val).abs().mean()) if xv.numel() else math.nan
-        history.append({"epoch": epoch, "train_ce": total / x.shape[0], "val_mae": mae})
+        history.append({"epoch": epoch, "train_nll": float(total) / x.shape[0], "val_mae": mae})
         if not xv.numel() or mae < best_mae:
             best, best_mae, best_epoch, bad = copy.deepcopy(mlp.state_dict()), mae, epoch, 0
         else:
@@ -96,6 +121,20 @@ def train_mlp(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, rem_val: to
 
 
 @torch.no_grad()
+def model_prior(mlp: ProbeMLP, x: torch.Tensor, floor: float = 1e-4) -> list[float]:
+    """The classifier's mean bin distribution over rows `x` (floored, renormalised): the `pi` the
+    filter divides by when the labels were censored."""
+    if x.shape[0] == 0:
+        raise ValueError("model_prior needs at least one row")
+    acc = None
+    for s in range(0, x.shape[0], 65536):
+        p = torch.softmax(mlp(x[s: s + 65536].to(mlp.fc1.weight.device)).float(), -1).sum(0).double()
+        acc = p if acc is None else acc + p
+    pi = (acc / x.shape[0]).clamp_min(floor)
+    return (pi / pi.sum()).tolist()
+
+
+@torch.no_grad()
 def _fold_standardisation(mlp: ProbeMLP, mu: torch.Tensor, sd: torch.Tensor) -> None:
     """fc1((x - mu) / sd) == fc1'(x) with W' = W / sd, b' = b - W' mu."""
     w = mlp.fc1.weight / sd[None, :]
@@ -105,8 +144,8 @@ def _fold_standardisation(mlp: ProbeMLP, mu: torch.Tensor, sd: torch.Tensor) -> 
 
 def layer_training_data(feats: SampledFeatures, layer: int, edges: list[float], max_new_tokens: int,
                         device: str | torch.device):
-    """(x, bins, remaining, cap) for the train and validation rows of one layer, and the bin
-    values / label prior computed on the training labels."""
+    """(x, bins, remaining, cap, censored) for the train and validation rows of one layer, and the
+    bin values / label prior computed on the training labels (censored ones at their seen value)."""
     x_all = feats.layer(layer)
     out = {}
     for which in ("train", "val"):
@@ -114,7 +153,8 @@ def layer_training_data(feats: SampledFeatures, layer: int, edges: list[float], 
         dev_req, dev_slot = req.to(x_all.device), slot.to(x_all.device)
         x = x_all[dev_req, dev_slot].to(device)
         rem = rem.to(device).float()
-        out[which] = (x, B.bin_index(rem, edges).to(device), rem, (max_new_tokens - g.to(device)).float())
+        cens = feats.hit_cap.to(req.device)[req].to(device).bool()
+        out[which] = (x, B.bin_index(rem, edges).to(device), rem, (max_new_tokens - g.to(device)).float(), cens)
     if out["train"][0].shape[0] == 0:
         raise ValueError("no training rows: every request hashed into validation/test (too few requests?)")
     values = B.bin_values(out["train"][2].cpu(), edges)
@@ -124,16 +164,24 @@ def layer_training_data(feats: SampledFeatures, layer: int, edges: list[float], 
 
 def train_layer_probe(feats: SampledFeatures, layer: int, edges: list[float], cfg: TrainConfig,
                       model_id: str, max_new_tokens: int, device: str | torch.device = "cpu",
-                      progress: bool = False) -> tuple[ProbeMLP, ProbeSpec]:
+                      progress: bool = False, censor: bool = True) -> tuple[ProbeMLP, ProbeSpec]:
+    """One probe on `layer`; `censor=False` trains on capped lengths as if observed (the old
+    labels, kept for comparison)."""
     data, values, pi = layer_training_data(feats, layer, edges, max_new_tokens, device)
-    (x, y, _, _), (xv, _, remv, capv) = data["train"], data["val"]
-    mlp, info = train_mlp(x, y, xv, remv, capv, values, len(edges) - 1, cfg, progress, f"layer {layer}")
+    (x, y, _, _, cens), (xv, _, remv, capv, _) = data["train"], data["val"]
+    mlp, info = train_mlp(x, y, xv, remv, capv, values, len(edges) - 1, cfg, progress, f"layer {layer}",
+                          censored=cens if censor else None)
+    if censor:
+        pi = model_prior(mlp, x)
     n_req = {w: int(split_mask(feats.ids, w).sum()) for w in ("train", "val", "test")}
     spec = ProbeSpec(kind="layer", model=model_id, d=x.shape[1], h=cfg.hidden, bin_edges=list(edges),
                      bin_values=values, pi=pi, layer=layer, max_new_tokens=max_new_tokens,
                      training={"rows": int(x.shape[0]), "requests": n_req, "split": "sha1(id) % 100: <10 test, <20 val",
                                "num_decode_samples": feats.meta.get("num_decode"), "config": cfg.__dict__,
                                "best_epoch": info["best_epoch"], "epochs_run": len(info["history"]),
+                               "labels": "censored at the cap" if censor else "capped lengths as observed",
+                               "pi": "classifier mean over training rows" if censor else "training label histogram",
+                               "censored_rows": int(cens.sum()),
                                "train_length_counts": length_counts(feats, "train", max_new_tokens)},
                      validation={"rows": int(xv.shape[0]), "mae_samples": info["val_mae_samples"]})
     return mlp, spec
@@ -147,13 +195,33 @@ def length_counts(feats: SampledFeatures, which: str, max_new_tokens: int) -> li
 
 
 def sweep_layers(feats: SampledFeatures, layers: list[int], edges: list[float], cfg: TrainConfig,
-                 model_id: str, max_new_tokens: int, device="cpu", progress: bool = True):
+                 model_id: str, max_new_tokens: int, device="cpu", progress: bool = True, censor: bool = True):
     """One probe per layer; returns {layer: (mlp, spec)} (validation MAE in spec.validation)."""
     out = {}
     for layer in tqdm(layers, desc="sweep", unit="layer", disable=not progress):
-        out[layer] = train_layer_probe(feats, layer, edges, cfg, model_id, max_new_tokens, device)
+        out[layer] = train_layer_probe(feats, layer, edges, cfg, model_id, max_new_tokens, device, censor=censor)
         logger.info("layer %d: validation MAE (sampled rows) %.2f", layer, out[layer][1].validation["mae_samples"])
     return out
+
+
+def select_config(feats: SampledFeatures, layer: int, edges: list[float], cfg: TrainConfig, model_id: str,
+                  max_new_tokens: int, device="cpu", widths=WIDTHS, lrs=LRS, progress: bool = True
+                  ) -> tuple[ProbeMLP, ProbeSpec, list[dict]]:
+    """Width x learning rate grid on one layer, each run early-stopped on validation (which sets
+    the number of epochs); the lowest validation MAE wins. Test requests are never looked at."""
+    runs, best = [], None
+    grid = [(h, lr) for h in widths for lr in lrs]
+    for h, lr in tqdm(grid, desc=f"width/lr (layer {layer})", unit="cfg", disable=not progress):
+        c = TrainConfig(**dict(cfg.__dict__, hidden=h, lr=lr))
+        mlp, spec = train_layer_probe(feats, layer, edges, c, model_id, max_new_tokens, device)
+        mae = spec.validation["mae_samples"]
+        runs.append({"hidden": h, "lr": lr, "val_mae_samples": mae, "best_epoch": spec.training["best_epoch"]})
+        logger.info("layer %d h=%d lr=%g: validation MAE %.2f (best epoch %d)", layer, h, lr, mae,
+                    spec.training["best_epoch"])
+        if best is None or mae < best[1].validation["mae_samples"]:
+            best = (mlp, spec)
+    best[1].training["config_search"] = runs
+    return best[0], best[1], runs
 
 
 def fit_filter(mlp: ProbeMLP, spec: ProbeSpec, dense_val: DenseFeatures, alphas=ALPHAS, epss=EPSS,
