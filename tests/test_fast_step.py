@@ -53,6 +53,18 @@ def test_graph_buckets():
     assert [bucket_for(n, sizes) for n in (1, 3, 17, 48, 49, 64, 65)] == [1, 4, 24, 48, 64, 64, None]
 
 
+def assert_same_real_state(plain: dict, padded: dict) -> None:
+    """An unpadded and a padded run of one step: the same tokens, logits, repetition history,
+    probe state of real slots, and KV entries (pads write none; values equal up to GEMM blocking)."""
+    assert torch.equal(plain["tokens"], padded["tokens"])
+    torch.testing.assert_close(plain["logits"], padded["logits"], rtol=1e-5, atol=1e-5)
+    assert torch.equal(plain["pool"] != 0, padded["pool"] != 0)
+    torch.testing.assert_close(plain["pool"], padded["pool"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain["post"], padded["post"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(plain["expected"], padded["expected"], rtol=1e-5, atol=1e-4)
+    assert torch.equal(plain["seen"], padded["seen"])
+
+
 def test_padded_decode_rows_change_nothing_real(model):
     """The same decode step unpadded and padded to a bucket (pads: no KV slot, context 0, the
     probe's scratch slot, the scratch row of `seen`): identical tokens, logits, KV pool, probe
@@ -81,14 +93,7 @@ def test_padded_decode_rows_change_nothing_real(model):
                          seen=runner.seen[:6].clone(), rows=len(tokens), probe_slots=batch.probe_slots.tolist()))
     plain, padded = runs
     assert padded["rows"] == 6 and padded["probe_slots"] == [2, 4, 6, 6, 6, 6]
-    assert torch.equal(plain["tokens"], padded["tokens"])
-    torch.testing.assert_close(plain["logits"], padded["logits"], rtol=1e-5, atol=1e-5)
-    # pads write no KV: the same cache entries are filled (values equal up to GEMM blocking)
-    assert torch.equal(plain["pool"] != 0, padded["pool"] != 0)
-    torch.testing.assert_close(plain["pool"], padded["pool"], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(plain["post"], padded["post"], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(plain["expected"], padded["expected"], rtol=1e-5, atol=1e-4)
-    assert torch.equal(plain["seen"], padded["seen"])
+    assert_same_real_state(plain, padded)
 
 
 def test_mixed_step_padded_like_its_graph_changes_nothing_real(model):
@@ -123,14 +128,8 @@ def test_mixed_step_padded_like_its_graph_changes_nothing_real(model):
                          cu=batch.meta.cu_seqlens_q.tolist()))
     plain, padded = runs
     assert padded["n_logits"] == 6 and padded["cu"] == [0, 1, 9, 12, 13, 14, 30]
-    assert torch.equal(plain["tokens"], padded["tokens"])
-    torch.testing.assert_close(plain["logits"], padded["logits"], rtol=1e-5, atol=1e-5)
-    assert torch.equal(plain["pool"] != 0, padded["pool"] != 0)
-    torch.testing.assert_close(plain["pool"], padded["pool"], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(plain["post"], padded["post"], rtol=1e-5, atol=1e-6)
+    assert_same_real_state(plain, padded)
     torch.testing.assert_close(plain["pool_sum"], padded["pool_sum"], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(plain["expected"], padded["expected"], rtol=1e-5, atol=1e-4)
-    assert torch.equal(plain["seen"], padded["seen"])
 
 
 def test_mixed_token_buckets():

@@ -32,12 +32,19 @@ def _ranks(x: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def spearman(a, b) -> float:
+def _paired(a, b, name: str):
+    """(a, b) as float64 arrays of one length; None when fewer than two pairs."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if len(a) != len(b):
-        raise ValueError(f"spearman: lengths differ ({len(a)} vs {len(b)})")
-    if len(a) < 2:
+        raise ValueError(f"{name}: lengths differ ({len(a)} vs {len(b)})")
+    return (a, b) if len(a) >= 2 else None
+
+
+def spearman(a, b) -> float:
+    pair = _paired(a, b, "spearman")
+    if pair is None:
         return math.nan
+    a, b = pair
     ra, rb = _ranks(a), _ranks(b)
     ra, rb = ra - ra.mean(), rb - rb.mean()
     den = math.sqrt(float((ra * ra).sum() * (rb * rb).sum()))
@@ -62,12 +69,10 @@ def _pair_signs(a: np.ndarray, b: np.ndarray, chunk: int = 1024):
 
 
 def kendall_tau_b(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if len(a) != len(b):
-        raise ValueError(f"kendall_tau_b: lengths differ ({len(a)} vs {len(b)})")
-    if len(a) < 2:
+    pair = _paired(a, b, "kendall_tau_b")
+    if pair is None:
         return math.nan
-    c, d, ta, tb = _pair_signs(a, b)
+    c, d, ta, tb = _pair_signs(*pair)
     den = math.sqrt(float(c + d + ta) * float(c + d + tb))
     return (c - d) / den if den > 0 else math.nan
 
