@@ -514,6 +514,10 @@ class LLMEngine:
         np.cumsum(ntok, out=cu[1:])
         positions = np.repeat(starts - cu[:-1], ntok) + np.arange(cu[-1])
         prefill = (flags & row_flags.PREFILL) != 0
+        unknown = prefill & (starts + ntok > self._seq_len[slots])
+        if unknown.any():      # a recompute re-feeding a token still in flight: never planned so
+            raise RuntimeError(f"step {self._step_index}: prefill rows of requests "
+                               f"{rows[unknown, SCHED.ID].tolist()} need tokens the host has not seen yet")
         token_ids = np.where(np.repeat(prefill, ntok), self._tokens[np.repeat(slots, ntok), positions], -1)
         # the probe's count: output tokens fed up to this row (0 for a prompt chunk)
         gen = self._gen[slots].astype(np.int64) + (self._pending_rid[slots] == rows[:, SCHED.ID])
