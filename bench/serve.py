@@ -360,14 +360,22 @@ def main(argv=None) -> int:
         (out / "serve.json").write_text(json.dumps(result, indent=1))
         np.savez_compressed(out / "serve_steps.npz", fields=np.array(STEP_FIELDS), **steps)
 
+    warmed: set = set()
+
     def serve(regime, name, reqs):
+        if (regime, name) not in warmed:     # every engine's first run is a warm-up, not measured
+            warmed.add((regime, name))
+            serve(regime, name, warm)
+        # the earlier runs' objects: collected now and frozen, so no GC pass scans them mid-run
+        # (runs 3-4 measured the first policy of each seed ~1.4x slower than the seed's median)
+        gc.collect()
+        gc.freeze()
         run = run_policy(lambda _p: engines.get(regime, name), name, reqs, params)
         tel = engines.cache[(regime, name)].telemetry
         return run, np.asarray(tel.steps, np.float64).reshape(-1, len(STEP_FIELDS))
 
-    # warm-up (Triton compiles, caches, allocator): not measured, so nothing later pays for it
+    # warm-up workload (Triton compiles, caches, allocator), served unmeasured by every engine first
     warm, _ = workload(pool, 2 * args.max_batch if args.warmup is None else args.warmup, None, 999, recorded)
-    serve(regimes[0], policies[0], warm)
     # saturation per regime in use
     given = parse_saturation(args.saturation)
     sat = {}
@@ -517,6 +525,64 @@ def merge(dirs: Sequence[Path]) -> dict:
     return out
 
 
+def pooled_table(result: dict, resamples: int = 2000, seed: int = 0) -> tuple[list[dict], str]:
+    """Per (regime, load, policy), pooled over every seed's requests: ratio to fcfs of mean
+    latency and of mean TTFT (pooled means) with two 95% bootstrap intervals: `paired` resamples
+    requests within each seed (pairs = the same request under both policies; covers request
+    sampling only) and `seeds` resamples whole seeds (covers run-to-run variation, the larger
+    one here; crude with few seeds); p99 of the pooled latencies / fcfs's, throughput (all tokens
+    over all makespans) / fcfs's, preemptions (total and per run)."""
+    rng = np.random.default_rng(seed)
+    groups: dict = {}
+    for c in result["cells"]:
+        if "fcfs" not in c["policies"]:
+            continue
+        groups.setdefault((c["regime"], c["load"]), []).append(c)
+    rows = []
+    for (regime, load), cells in groups.items():
+        names = [n for n in result["policies"] if all(n in c["policies"] for c in cells)]
+        base = {k: [np.asarray(c["policies"]["fcfs"][k], float) for c in cells] for k in ("latency_s", "ttft_s")}
+        idx = [[rng.integers(0, len(b), len(b)) for b in base["latency_s"]] for _ in range(resamples)]
+        sidx = rng.integers(0, len(cells), (resamples, len(cells)))
+        for name in names:
+            row = {"regime": regime, "load": load, "policy": name, "seeds": [c["seed"] for c in cells],
+                   "requests": int(sum(len(b) for b in base["latency_s"]))}
+            for key, label in (("latency_s", "latency"), ("ttft_s", "ttft")):
+                a = [np.asarray(c["policies"][name][key], float) for c in cells]
+                b = base[key]
+                sa, sb = np.array([x.sum() for x in a]), np.array([x.sum() for x in b])
+                row[f"{label}_ratio"] = float(sa.sum() / sb.sum())
+                boot = np.array([sum(x[i].sum() for x, i in zip(a, ii)) / max(sum(x[i].sum() for x, i in zip(b, ii)), 1e-12)
+                                 for ii in idx])
+                row[f"{label}_ci95_paired"] = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
+                sboot = sa[sidx].sum(1) / np.maximum(sb[sidx].sum(1), 1e-12)
+                row[f"{label}_ci95_seeds"] = [float(np.percentile(sboot, 2.5)), float(np.percentile(sboot, 97.5))]
+                row[f"{label}_per_seed"] = [float(x) for x in sa / sb]
+            la = np.concatenate([c["policies"][name]["latency_s"] for c in cells])
+            row["p99_ratio"] = float(np.percentile(la, 99) / np.percentile(np.concatenate(base["latency_s"]), 99))
+            tok = lambda n: sum(c["policies"][n]["throughput_tok_s"] * c["policies"][n]["makespan_s"] for c in cells)  # noqa: E731
+            span = lambda n: sum(c["policies"][n]["makespan_s"] for c in cells)  # noqa: E731
+            row["throughput_ratio"] = float((tok(name) / span(name)) / (tok("fcfs") / span("fcfs")))
+            row["mean_latency_s"] = float(la.mean())
+            row["mean_ttft_s"] = float(np.mean(np.concatenate([c["policies"][name]["ttft_s"] for c in cells])))
+            pre = [int(c["policies"][name]["preemptions"]) for c in cells]
+            row["preemptions_total"], row["preemptions_per_run"] = int(sum(pre)), pre
+            rows.append(row)
+    f = lambda v: f"{v:.3f}"  # noqa: E731
+    ci = lambda v: f"[{v[0]:.3f}, {v[1]:.3f}]"  # noqa: E731
+    lines = ["| regime | load | policy | seeds x requests | mean s | latency / fcfs | 95% CI paired (requests) | "
+             "95% CI seeds | per seed | TTFT s | TTFT / fcfs | 95% CI paired | 95% CI seeds | p99 / fcfs | "
+             "throughput / fcfs | preemptions total (per run) |", "|" + "---|" * 16]
+    for r in rows:
+        lines.append(f"| {r['regime']} | {r['load']} | {r['policy']} | {len(r['seeds'])} x {r['requests'] // len(r['seeds'])} | "
+                     f"{r['mean_latency_s']:.3f} | {f(r['latency_ratio'])} | {ci(r['latency_ci95_paired'])} | "
+                     f"{ci(r['latency_ci95_seeds'])} | {' '.join(f'{x:.2f}' for x in r['latency_per_seed'])} | "
+                     f"{r['mean_ttft_s']:.3f} | {f(r['ttft_ratio'])} | {ci(r['ttft_ci95_paired'])} | {ci(r['ttft_ci95_seeds'])} | "
+                     f"{r['p99_ratio']:.2f} | {r['throughput_ratio']:.3f} | {r['preemptions_total']} "
+                     f"({' '.join(map(str, r['preemptions_per_run']))}) |")
+    return rows, "\n".join(lines) + "\n"
+
+
 def merge_main(argv) -> int:
     ap = argparse.ArgumentParser(description="combine serve.py sections")
     ap.add_argument("dirs", nargs="+")
@@ -526,8 +592,12 @@ def merge_main(argv) -> int:
     result = merge([Path(d) for d in args.dirs])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    pooled, table = pooled_table(result)
+    result["pooled"] = pooled
     (out / "serve.json").write_text(json.dumps(result, indent=1))
     text = summary_lines(result) + "".join(f"section {s['section']}: {s['dir']}: {s['cells']}\n" for s in result["sections"])
+    text += ("\npooled over seeds (ratios of pooled means to fcfs on the same requests; 'paired' CI resamples "
+             "requests within each seed, 'seeds' CI resamples whole seeds):\n" + table)
     (out / "serve.summary.txt").write_text(text)
     logger.info("\n%s", text)
     plot(result, out)

@@ -39,6 +39,12 @@ def judge(npz: str | os.PathLike, loads: Sequence[float] = (0.9, 1.0, 1.1), seed
         out["loads"][f"{load:g}"] = {p: {k: cmp[p].get(k) for k in (
             "mean_latency", "mean_latency_vs_fcfs", "p99_latency_vs_fcfs", "mean_ttft_vs_fcfs", "oracle_fraction",
             "oracle_fraction_sd", "mean_latency_vs_sjf_prompt")} for p in cmp}
+        # how many seeds the oracle fraction averages (sim.compare skips seeds where the oracle gains
+        # < 10% over fcfs; one seed's fraction otherwise shows as "± 0.000") and the oracle's gain per seed
+        gains = [1.0 - o["mean_latency"] / f["mean_latency"] for f, o in zip(raw["fcfs"], raw["oracle"])]
+        for p in out["loads"][f"{load:g}"].values():
+            p["oracle_fraction_seeds"] = sum(g >= 0.1 for g in gains)
+            p["oracle_gain_per_seed"] = gains
         logger.info("load %.2f: oracle fraction trail %.3f, sjf_prompt %.3f", load,
                     cmp["trail"].get("oracle_fraction", math.nan), cmp["sjf_prompt"].get("oracle_fraction", math.nan))
     return out
@@ -50,11 +56,13 @@ def format_judge(res: dict) -> str:
 
     lines = [f"{res['npz']}: {res['pool_requests']} requests resampled to {res['n']} per run, seeds {res['seeds']}, "
              f"{res['regime']} regime, fcfs saturation {res['saturation_rps']:.2f} req/s",
-             "| load | policy | mean/fcfs | p99/fcfs | oracle frac (± sd) |", "|---|---|---|---|---|"]
+             "| load | policy | mean/fcfs | p99/fcfs | oracle frac (± sd over seeds) | seeds counted |",
+             "|---|---|---|---|---|---|"]
     for load, rows in res["loads"].items():
         for pol in ("sjf_prompt", "trail", "oracle"):
             d = rows.get(pol)
             if d:
                 lines.append(f"| {load} | {pol} | {f(d['mean_latency_vs_fcfs'])} | {f(d['p99_latency_vs_fcfs'], '.2f')} | "
-                             f"{f(d.get('oracle_fraction'))} ± {f(d.get('oracle_fraction_sd'))} |")
+                             f"{f(d.get('oracle_fraction'))} ± {f(d.get('oracle_fraction_sd'))} | "
+                             f"{d.get('oracle_fraction_seeds', 'n/a')}/{len(res['seeds'])} |")
     return "\n".join(lines)
