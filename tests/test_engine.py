@@ -235,6 +235,24 @@ def test_from_pretrained_loads_the_shipped_probe_and_prompt_predictor(smollm2_di
     engine.check_idle()
 
 
+def test_from_pretrained_takes_the_prompt_predictor_beside_a_probe_path(smollm2_dir, tmp_path, monkeypatch):
+    """A probe given by path brings the prompt predictor trained with it, not the shipped one."""
+    import shutil
+
+    import trail.engine as engine_module
+
+    shipped = shipped_probe_dir("SmolLM2-135M-Instruct")
+    for f in ("probe.json", "probe.safetensors", "prompt_boe.json", "prompt_boe.safetensors"):
+        shutil.copy(shipped / f, tmp_path / f)
+    loaded = []
+    real = engine_module.prompt_predictor_fn
+    monkeypatch.setattr(engine_module, "prompt_predictor_fn", lambda path, *a: (loaded.append(path), real(path, *a))[1])
+    config = EngineConfig(policy="trail", max_batch=2, max_model_len=64, prefill_tokens_per_s=100.0)
+    LLMEngine.from_pretrained(smollm2_dir, config, probe=str(tmp_path / "probe"))
+    LLMEngine.from_pretrained(smollm2_dir, config)
+    assert loaded == [tmp_path / "prompt_boe", shipped / "prompt_boe"]
+
+
 def test_recorded_predictions_replace_the_probe_for_their_request_only(tiny):
     engine = _tiny_engine(tiny, max_batch=4, block_size=4, num_gpu_blocks=64)
     rng = np.random.default_rng(1)

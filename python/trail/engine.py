@@ -164,7 +164,8 @@ class LLMEngine:
                         dtype: torch.dtype | None = None, seed: int = 0) -> "LLMEngine":
         """`source`: an HF folder, a .gguf file, or `random:<preset>` (no tokenizer). `probe`:
         'shipped' (the probe shipped for this model, if any), a probe file path, or None.
-        `prompt_predictor`: 'boe' / 'minilm' (shipped beside the probe), a file path, or None."""
+        `prompt_predictor`: 'boe' / 'minilm' (the one beside a probe given by path, else the shipped
+        one), a file path, or None."""
         from trail.models.loader import default_dtype, load_model, load_tokenizer
         from trail.predictor.probe_file import load_probe_params, shipped_probe_dir
 
@@ -185,10 +186,17 @@ class LLMEngine:
             if path is not None:
                 probe_params, spec = load_probe_params(path, expect_d=model.config.hidden_size)
                 layer, max_new = spec.layer, spec.max_new_tokens
-        if prompt_predictor is not None:
-            path = folder / f"prompt_{prompt_predictor}" if prompt_predictor in ("boe", "minilm") else prompt_predictor
-            if path is not None and (folder is not None or prompt_predictor not in ("boe", "minilm")):
-                predictor = prompt_predictor_fn(path, model, tokenizer)
+        if prompt_predictor in ("boe", "minilm"):
+            # beside a probe given by path (trained together), else the shipped one
+            name = f"prompt_{prompt_predictor}"
+            beside = Path(str(probe)).parent if probe not in (None, "shipped") else None
+            found = [d for d in (beside, folder) if d is not None and (d / f"{name}.json").is_file()]
+            if found:
+                predictor = prompt_predictor_fn(found[0] / name, model, tokenizer)
+            else:
+                logger.warning("no %s prompt predictor beside the probe or shipped for %s", prompt_predictor, source)
+        elif prompt_predictor is not None:
+            predictor = prompt_predictor_fn(prompt_predictor, model, tokenizer)
         eos = generation_eos_ids(source, tokenizer)
         return cls(model, tokenizer, config, probe=probe_params, probe_layer=layer, probe_max_new=max_new,
                    prompt_predictor=predictor, eos_token_ids=eos, seed=seed)
