@@ -43,7 +43,7 @@ def _setup(slots=12, max_blocks=16):
 
 def test_replay_matches_eager_and_pads_touch_nothing(fp32):
     model, cache, runner, state = _setup()
-    assert runner.capture_decode_graphs([4, 8]) == 4
+    assert runner.capture_graphs([4, 8]) == 4
     slots = [0, 3, 5, 7, 11]
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 49152, (int(n),), generator=gen).tolist() for n in (20, 33, 7, 50, 16)]
@@ -139,7 +139,7 @@ def test_mixed_graph_replay_matches_eager(fp32):
 
 def test_graph_step_allocates_nothing(fp32):
     model, cache, runner, state = _setup()
-    runner.capture_decode_graphs([4])
+    runner.capture_graphs([4])
     cache.allocate({0: 40, 1: 40})
     out = runner.step([Segment(0, list(range(10, 30)), 0), Segment(1, list(range(40, 52)), 0)])
     toks = out.next_tokens.tolist()

@@ -144,7 +144,7 @@ def test_mixed_token_buckets():
 
 def test_cpu_runner_captures_nothing(model):
     runner = make_runner(model)
-    assert runner.capture_decode_graphs([1, 2]) == 0 and runner.graph_sizes == []
+    assert runner.capture_graphs([1, 2]) == 0 and runner.graph_sizes == []
     batch = runner.prepare([Segment(0, prompt(3, 0), 0)])
     assert batch.graph is None
 

@@ -143,7 +143,7 @@ class LLMEngine:
         self._gen_host = torch.zeros(n, dtype=torch.int32)
         self._gen = self._gen_host.numpy()
         # pinned landing buffers of the device's predictions and tokens, one per step in flight
-        self._host_buffers = [_HostBuffers(n, config.max_batch + 1, self.device.type == "cuda") for _ in range(2)]
+        self._host_buffers = [_HostBuffers(n, rows, self.device.type == "cuda") for _ in range(2)]
         self._compute_stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         self._pending_timing: tuple | None = None
         self._in_flight: _InFlight | None = None

@@ -24,11 +24,12 @@ the device; nothing in `forward` or `sample` reads device memory back, so the en
 its own read of `next_tokens`. A `StepBatch` holds views of those buffers: it is valid until the
 next `prepare_plan`.
 
-CUDA graphs (`capture_decode_graphs`, never on CPU): decode-only steps run as one graph per batch
-bucket (slot mapping -> forward -> layer tap -> the attached probe -> sampler, greedy and sampling
-variants). A step of n rows is padded to its bucket: pad rows have one token on no KV slot
-(slot mapping -1), context 0 (attention reads nothing), the probe's scratch slot, the scratch row
-of `seen` and greedy parameters. Prefill and mixed steps run eager.
+CUDA graphs (`capture_graphs`, never on CPU): decode-only steps run as one graph per batch bucket,
+steps with prefill work as one graph per token bucket of `mixed_rows` rows (slot mapping ->
+forward -> layer tap -> the attached probe -> sampler, greedy and sampling variants). A step is
+padded to its bucket: pad rows have one token on no KV slot (slot mapping -1), context 0
+(attention reads nothing), the probe's scratch slot, the scratch row of `seen` and greedy
+parameters; a mixed graph's last pad row also holds the spare tokens. Larger steps run eager.
 
 Repetition penalty needs every token a request has fed to the model; the runner keeps a
 `[max_slots, vocab]` bool mask on the device, set as tokens pass through `forward` and cleared when
@@ -268,7 +269,7 @@ class ModelRunner:
         self.buffers = StepBuffers(max_tokens, max_rows or min(self.max_slots, 64), self.device)
         self._arange = np.arange(max(max_tokens, self.buffers.max_rows) + 1, dtype=np.int64)
         model.rope().ensure(self.max_context)      # RoPE table sized once, for every position
-        # CUDA graphs of decode-only steps (capture_decode_graphs); the probe they run
+        # CUDA graphs (capture_graphs); the probe they run
         self.probe = self.probe_state = None
         self.graph_sizes: list[int] = []            # decode graphs: batch buckets
         self.mixed_token_sizes: list[int] = []      # mixed graphs: token buckets, of mixed_rows rows
@@ -516,10 +517,6 @@ class ModelRunner:
         return batch
 
     # ---- CUDA graphs --------------------------------------------------------------------------
-    def capture_decode_graphs(self, sizes: Sequence[int]) -> int:
-        """Decode graphs only (see `capture_graphs`)."""
-        return self.capture_graphs(sizes)
-
     def capture_graphs(self, decode_sizes: Sequence[int], mixed_token_sizes: Sequence[int] = (),
                        mixed_rows: int | None = None) -> int:
         """Captures CUDA graphs over the persistent buffers, each with every row a pad (nothing
