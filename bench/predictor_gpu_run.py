@@ -55,6 +55,7 @@ class Run:
         self.args, self.t0 = args, time.monotonic()
         self.end = self.t0 + args.budget_s
         self.summary: dict = {"args": vars(args), "phases": {}, "errors": {}, "skipped": {}}
+        self.skip = {x for x in (args.skip or "").split(",") if x}
 
     def left(self) -> float:
         return self.end - time.monotonic()
@@ -63,6 +64,10 @@ class Run:
     def phase(self, name: str, need_s: float = 0.0):
         """Runs the body unless less than `need_s` seconds are left; an exception is logged and
         recorded, and the run goes on (later phases check what they need)."""
+        if name in self.skip:
+            self.summary["skipped"][name] = "--skip"
+            yield False
+            return
         if self.left() < need_s:
             self.summary["skipped"][name] = f"{self.left():.0f} s left < {need_s:.0f} s needed"
             logger.warning("[%s] skipped: %s", name, self.summary["skipped"][name])
@@ -115,6 +120,13 @@ def parse_args(argv=None):
     ap.add_argument("--judge-n", type=int, default=2000)
     ap.add_argument("--judge-seeds", default="0,1,2")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--skip", default="", help="phases not to run, comma list (e.g. cross_sharegpt_only,judge)")
+    ap.add_argument("--cross-from", default=None,
+                    help="cross-dataset phases only, on another GPU: wait for the main run's collection in this "
+                         "work folder, then train ShareGPT-only / Alpaca-only probes at --cross-layer")
+    ap.add_argument("--cross-layer", type=int, default=19)
+    ap.add_argument("--cross-width", type=int, default=512)
+    ap.add_argument("--cross-lr", type=float, default=1e-3)
     return ap.parse_args(argv)
 
 
@@ -256,7 +268,7 @@ def run_all(run: Run) -> None:
     from trail.predictor import embed as E
     from trail.predictor import hf_backend, pipeline
     from trail.predictor.bins import default_edges
-    from trail.predictor.probe_file import load_spec, shipped_probe_dir
+    from trail.predictor.probe_file import load_spec
     from trail.predictor.trace import read_trace
     from trail.predictor.train_probe import TrainConfig
 
@@ -289,6 +301,7 @@ def run_all(run: Run) -> None:
     if trace is None or len(trace) == 0:
         return
     pack_trace(trace_path, Path(a.out))           # checkpoint: the trace comes back even if later phases die
+    (work / "collect.done").touch()               # a --cross-from run on another GPU starts from here
     edges = default_edges(10, float(trace.max_new_tokens))
     layers = [int(x) for x in a.layers.split(",")]
     cfg = TrainConfig(epochs=a.epochs, patience=a.patience, batch_size=a.train_batch)
@@ -330,7 +343,6 @@ def run_all(run: Run) -> None:
                 S.setdefault("finetune", {})[kind] = {"val_mae_total": info["val_mae_total"],
                                                       "seconds": info["seconds"], "epochs": len(info["history"])}
 
-    evals = S.setdefault("eval", {})
     test_ids = _ids(trace, split="test")
     alpaca_ids = _ids(trace, "alpaca")
     dense = {}
@@ -338,22 +350,10 @@ def run_all(run: Run) -> None:
         if ok:
             want = list(dict.fromkeys(test_ids + alpaca_ids))
             dense[layer] = E.embed_dense(lm, trace.subset(want), layer, store_device=device)
-            try:
-                shipped = shipped_probe_dir(lm.model_id)
-                sl = load_spec(shipped / "probe").layer
-                st["shipped"] = shipped
-                if sl not in dense:
-                    dense[sl] = E.embed_dense(lm, trace.subset(test_ids), sl, store_device=device)
-            except FileNotFoundError as exc:
-                logger.warning("no shipped probe to compare with: %s", exc)
+            if "eval_shipped" not in run.skip:
+                st["shipped"] = shipped_dense(lm, trace, dense, device)
 
-    def evaluate(name, probe_dir, ids, dense_layer, record=None, use_extra=True):
-        res = pipeline.evaluate_dir(trace, probe_dir, lm, work / "eval" / name, ids=ids, device=device,
-                                    features=dense.get(dense_layer), extra_prompt=extra if use_extra else None,
-                                    record_npz=record, minilm=a.minilm_dir, progress=False, rank_step=a.rank_step,
-                                    title=f"{name}: {len(ids)} requests")
-        evals[name] = eval_table_row(res)
-        return res
+    evaluate = make_evaluator(run, trace, lm, work, device, dense, extra)
 
     if layer in dense:
         with run.phase("eval_in_distribution", need_s=25) as ok:
@@ -364,30 +364,8 @@ def run_all(run: Run) -> None:
                     if ids:
                         evaluate(f"new_on_test_{src}", probes, ids, layer)
         if st.get("shipped"):
-            with run.phase("eval_shipped", need_s=20) as ok:
-                if ok:
-                    sl = load_spec(st["shipped"] / "probe").layer
-                    evaluate("shipped_on_test", st["shipped"], test_ids, sl, record=work / "recorded_test_shipped.npz",
-                             use_extra=False)
-                    for src in SOURCES:
-                        ids = _ids(trace, src, "test")
-                        if ids:
-                            evaluate(f"shipped_on_test_{src}", st["shipped"], ids, sl, use_extra=False)
-        for src, other in (("sharegpt", "alpaca"), ("alpaca", "sharegpt")):
-            with run.phase(f"cross_{src}_only", need_s=25) as ok:
-                if not ok:
-                    continue
-                ids = _ids(trace, src)
-                sub_trace, sub_feats = trace.subset(ids), feats.select(ids)
-                pdir = work / f"probes_{src}_only"
-                pipeline.train_all(sub_feats, sub_trace, lm, pdir, layer=layer, sweep=False, edges=edges,
-                                   cfg=best_cfg, device=device, minilm=False, dense_val=None)
-                for tgt in (src, other):
-                    tids = _ids(trace, tgt, "test")
-                    if tids:
-                        evaluate(f"{src}_only_on_test_{tgt}", pdir, tids, layer, use_extra=False)
-                if other == "alpaca" and alpaca_ids:
-                    evaluate(f"{src}_only_on_all_alpaca", pdir, alpaca_ids, layer, use_extra=False)
+            eval_shipped(run, trace, st["shipped"], evaluate, work)
+        cross_phases(run, lm, trace, feats, layer, edges, best_cfg, evaluate, work, device)
     del st["feats"]
     _free()
     with run.phase("judge", need_s=90) as ok:
@@ -401,6 +379,127 @@ def run_all(run: Run) -> None:
                     res = judge(npz, (0.9, 1.0, 1.1), seeds, n=a.judge_n, progress=False)
                     S.setdefault("judge", {})[name] = res
                     (work / f"judge_{name}.md").write_text(format_judge(res) + "\n")
+
+
+def make_evaluator(run: Run, trace, lm, work: Path, device: str, dense: dict, extra: dict):
+    """evaluate(name, probe_dir, ids, dense_layer, record=None, use_extra=True): one eval folder
+    under work/eval and its table row in the summary."""
+    from trail.predictor import pipeline
+
+    a, evals = run.args, run.summary.setdefault("eval", {})
+
+    def evaluate(name, probe_dir, ids, dense_layer, record=None, use_extra=True):
+        res = pipeline.evaluate_dir(trace, probe_dir, lm, work / "eval" / name, ids=ids, device=device,
+                                    features=dense.get(dense_layer), extra_prompt=extra if use_extra else None,
+                                    record_npz=record, minilm=a.minilm_dir, progress=False, rank_step=a.rank_step,
+                                    title=f"{name}: {len(ids)} requests")
+        evals[name] = eval_table_row(res)
+        return res
+    return evaluate
+
+
+def shipped_dense(lm, trace, dense: dict, device: str):
+    """The shipped probe's folder (None if there is none), with dense test features at its layer
+    added to `dense`."""
+    from trail.predictor import embed as E
+    from trail.predictor.probe_file import load_spec, shipped_probe_dir
+
+    try:
+        shipped = shipped_probe_dir(lm.model_id)
+    except FileNotFoundError as exc:
+        logger.warning("no shipped probe to compare with: %s", exc)
+        return None
+    sl = load_spec(shipped / "probe").layer
+    if sl not in dense:
+        dense[sl] = E.embed_dense(lm, trace.subset(_ids(trace, split="test")), sl, store_device=device)
+    return shipped
+
+
+def eval_shipped(run: Run, trace, shipped: Path, evaluate, work: Path) -> None:
+    """The shipped probe on the same test requests, its per-step predictions recorded."""
+    from trail.predictor.probe_file import load_spec
+
+    with run.phase("eval_shipped", need_s=20) as ok:
+        if ok:
+            sl = load_spec(shipped / "probe").layer
+            evaluate("shipped_on_test", shipped, _ids(trace, split="test"), sl,
+                     record=work / "recorded_test_shipped.npz", use_extra=False)
+            for src in SOURCES:
+                ids = _ids(trace, src, "test")
+                if ids:
+                    evaluate(f"shipped_on_test_{src}", shipped, ids, sl, use_extra=False)
+
+
+def cross_phases(run: Run, lm, trace, feats, layer: int, edges, cfg, evaluate, work: Path, device: str) -> None:
+    """Generalisation (item 6): a probe trained on one dataset only, tested on both."""
+    from trail.predictor import pipeline
+
+    alpaca_ids = _ids(trace, "alpaca")
+    for src, other in (("sharegpt", "alpaca"), ("alpaca", "sharegpt")):
+        with run.phase(f"cross_{src}_only", need_s=25) as ok:
+            if not ok:
+                continue
+            ids = _ids(trace, src)
+            sub_trace, sub_feats = trace.subset(ids), feats.select(ids)
+            pdir = work / f"probes_{src}_only"
+            pipeline.train_all(sub_feats, sub_trace, lm, pdir, layer=layer, sweep=False, edges=edges,
+                               cfg=cfg, device=device, minilm=False, dense_val=None)
+            for tgt in (src, other):
+                tids = _ids(trace, tgt, "test")
+                if tids:
+                    evaluate(f"{src}_only_on_test_{tgt}", pdir, tids, layer, use_extra=False)
+            if other == "alpaca" and alpaca_ids:
+                evaluate(f"{src}_only_on_all_alpaca", pdir, alpaca_ids, layer, use_extra=False)
+
+
+def run_cross(run: Run) -> None:
+    """--cross-from: the shipped probe's evaluation and the cross-dataset phases on a GPU of their
+    own, beside the main run (which then skips them). The layer / width / lr are given
+    (--cross-*), not the main run's choice, which comes too late."""
+    from trail.predictor import embed as E
+    from trail.predictor import hf_backend
+    from trail.predictor.bins import default_edges
+    from trail.predictor.trace import read_trace
+    from trail.predictor.train_probe import TrainConfig
+
+    a, S = run.args, run.summary
+    src, work = Path(a.cross_from), Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    S["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    lm = None
+    with run.phase("load") as ok:
+        if ok:
+            lm = hf_backend.load(device=device)
+    if lm is None:
+        return
+    with run.phase("wait_for_collection") as ok:
+        while ok and not (src / "collect.done").exists():
+            if run.left() < 150:
+                raise TimeoutError(f"{src / 'collect.done'} did not appear in time")
+            time.sleep(5)
+    if not (src / "collect.done").exists():
+        return
+    trace = read_trace(src / "trace.jsonl")
+    layer = a.cross_layer
+    cfg = TrainConfig(epochs=a.epochs, patience=a.patience, batch_size=a.train_batch, hidden=a.cross_width,
+                      lr=a.cross_lr)
+    S["cross"] = {"layer": layer, "hidden": a.cross_width, "lr": a.cross_lr, "requests": len(trace)}
+    edges = default_edges(10, float(trace.max_new_tokens))
+    feats, dense = None, {}
+    with run.phase("embed", need_s=60) as ok:
+        if ok:
+            feats = E.embed_sampled(lm, trace, [layer], a.num_decode, store_device=device)
+            want = list(dict.fromkeys(_ids(trace, split="test") + _ids(trace, "alpaca")))
+            dense[layer] = E.embed_dense(lm, trace.subset(want), layer, store_device=device)
+    if feats is None:
+        return
+    evaluate = make_evaluator(run, trace, lm, work, device, dense, {})
+    if "eval_shipped" not in run.skip:
+        shipped = shipped_dense(lm, trace, dense, device)
+        if shipped is not None:
+            eval_shipped(run, trace, shipped, evaluate, work)
+    cross_phases(run, lm, trace, feats, layer, edges, cfg, evaluate, work, device)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -491,7 +590,8 @@ def pack(run: Run) -> None:
     S["total_s"] = round(time.monotonic() - run.t0, 1)
     (work / "predictor_run.json").write_text(json.dumps(S, indent=1, default=str))
     (work / "predictor_tables.md").write_text(tables(S))
-    pack_trace(work / "trace.jsonl", out)
+    if not a.cross_from:
+        pack_trace(work / "trace.jsonl", out)
     with tarfile.open(out / "predictor_results.tar.gz", "w:gz") as tar:
         for p in sorted(work.rglob("*")):
             if p.is_file() and p.name != "trace.jsonl":     # the trace travels as its own file(s)
@@ -512,7 +612,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, on_term)
     rc = 0
     try:
-        run_all(run)
+        run_cross(run) if args.cross_from else run_all(run)
     except Stop:
         logger.warning("SIGTERM: packing what is done")
         rc = 3

@@ -42,29 +42,45 @@ def test_gpu_run_script_on_cpu(smollm2_dir, tmp_path):
               "--num-alpaca", "4", "--max-new-tokens", "16", "--batch-size", "4", "--device", "cpu"]
     rc = mod.main(common + ["--layers", "3,7", "--epochs", "2", "--widths", "16,32", "--lrs", "1e-3", "--ft-epochs", "1",
                             "--train-batch", "64", "--judge-n", "60", "--judge-seeds", "0", "--budget-s", "400",
-                            "--reserve-s", "100"])
+                            "--reserve-s", "100", "--skip", "cross_alpaca_only,eval_shipped"])
     S = json.loads((out / "predictor_run.json").read_text())
-    assert rc == 0 and not S["errors"] and not S["skipped"], (S["errors"], S["skipped"])
+    assert rc == 0 and not S["errors"] and S["skipped"] == {"cross_alpaca_only": "--skip"}, (S["errors"], S["skipped"])
     assert S["collect"]["new_requests"] == 8 and S["collect"]["backend"] == "trail.model_runner"
     assert S["collect"]["output_tokens_per_s"] > 0 and S["prompts"] == {"sharegpt": 4, "alpaca": 4}
     assert set(S["train"]["sweep"]) == {"3", "7"}          # JSON keys
     assert len(S["train"]["config_search"]) == 2 and "boe_ft" in S["finetune"]
-    for name in ("new_on_test", "new_on_test_sharegpt", "new_on_test_alpaca", "shipped_on_test",
-                 "sharegpt_only_on_test_alpaca", "alpaca_only_on_test_sharegpt", "sharegpt_only_on_all_alpaca"):
+    for name in ("new_on_test", "new_on_test_sharegpt", "new_on_test_alpaca",
+                 "sharegpt_only_on_test_alpaca", "sharegpt_only_on_all_alpaca"):
         assert name in S["eval"], name
+    assert "alpaca_only_on_test_sharegpt" not in S["eval"] and "shipped_on_test" not in S["eval"]
     assert "baseline_boe_ft_mae" in S["eval"]["new_on_test"]
-    assert set(S["judge"]) == {"new", "shipped"}
+    assert set(S["judge"]) == {"new"}
     files = sorted(x.name for x in out.iterdir())
     assert files == ["predictor_results.tar.gz", "predictor_run.json", "predictor_tables.md", "trace.jsonl.gz"]
     with tarfile.open(out / "predictor_results.tar.gz") as tar:
         names = set(tar.getnames())
     for want in ("probes/probe.json", "probes/probe.safetensors", "probes/prompt_boe.json", "recorded_test_new.npz",
-                 "recorded_test_shipped.npz", "eval/new_on_test/eval.json", "probes_alpaca_only/probe.json"):
+                 "eval/new_on_test/eval.json", "probes_sharegpt_only/probe.json"):
         assert want in names, want
     assert "trace.jsonl" not in names
     spec = json.loads((work / "probes" / "probe.json").read_text())
     assert spec["training"]["labels"] == "censored at the cap" and spec["training"]["seen_ids"]
     assert "Collection" in (out / "predictor_tables.md").read_text()
+
+    # the cross-dataset phases from that work folder, as a second GPU runs them beside the main run
+    cross_out = tmp_path / "cross_out"
+    rc = mod.main(["--out", str(cross_out), "--work", str(tmp_path / "cross_work"), "--cross-from", str(work),
+                   "--cross-layer", "7", "--cross-width", "16", "--epochs", "2", "--train-batch", "64",
+                   "--device", "cpu", "--budget-s", "400", "--skip", "cross_sharegpt_only"])
+    C = json.loads((cross_out / "predictor_run.json").read_text())
+    assert rc == 0 and not C["errors"], C["errors"]
+    assert C["cross"] == {"layer": 7, "hidden": 16, "lr": 1e-3, "requests": 8}
+    assert {"alpaca_only_on_test_sharegpt", "alpaca_only_on_test_alpaca", "shipped_on_test"} <= set(C["eval"])
+    with tarfile.open(cross_out / "predictor_results.tar.gz") as tar:
+        assert "recorded_test_shipped.npz" in tar.getnames()
+    assert sorted(x.name for x in cross_out.iterdir()) == ["predictor_results.tar.gz", "predictor_run.json",
+                                                           "predictor_tables.md"]
+    assert json.loads((tmp_path / "cross_work" / "probes_alpaca_only" / "probe.json").read_text())["layer"] == 7
 
     # a second run on the same work folder: nothing left to collect, the budget is too short for
     # the rest, and the results are still packed

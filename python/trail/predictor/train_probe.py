@@ -31,8 +31,10 @@ from trail.predictor.probe_file import ProbeMLP, ProbeSpec
 
 logger = logging.getLogger(__name__)
 
-ALPHAS = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
-EPSS = (1e-6, 1e-4, 1e-2)
+ALPHAS = (0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
+# the 2,000-request fit chose eps = 0.01, the grid's largest: larger floors let the posterior
+# follow the per-step readout sooner (on the 2026-11-27 test split the raw readout beat the filter)
+EPSS = (1e-4, 1e-2, 3e-2, 1e-1)
 
 
 @dataclass
