@@ -7,7 +7,11 @@ of ShareGPT / Alpaca and SmolLM2-135M-Instruct's recorded output lengths, greedy
 penalty 1.1, max 512 new tokens), replayed: each request stops at its recorded length with EOS
 ignored, so every policy does the same work; the predictors only see the 512 cap. The held-out
 pool has 367 requests; a run of more draws every pool request once (a seeded permutation) and the
-rest again from further permutations: the JSON states how many are reused (`reused`).
+rest again from further permutations: the JSON states how many are reused (`reused`). `--trace` /
+`--splits` choose another pool, e.g. the shipped probe's own test split:
+`--trace bench/results/predictor/gpu_run_2026-11-27b/trace.jsonl.gz --splits test` (984 requests with
+prompts <= 512 tokens). Every request of the default pool is in the val / test split of that trace
+too (the split is a hash of the id), so the shipped probe never trained on either pool.
 
 Arrivals: Poisson at load x the *sustained* saturation rate, or a burst (all at once). The
 saturation rate is searched first (`--saturation search`): fcfs serves short Poisson probes at
@@ -23,7 +27,8 @@ Memory regimes: `ample` (a batch cap, KV for every running request) and `kv` (a 
 
 Predictions: the shipped probe and prompt predictor (real SmolLM2 weights), or with
 `--recorded-predictions` the SmolLM2 probe's per-step predictions recorded on the same requests
-(bench/results/sim/recorded_predictions.npz, by trace id) and its prompt predictor's totals: the
+(`--recorded`, default bench/results/sim/recorded_predictions.npz: the previous probe on the default
+pool; by trace id) and its prompt predictor's totals: the
 probe kernel still runs for its cost, the scheduler is fed the recorded values. This is the mode
 for the 8B shape with random weights (`--model random:llama3-8b`); every output says so.
 
@@ -79,17 +84,18 @@ POLICIES = {
 # ------------------------------------------------------------------------------------------------
 # Workload
 # ------------------------------------------------------------------------------------------------
-def held_out_requests(max_prompt: int = 512) -> list[tuple[str, list[int], int]]:
-    """(trace id, prompt ids, recorded output length) of the trace's val + test requests (never
-    trained on), in trace order."""
+def held_out_requests(max_prompt: int = 512, trace: Path = TRACE,
+                      splits: Sequence[str] = ("val", "test")) -> list[tuple[str, list[int], int]]:
+    """(trace id, prompt ids, recorded output length) of the trace's requests in `splits` (val +
+    test: never trained on), in trace order."""
     from trail.predictor.bins import split_of
 
     out = []
-    with gzip.open(TRACE, "rt") as f:
+    with gzip.open(trace, "rt") as f:
         next(f)
         for line in f:
             r = json.loads(line)
-            if split_of(r["id"]) in ("val", "test") and len(r["prompt_ids"]) <= max_prompt:
+            if split_of(r["id"]) in splits and len(r["prompt_ids"]) <= max_prompt:
                 out.append((r["id"], r["prompt_ids"], len(r["output_ids"])))
     return out
 
@@ -304,6 +310,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-batch", type=int, default=48)
     ap.add_argument("--kv-requests", type=float, default=24, help="kv regime: GPU pool for this many average requests")
     ap.add_argument("--host-blocks", type=int, default=128)
+    ap.add_argument("--trace", default=str(TRACE), help="the workload's trace (.jsonl.gz; default the probe's first trace)")
+    ap.add_argument("--splits", default="val,test", help="which splits of the trace make the pool (never train)")
     ap.add_argument("--max-output", type=int, default=512, help="use only requests with recorded lengths up to this")
     ap.add_argument("--max-prompt", type=int, default=512, help="use only requests with prompts up to this many tokens")
     ap.add_argument("--saturation", default="search", help="search | ample=R,kv=R | a JSON with saturation_req_s_*")
@@ -314,6 +322,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sat-max-probes", type=int, default=5)
     ap.add_argument("--recorded-predictions", action="store_true",
                     help="feed the scheduler SmolLM2's recorded predictions (probe still runs for its cost)")
+    ap.add_argument("--recorded", default=str(RECORDED), help="the recorded predictions (.npz, by trace id)")
     ap.add_argument("--no-reuse-engines", action="store_true", help="a fresh engine for every run")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up requests, all at once (default 2 x max batch)")
     ap.add_argument("--budget-s", type=float, default=420)
@@ -328,11 +337,19 @@ def main(argv=None) -> int:
         args.model = str(smollm2_hf_dir() if args.device == "cpu" else smollm2_gguf_path())
     model, probe, layer, predictor = load_parts(args.model, args.device)
     vocab = model.config.vocab_size
-    pool = [(rid, [t % vocab for t in p], n) for rid, p, n in held_out_requests(args.max_prompt) if n <= args.max_output]
+    splits = args.splits.split(",")
+    if not set(splits) <= {"train", "val", "test"}:
+        raise SystemExit(f"--splits: {args.splits!r}; choose among train, val, test")
+    pool = [(rid, [t % vocab for t in p], n) for rid, p, n in held_out_requests(args.max_prompt, Path(args.trace), splits)
+            if n <= args.max_output]
     recorded = None
     mode = "probe"
     if args.recorded_predictions:
-        recorded, prompt_pred, mode = load_recorded()
+        recorded, prompt_pred, mode = load_recorded(Path(args.recorded))
+        missing = [rid for rid, _, _ in pool if rid not in recorded]
+        if missing:
+            raise SystemExit(f"--recorded {args.recorded}: no predictions for {len(missing)} pool requests "
+                             f"(e.g. {missing[0]}): record them on the same trace and splits")
         by_prompt = {tuple(p): prompt_pred[rid] for rid, p, _ in pool}
 
         def predictor(prompts):      # noqa: F811 - the recorded prompt predictor's totals
@@ -347,7 +364,8 @@ def main(argv=None) -> int:
     regimes = args.regimes.split(",")
     cells = select_cells(grid(regimes, args.loads.split(","), [int(s) for s in args.seeds.split(",")]),
                          args.section, args.cells)
-    result = {"model": args.model, "predictions": mode, "max_output": args.max_output, "max_prompt": args.max_prompt,
+    result = {"model": args.model, "predictions": mode, "trace": args.trace, "splits": args.splits,
+              "max_output": args.max_output, "max_prompt": args.max_prompt,
               "device": device,
               "num_requests": args.num_requests, "pool": len(pool), "max_batch": args.max_batch,
               "kv_requests": args.kv_requests, "host_blocks": args.host_blocks, "mean_total_tokens": mean_total,

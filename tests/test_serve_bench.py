@@ -159,3 +159,20 @@ def test_sim_two_class_step_model_by_hand():
     assert res.in_batch_s.tolist() == [6.0, 5.0] and w["not_in_batch_s"] == pytest.approx(3.0)
     one = sim.StepTimeModel(base_s=1.0, per_decode_s=0.0, per_prefill_token_s=0.0, per_ctx_token_s=0.0)
     assert sim.simulate(tr, eng, spec, one).finish.tolist() == [3.0, 5.0]
+
+
+def test_serving_pools_are_held_out_from_the_shipped_probe(serve):
+    """The shipped probe's training + validation ids (probe.json, hashed) exclude every request of
+    the pool `--trace <its trace> --splits test` serves, and the default pool's requests are val or
+    test there (the split is a hash of the id, so it is the same in both traces)."""
+    from trail.predictor import bins as B
+    from trail.predictor.probe_file import load_spec, shipped_probe_dir
+
+    seen = B.decode_id_set(load_spec(shipped_probe_dir("SmolLM2-135M-Instruct") / "probe").training["seen_ids"])
+    trace = BENCH / "results" / "predictor" / "gpu_run_2026-11-27b" / "trace.jsonl.gz"
+    pool = serve.held_out_requests(512, trace, ["test"])
+    assert len(pool) > 900 and not any(B.id_hash32(rid) in seen for rid, _, _ in pool)
+    default = serve.held_out_requests(512)
+    assert len(default) == 367 and {B.split_of(rid) for rid, _, _ in default} == {"val", "test"}
+    with pytest.raises(SystemExit, match="choose among train, val, test"):
+        serve.main(["--out", "/tmp/unused", "--splits", "test,holdout", *TINY])
