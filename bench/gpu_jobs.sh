@@ -7,8 +7,9 @@
 # (0-based) runs `bash -c COMMAND` with CUDA_VISIBLE_DEVICES=i, OUT=$RESULTS/NAME (its own results
 # folder), OMP_NUM_THREADS = host cores / jobs, its output in $RESULTS/NAME.log, and is stopped
 # (SIGTERM, then SIGKILL 20 s later) after JOB_TIMEOUT seconds (default 540). Every job runs on
-# its own GPU, so one job's timings do not share a device with another's; they do share the host's
-# CPUs, which is why each gets a slice of the threads.
+# its own GPU, so one job's timings do not share a device with another's; they do share the host,
+# so each job is pinned (taskset) to its own slice of the cores. The 2026-11-27 serving rounds ran
+# before the pinning and measured up to 1.9x between identical runs of a host-bound engine.
 #
 # Environment: BUILD=1 builds trail first (bench/gpu_suite.sh build); JOB_TIMEOUT; OUT (default
 # bench/results); RESULTS (default a new /tmp folder): where jobs write, kept on the machine. Results: $OUT/NAME.tar.gz per job (split into NAME.tar.gz.partaa, ... when over
@@ -35,8 +36,10 @@ for i in "${!JOBS[@]}"; do
   name=${JOBS[$i]%% *} cmd=${JOBS[$i]#* }
   mkdir -p "$RESULTS/$name"
   echo "[$name] GPU $i: $cmd"
+  pin=()
+  command -v taskset >/dev/null && pin=(taskset -c "$(( i * THREADS ))-$(( (i + 1) * THREADS - 1 ))")
   CUDA_VISIBLE_DEVICES=$i OMP_NUM_THREADS=$THREADS OUT="$RESULTS/$name" \
-    timeout -s TERM --kill-after=20 "${JOB_TIMEOUT:-540}" bash -c "$cmd" >"$RESULTS/$name.log" 2>&1 &
+    timeout -s TERM --kill-after=20 "${JOB_TIMEOUT:-540}" "${pin[@]}" bash -c "$cmd" >"$RESULTS/$name.log" 2>&1 &
   pids+=($!) names+=("$name")
 done
 : >"$RESULTS/jobs.rc"

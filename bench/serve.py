@@ -78,6 +78,7 @@ POLICIES = {
     "trail_noaging": ("trail", {"aging_rate": 0.0}),
     "trail_paper": ("trail", dict(TRAIL_PAPER)),  # TRAIL as published
     "oracle": ("oracle", {}),
+    "fcfs_repeat": ("fcfs", {}),                  # fcfs again, its own engine: the run-to-run noise floor
 }
 
 
@@ -276,6 +277,11 @@ def select_cells(cells: list, section: str | None, explicit: str | None) -> list
     return cells
 
 
+def load_order(load: str) -> tuple:
+    """Sort key of a load label: Poisson loads by value, then the burst."""
+    return (1, 0.0) if load == "burst" else (0, float(load))
+
+
 def _rotated(policies: list, seed: int) -> list:
     k = seed % len(policies)
     return policies[k:] + policies[:k]
@@ -472,7 +478,7 @@ def aggregate(result: dict) -> list[dict]:
         for name, s in c["policies"].items():
             groups.setdefault((c["regime"], c["load"], name), []).append((c, s))
     rows = []
-    for (regime, load, name), items in groups.items():
+    for (regime, load, name), items in sorted(groups.items(), key=lambda kv: (kv[0][0], load_order(kv[0][1]))):
         def stat(key, items=items):
             v = np.array([s[key] for _, s in items if s.get(key) is not None], float)
             return (float(v.mean()), float(v.std())) if len(v) else (math.nan, math.nan)
@@ -557,7 +563,7 @@ def pooled_table(result: dict, resamples: int = 2000, seed: int = 0) -> tuple[li
             continue
         groups.setdefault((c["regime"], c["load"]), []).append(c)
     rows = []
-    for (regime, load), cells in groups.items():
+    for (regime, load), cells in sorted(groups.items(), key=lambda kv: (kv[0][0], load_order(kv[0][1]))):
         names = [n for n in result["policies"] if all(n in c["policies"] for c in cells)]
         base = {k: [np.asarray(c["policies"]["fcfs"][k], float) for c in cells] for k in ("latency_s", "ttft_s")}
         idx = [[rng.integers(0, len(b), len(b)) for b in base["latency_s"]] for _ in range(resamples)]
