@@ -16,6 +16,11 @@ a trace that came back from an earlier machine). Whatever happens (an error in a
 budget running out, SIGTERM), the results so far are packed into --out as at most 5 files:
 predictor_results.tar.gz (probes, eval JSON / tables / plots, npz, summary), trace.jsonl.gz (split
 into trace.partN.jsonl.gz when over 15 MiB), predictor_run.json and predictor_tables.md.
+
+On a host with two GPUs, the main run can leave the shipped probe's evaluation and the
+cross-dataset probes to a second process (`--skip eval_shipped,cross_sharegpt_only,
+cross_alpaca_only` here, `--cross-from MAIN_WORK --work OTHER` there): it waits for the main run's
+collection (MAIN_WORK/collect.done) and works from its trace (bench/jobs/round1.jobs).
 """
 from __future__ import annotations
 
@@ -278,6 +283,7 @@ def run_all(run: Run) -> None:
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     S["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     trace_path = work / "trace.jsonl"
+    (work / "collect.done").unlink(missing_ok=True)    # set again once this run's collection ends
     if a.trace:
         seed_trace(a.trace, trace_path)
     st = {}
