@@ -290,3 +290,31 @@ def test_overlap_completes_each_step_on_the_next_call(tiny):
         got.append(engine.step())
     assert [len(o.token_ids) for outs in got for o in outs] == [1, 2, 3] and got[-1][-1].finished
     engine.check_idle()
+
+
+def test_metrics_as_dict_equals_a_deep_copy_and_does_not_alias():
+    """RequestMetrics.as_dict (shallow, fast) gives what dataclasses.asdict gives, and later
+    appends to the live metrics do not show in a dict already taken."""
+    import dataclasses
+
+    from trail.request import RequestMetrics
+
+    m = RequestMetrics(0.5, first_scheduled=0.6, first_token=0.7, finished=1.9, token_times=[0.7, 0.8, 0.95],
+                       forced_preemptions=1, swapped_out_blocks=3, recomputed_tokens=4, prompt_prediction=120.0,
+                       predictions=[(0, 130.0), (1, 111.5), (2, 90.25)])
+    m.preemptions["swap"] = 2
+    want = dataclasses.asdict(m)
+    want.update(latency=m.latency, ttft=m.ttft, prediction_mae=m.prediction_mae(3))
+    got = m.as_dict(3)
+    assert got == want
+    m.token_times.append(2.0)
+    m.predictions.append((3, 1.0))
+    m.preemptions["keep"] += 1
+    assert got == want
+
+
+def test_negative_eos_id_is_refused(tiny):
+    model, probe = tiny
+    with pytest.raises(ValueError, match="eos_token_ids must be non-negative"):
+        LLMEngine(model, None, EngineConfig(policy="fcfs", max_model_len=96, prefill_tokens_per_s=1e4),
+                  eos_token_ids=[7, -1])

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Sequence
 
@@ -99,7 +99,11 @@ class RequestMetrics:
         return sum(abs(p - (final_length - g)) for g, p in self.predictions) / len(self.predictions)
 
     def as_dict(self, final_length: int | None = None) -> dict:
-        d = asdict(self)
+        # shallow copies of the per-token lists: dataclasses.asdict deep-copies every (g, value)
+        # tuple, ~3 ms per finished 128-token request on a slow CPU, inside the engine's step
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["token_times"], d["predictions"] = list(self.token_times), list(self.predictions)
+        d["preemptions"] = dict(self.preemptions)
         d["latency"], d["ttft"] = self.latency, self.ttft
         if final_length is not None:
             d["prediction_mae"] = self.prediction_mae(final_length)
