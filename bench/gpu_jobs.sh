@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Independent GPU jobs side by side on one multi-GPU host, one GPU each, packed into ONE archive.
+# Independent GPU jobs side by side on one multi-GPU host, one GPU each, one archive per job.
 #
 #   bash bench/gpu_jobs.sh JOBS_FILE
 #
@@ -12,8 +12,9 @@
 # before the pinning and measured up to 1.9x between identical runs of a host-bound engine.
 #
 # Environment: BUILD=1 builds trail first (bench/gpu_suite.sh build); JOB_TIMEOUT; OUT (default
-# bench/results); RESULTS (default a new /tmp folder): where jobs write, kept on the machine. Results: $OUT/NAME.tar.gz per job (split into NAME.tar.gz.partaa, ... when over
-# 15 MiB: `cat NAME.tar.gz.part* | tar xz`) and $OUT/jobs.tar.gz (logs, exit codes, build).
+# bench/results); RESULTS (default a new /tmp folder): where jobs write, kept on the machine.
+# Results: $OUT/NAME.tar.gz per job (split into NAME.tar.gz.partaa, ... when over 15 MiB:
+# `cat NAME.tar.gz.part* | tar xz`) and $OUT/jobs.tar.gz (logs, exit codes, build).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 [ $# -eq 1 ] && [ -f "$1" ] || { echo "usage: $0 JOBS_FILE" >&2; exit 2; }
