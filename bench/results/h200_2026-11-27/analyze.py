@@ -103,9 +103,9 @@ def analyse_group(cells, rng):
                 continue
             tg = 1 - out["policies"][n][f"{lab}_ratio"]
             frac = tg / og if og > 0 else math.nan
-            (tp, ts), (op, os_) = boots[(n, lab)], boots[("oracle", lab)]
+            tp, op = boots[(n, lab)][0], boots[("oracle", lab)][0]      # the paired resamples
             with np.errstate(divide="ignore", invalid="ignore"):
-                fp, fs = (1 - tp) / (1 - op), (1 - ts) / (1 - os_)
+                fp = (1 - tp) / (1 - op)
             out["policies"][n][f"oracle_frac_{lab}"] = frac
             out["policies"][n][f"oracle_frac_{lab}_ci_paired"] = [float(np.nanpercentile(fp, 2.5)), float(np.nanpercentile(fp, 97.5))]
             out["policies"][n][f"oracle_gain_{lab}"] = og
@@ -148,13 +148,16 @@ def main():
     md.append("| model | regime | load | seeds | mean lat / fcfs [paired] [seeds] | per seed | TTFT / fcfs [paired] [seeds] | p99 / fcfs | thr / fcfs | "
               "oracle lat / fcfs | oracle frac lat | oracle TTFT / fcfs | oracle frac TTFT | trail / sjf_prompt [paired] [seeds] | sjf_prompt / fcfs |")
     md.append("|" + "---|" * 15)
+    def lead(g):
+        """A table row's first cells: model, regime, load."""
+        return f"| {'SmolLM2' if g['model'].startswith('SmolLM2') else '8B-rec'} | {g['regime']} | {g['load']} | "
+
     for key, g in result.items():
         p = g["policies"]
         t, o, s = p["trail"], p["oracle"], p["sjf_prompt"]
-        m = "SmolLM2" if g["model"].startswith("SmolLM2") else "8B-rec"
         ofl = f"{t['oracle_frac_latency']:.2f}" if o["latency_ratio"] <= 0.9 else f"({t['oracle_frac_latency']:.2f})"
         oft = f"{t['oracle_frac_ttft']:.2f}" if o["ttft_ratio"] <= 0.9 else f"({t['oracle_frac_ttft']:.2f})"
-        md.append(f"| {m} | {g['regime']} | {g['load']} | {','.join(map(str, g['seeds']))} | "
+        md.append(lead(g) + f"{','.join(map(str, g['seeds']))} | "
                   f"**{t['latency_ratio']:.3f}**{sig(t['latency_ci_paired'], '†')}{sig(t['latency_ci_seeds'], '‡')} {fmt_ci(t['latency_ci_paired'])} {fmt_ci(t['latency_ci_seeds'])} | "
                   f"{' '.join(f'{x:.2f}' for x in t['latency_per_seed'])} | "
                   f"**{t['ttft_ratio']:.3f}**{sig(t['ttft_ci_paired'], '†')}{sig(t['ttft_ci_seeds'], '‡')} {fmt_ci(t['ttft_ci_paired'])} {fmt_ci(t['ttft_ci_seeds'])} | "
@@ -169,10 +172,9 @@ def main():
     md.append("|---|---|---|---|---|---|---|---|")
     for key, g in result.items():
         p = g["policies"]
-        m = "SmolLM2" if g["model"].startswith("SmolLM2") else "8B-rec"
         cell = lambda r: (f"{r['latency_ratio']:.3f}{sig(r['latency_ci_paired'], '†')}{sig(r['latency_ci_seeds'], '‡')} "  # noqa: E731
                           f"({r['ttft_ratio']:.2f}; {r['p99_ratio']:.2f}; {r['throughput_ratio']:.3f})")
-        md.append(f"| {m} | {g['regime']} | {g['load']} | {p['fcfs']['mean_latency_s']:.3f} | " +
+        md.append(lead(g) + f"{p['fcfs']['mean_latency_s']:.3f} | " +
                   " | ".join(cell(p[n]) if n in p else "" for n in ("sjf_prompt", "trail", "trail_c0", "oracle")) + " |")
 
     # ---- preemptions by kind ----
@@ -181,10 +183,9 @@ def main():
     md.append("|---|---|---|---|---|---|---|---|")
     for key, g in result.items():
         p = g["policies"]
-        m = "SmolLM2" if g["model"].startswith("SmolLM2") else "8B-rec"
         cell = lambda r: (f"{r['preemptions']:.0f} = {r['pre_keep']:.0f}/{r['pre_swap']:.0f}/{r['pre_recompute']:.0f} "  # noqa: E731
                           f"(forced {r['pre_forced']:.0f}; {r['recomputed_tokens']:.0f} tok)")
-        md.append(f"| {m} | {g['regime']} | {g['load']} | " + " | ".join(cell(p[n]) for n in ("fcfs", "sjf_prompt", "trail", "trail_c0", "oracle")) + " |")
+        md.append(lead(g) + " | ".join(cell(p[n]) for n in ("fcfs", "sjf_prompt", "trail", "trail_c0", "oracle")) + " |")
 
     # ---- run order ----
     md.append("\n## Run order: each run's mean latency / its cell's median, by position in the rotated policy order\n")
@@ -243,7 +244,7 @@ def goals(result) -> str:
     # 6. p99 <= 1.5x up to saturation
     rows = [(g["model"][:7], g["regime"], g["load"], g["policies"]["trail"]["p99_ratio"], max(g["policies"]["trail"]["p99_ratio_per_seed"]))
             for g in result.values() if g["load"] != "burst" and float(g["load"]) <= 1.0]
-    L.append(f"6. **p99 <= 1.5x fcfs up to saturation (loads <= 1.0)**: pooled p99 ratio " +
+    L.append("6. **p99 <= 1.5x fcfs up to saturation (loads <= 1.0)**: pooled p99 ratio " +
              "; ".join(f"{m} {rg} {ld} {v:.2f} (max seed {mx:.2f})" for m, rg, ld, v, mx in rows) +
              f" -> pooled {'met' if all(r[3] <= 1.5 for r in rows) else 'NOT met'}; per seed {'met' if all(r[4] <= 1.5 for r in rows) else 'NOT met'}. "
              "Above saturation (not part of the goal): " +

@@ -11,21 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def _rank(x):
-    x = np.asarray(x, np.float64)
-    order = np.argsort(x, kind="stable")
-    r = np.empty(len(x))
-    r[order] = np.arange(len(x))
-    for v in np.unique(x):  # average ranks for ties
-        t = x == v
-        if t.sum() > 1:
-            r[t] = r[t].mean()
-    return r
-
-
-def spearman(a, b):
-    return float(np.corrcoef(_rank(a), _rank(b))[0, 1])
+from trail.predictor.ranking import spearman
 
 
 def signflip_p(diff, B=20000, seed=1):

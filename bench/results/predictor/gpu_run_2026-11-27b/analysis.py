@@ -19,28 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from trail.predictor import bins as B
+from trail.predictor.ranking import spearman
 from trail.predictor.trace import read_trace
 
 HERE = Path(__file__).parent
 NEW_TRACE = HERE / "trace.jsonl.gz"
 OLD_TRACE = Path("bench/results/predictor/trace.jsonl.gz")  # the shipped probe's training trace
 NBOOT = 20000
-
-
-def _rank(x):
-    x = np.asarray(x, np.float64)
-    order = np.argsort(x, kind="stable")
-    r = np.empty(len(x))
-    r[order] = np.arange(len(x))
-    for v in np.unique(x):  # average ranks for ties
-        t = x == v
-        if t.sum() > 1:
-            r[t] = r[t].mean()
-    return r
-
-
-def spearman(a, b):
-    return float(np.corrcoef(_rank(a), _rank(b))[0, 1])
 
 
 def signflip_p(diff, B_=NBOOT, seed=1, chunk=2000):
