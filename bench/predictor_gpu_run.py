@@ -265,7 +265,7 @@ def eval_table_row(res: dict) -> dict:
         if k.startswith("(i) trail_baseline["):
             name = k[len("(i) trail_baseline["):-1]
             row[f"baseline_{name}_mae"] = v["mae"]
-            row[f"baseline_{name}_over_filter"] = v["mae"] / m["(vi) filter"]["mae"]
+            row[f"baseline_{name}_over_filter"] = res["ratio_to_filter"][k]
     return row
 
 

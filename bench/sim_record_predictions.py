@@ -12,11 +12,9 @@ being the value right after the prefill update, i.e. trail's initial prediction 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 
-import numpy as np
 import torch
 
 from trail.predictor import bins as B
@@ -25,6 +23,7 @@ from trail.predictor.embed import embed_dense
 from trail.predictor.filter_adapter import probe_params, run_filter
 from trail.predictor.probe_file import load_probe, shipped_probe_dir
 from trail.predictor.prompt_predictors import PromptPredictor
+from trail.predictor.recorded import save_recorded
 from trail.predictor.trace import read_trace
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -55,16 +54,9 @@ def main() -> None:
     boe = PromptPredictor(pdir / "prompt_boe.json", embeddings=lm.input_embeddings.detach().float().cpu())
     prompt_pred = boe.expected_total(sub.records).cpu().numpy()
     recs = sub.records
-    np.savez_compressed(
-        args.out,
-        ids=np.array([r.id for r in recs]), split=np.array([B.split_of(r.id) for r in recs]),
-        prompt_len=np.array([len(r.prompt_ids) for r in recs], dtype=np.int32),
-        output_len=np.array([r.output_len for r in recs], dtype=np.int32),
-        hit_cap=np.array([r.hit_cap for r in recs]), prompt_pred=prompt_pred.astype(np.float32),
-        cu=dense.cu.numpy(), pred=pred.astype(np.float16),
-        meta=np.array(json.dumps({"model": lm.model_id, "layer": spec.layer, "alpha": spec.alpha,
-                                  "splits": splits, "max_new_tokens": trace.max_new_tokens,
-                                  "embed_seconds": t_embed, "prompt_predictor": "prompt_boe"})))
+    save_recorded(args.out, recs, dense.cu, torch.from_numpy(pred), torch.from_numpy(prompt_pred),
+                  {"model": lm.model_id, "layer": spec.layer, "alpha": spec.alpha, "splits": splits,
+                   "max_new_tokens": trace.max_new_tokens, "embed_seconds": t_embed, "prompt_predictor": "prompt_boe"})
     logging.info("wrote %s: %d requests, %d positions, embed %.0f s", args.out, len(recs), len(pred), t_embed)
 
 

@@ -46,6 +46,15 @@ def sample_positions(rec: TraceRecord, num_decode: int, seed: int) -> list[int]:
     return sorted(rng.sample(pool, num_decode))
 
 
+def _rows_of(have: Sequence[str], ids: Sequence[str]) -> list[int]:
+    """Row of each of `ids` in `have` (KeyError naming the missing ones)."""
+    index = {r: i for i, r in enumerate(have)}
+    missing = [r for r in ids if r not in index]
+    if missing:
+        raise KeyError(f"{len(missing)} request(s) have no features here, e.g. {missing[:3]}")
+    return [index[r] for r in ids]
+
+
 @dataclass
 class SampledFeatures:
     ids: list[str]
@@ -63,11 +72,7 @@ class SampledFeatures:
 
     def select(self, ids: Sequence[str]) -> "SampledFeatures":
         """The requests `ids`, in that order (KeyError naming the missing ones)."""
-        index = {r: i for i, r in enumerate(self.ids)}
-        missing = [r for r in ids if r not in index]
-        if missing:
-            raise KeyError(f"{len(missing)} request(s) have no features here, e.g. {missing[:3]}")
-        rows = torch.tensor([index[r] for r in ids], dtype=torch.long)
+        rows = torch.tensor(_rows_of(self.ids, ids), dtype=torch.long)
         return SampledFeatures(list(ids), list(self.layers), self.feats[:, rows.to(self.feats.device)],
                                self.g[rows.to(self.g.device)], self.total_len[rows.to(self.total_len.device)],
                                self.hit_cap[rows.to(self.hit_cap.device)], dict(self.meta))
@@ -112,13 +117,9 @@ class DenseFeatures:
 
     def select(self, ids: Sequence[str]) -> "DenseFeatures":
         """The requests `ids`, in that order (KeyError naming the missing ones)."""
-        index = {r: i for i, r in enumerate(self.ids)}
-        missing = [r for r in ids if r not in index]
-        if missing:
-            raise KeyError(f"{len(missing)} request(s) have no features here, e.g. {missing[:3]}")
+        rows = _rows_of(self.ids, ids)
         if list(ids) == self.ids:
             return self
-        rows = [index[r] for r in ids]
         cu = self.cu.long().cpu()
         lens = (cu[1:] - cu[:-1])[rows]
         new_cu = torch.zeros(len(rows) + 1, dtype=torch.int64)

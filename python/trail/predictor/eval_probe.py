@@ -97,6 +97,7 @@ def evaluate(dense: DenseFeatures, mlp: ProbeMLP, spec: ProbeSpec, prompt_log_pr
     eos_pos = eos_req[seg]
     first = dense.cu.long().cpu()[:-1]
     est: dict[str, torch.Tensor] = {}
+    totals: dict[str, torch.Tensor] = {}     # prompt-time expected totals, by prompt predictor
     bar = tqdm(total=2 * len(prompt_log_probs) + 4, desc="eval methods", unit="method", disable=not progress,
                leave=False)
 
@@ -104,7 +105,7 @@ def evaluate(dense: DenseFeatures, mlp: ProbeMLP, spec: ProbeSpec, prompt_log_pr
         pspec = prompt_specs[name]
         if [float(e) for e in pspec.bin_edges] != [float(e) for e in spec.bin_edges]:
             raise ValueError(f"prompt predictor {name} has bin edges {pspec.bin_edges}, the probe {spec.bin_edges}")
-        total = (logp.exp().cpu() * torch.tensor(pspec.bin_values)).sum(-1)
+        total = totals[name] = (logp.exp().cpu() * torch.tensor(pspec.bin_values)).sum(-1)
         est[f"(i) trail_baseline[{name}]"] = (total[seg] - g.float()).clamp_min(0)
         est[f"(ii) prompt_filter[{name}]"] = run_filter(
             probe_params(mlp, spec, update_every=NEVER, device=device), dense, max_new, init_log_post=logp, progress=progress).cpu()
@@ -132,12 +133,9 @@ def evaluate(dense: DenseFeatures, mlp: ProbeMLP, spec: ProbeSpec, prompt_log_pr
     true_total_bin = B.bin_index(lens.float(), spec.bin_edges)
     prompt_time = {"no_feature": _total_stats(est["(iii) no_feature"][first], lens, eos_req, None, None)}
     for name, logp in prompt_log_probs.items():
-        total = (logp.exp().cpu() * torch.tensor(prompt_specs[name].bin_values)).sum(-1)
-        prompt_time[name] = _total_stats(total, lens, eos_req, logp.argmax(-1).cpu(), true_total_bin)
+        prompt_time[name] = _total_stats(totals[name], lens, eos_req, logp.argmax(-1).cpu(), true_total_bin)
     prompt_time["prefill_probe"] = _total_stats(est["(iv) prefill_probe"][first], lens, eos_req,
                                                 post_arg.cpu()[first], true_total_bin)
-    totals = {name: (logp.exp().cpu() * torch.tensor(prompt_specs[name].bin_values)).sum(-1)
-              for name, logp in prompt_log_probs.items()}
     totals["prefill_probe"] = est["(iv) prefill_probe"][first]
     started = lens > 0
     ranking = {"admission": {k: R.ranking_stats(v[started].numpy(), lens[started].numpy()) for k, v in totals.items()},

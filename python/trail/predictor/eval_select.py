@@ -15,6 +15,7 @@ import logging
 from typing import Sequence
 
 from trail.predictor import bins as B
+from trail.predictor.eval_probe import select_requests
 from trail.predictor.probe_file import ProbeSpec
 from trail.predictor.trace import Trace
 
@@ -71,7 +72,7 @@ def choose_requests(trace: Trace, spec: ProbeSpec, split: str = "auto", ids: Seq
                            "probe's training trace, pass --split test")
             how = f"all {len(recs)} requests (a trace the probe did not train on)"
     else:
-        recs = [r for r in recs if split == "all" or B.split_of(r.id) == split]
+        recs = [r for r, keep in zip(recs, select_requests([r.id for r in recs], split)) if keep]
         how = f"{len(recs)} requests of split {split!r}"
     if limit is not None and len(recs) > limit:
         recs = recs[:limit]

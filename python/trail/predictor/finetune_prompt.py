@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from trail.predictor import bins as B
 from trail.predictor.probe_file import ProbeMLP, ProbeSpec
 from trail.predictor.trace import TraceRecord
-from trail.predictor.train_probe import censored_nll, split_mask
+from trail.predictor.train_probe import censored_nll, expected_remaining, split_mask
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def finetune(kind: str, records: Sequence[TraceRecord], edges: list[float], max_
     capped = torch.tensor([r.hit_cap for r in records], dtype=torch.bool)
     y = B.bin_index(lens, edges)
     values = B.bin_values(lens[tr_idx], edges)
-    vals = torch.tensor(values, device=dev).clamp_max(float(max_new_tokens))
+    vals = torch.tensor(values, device=dev)
     with torch.no_grad():
         x0 = torch.cat([encoder([records[tr_idx[j]] for j in b]).float() for b in _batches(len(tr_idx), 256)])
     mu, sd = x0.mean(0), (x0.std(0).clamp_min(1e-4) if len(tr_idx) > 1 else torch.ones_like(x0[0]))
@@ -143,7 +143,7 @@ def finetune(kind: str, records: Sequence[TraceRecord], edges: list[float], max_
         with torch.no_grad():
             lp = torch.cat([model([records[va_idx[j]] for j in b]).float() for b in _batches(len(va_idx), 256)])
         model.train()
-        est = (torch.softmax(lp, -1) * vals).sum(-1).cpu()
+        est = expected_remaining(lp, vals, torch.full((len(lp),), float(max_new_tokens), device=dev)).cpu()
         return float((est - lens[va_idx]).abs().mean())
 
     best_state, best, bad, history = None, math.inf, 0, []

@@ -58,7 +58,8 @@ def train_all(feats: E.SampledFeatures, trace: Trace, lm, out_dir: str | os.Path
         if layer is None:
             layer = feats.layers[len(feats.layers) // 3] if len(feats.layers) > 1 else feats.layers[0]
             logger.info("no layer given and no sweep: using layer %d", layer)
-        mlp, spec = train_layer_probe(feats, layer, edges, cfg, lm.model_id, max_new, device, progress)
+        if not select:          # select_config trains the layer's probe itself
+            mlp, spec = train_layer_probe(feats, layer, edges, cfg, lm.model_id, max_new, device, progress)
     if select:
         mlp, spec, runs = select_config(feats, layer, edges, cfg, lm.model_id, max_new, device, progress=progress,
                                         **(select_grid or {}))

@@ -113,7 +113,6 @@ def train_prompt_predictor(kind: str, records: Sequence[TraceRecord], features: 
     if not tr.any():
         raise ValueError("no training requests for the prompt predictor")
     values = B.bin_values(lens[tr].cpu(), edges)
-    pi = B.label_prior(lens[tr].cpu(), edges)
     cap = torch.full((int(va.sum()),), float(max_new_tokens), device=features.device)
     mlp, info = train_mlp(features[tr], B.bin_index(lens[tr], edges).to(features.device), features[va],
                           lens[va], cap, values, len(edges) - 1, cfg, desc=kind, censored=capped[tr])

@@ -4,8 +4,8 @@
 - `alive_rank_correlation`: at each position g (a grid, every `step` tokens), the requests still
   running there (L > g) ranked by predicted vs true remaining length, averaged over g — the order
   among requests that are alive at the same decode step;
-- `admission_ranking`: prompt-time predictions of the total length (what orders admission)
-  against the true totals.
+- `ranking_stats`: all three for, e.g., prompt-time predictions of the total length (what orders
+  admission) against the true totals.
 Pairwise accuracy counts pairs whose true values differ; a tie in the prediction counts one half.
 """
 from __future__ import annotations
@@ -68,27 +68,37 @@ def _pair_signs(a: np.ndarray, b: np.ndarray, chunk: int = 1024):
     return c, d, ta, tb
 
 
-def kendall_tau_b(a, b) -> float:
-    pair = _paired(a, b, "kendall_tau_b")
-    if pair is None:
-        return math.nan
-    c, d, ta, tb = _pair_signs(*pair)
+def _tau_b(c: int, d: int, ta: int, tb: int) -> float:
     den = math.sqrt(float(c + d + ta) * float(c + d + tb))
     return (c - d) / den if den > 0 else math.nan
+
+
+def _accuracy(c: int, d: int, tp: int) -> float:
+    """tp: pairs tied in the prediction, not in the truth (they count one half)."""
+    total = c + d + tp
+    return (c + 0.5 * tp) / total if total else math.nan
+
+
+def kendall_tau_b(a, b) -> float:
+    pair = _paired(a, b, "kendall_tau_b")
+    return math.nan if pair is None else _tau_b(*_pair_signs(*pair))
 
 
 def pairwise_accuracy(pred, true) -> float:
     """Of the pairs whose true values differ, the fraction the prediction orders the same way
     (prediction ties count 1/2)."""
-    p, t = np.asarray(pred, np.float64), np.asarray(true, np.float64)
-    c, d, tp, _ = _pair_signs(p, t)      # tp: tied in pred, not in truth
-    total = c + d + tp
-    return (c + 0.5 * tp) / total if total else math.nan
+    c, d, tp, _ = _pair_signs(np.asarray(pred, np.float64), np.asarray(true, np.float64))
+    return _accuracy(c, d, tp)
 
 
 def ranking_stats(pred, true) -> dict:
-    return {"spearman": spearman(pred, true), "kendall_tau_b": kendall_tau_b(pred, true),
-            "pairwise_accuracy": pairwise_accuracy(pred, true), "n": int(len(pred))}
+    """Spearman, Kendall's tau-b and pairwise accuracy (one O(n^2) pair count for both)."""
+    pair = _paired(pred, true, "ranking_stats")
+    tau = acc = math.nan
+    if pair is not None:
+        c, d, ta, tb = _pair_signs(*pair)
+        tau, acc = _tau_b(c, d, ta, tb), _accuracy(c, d, ta)
+    return {"spearman": spearman(pred, true), "kendall_tau_b": tau, "pairwise_accuracy": acc, "n": int(len(pred))}
 
 
 def alive_rank_correlation(est: np.ndarray, cu: np.ndarray, lens: np.ndarray, step: int = 8,

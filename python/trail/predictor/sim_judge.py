@@ -13,10 +13,11 @@ from typing import Sequence
 
 from tqdm.auto import tqdm
 
+from trail.scheduler_types import POLICIES as SCHEDULER_POLICIES
+
 logger = logging.getLogger(__name__)
 
-POLICIES = {"fcfs": {"policy": "fcfs"}, "sjf_prompt": {"policy": "sjf_prompt"}, "trail": {"policy": "trail"},
-            "oracle": {"policy": "oracle"}}
+POLICIES = {p: {"policy": p} for p in SCHEDULER_POLICIES}     # each with its defaults
 
 
 def judge(npz: str | os.PathLike, loads: Sequence[float] = (0.9, 1.0, 1.1), seeds: Sequence[int] = (0, 1, 2),

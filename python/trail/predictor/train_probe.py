@@ -197,11 +197,11 @@ def length_counts(feats: SampledFeatures, which: str, max_new_tokens: int) -> li
 
 
 def sweep_layers(feats: SampledFeatures, layers: list[int], edges: list[float], cfg: TrainConfig,
-                 model_id: str, max_new_tokens: int, device="cpu", progress: bool = True, censor: bool = True):
+                 model_id: str, max_new_tokens: int, device="cpu", progress: bool = True):
     """One probe per layer; returns {layer: (mlp, spec)} (validation MAE in spec.validation)."""
     out = {}
     for layer in tqdm(layers, desc="sweep", unit="layer", disable=not progress):
-        out[layer] = train_layer_probe(feats, layer, edges, cfg, model_id, max_new_tokens, device, censor=censor)
+        out[layer] = train_layer_probe(feats, layer, edges, cfg, model_id, max_new_tokens, device)
         logger.info("layer %d: validation MAE (sampled rows) %.2f", layer, out[layer][1].validation["mae_samples"])
     return out
 
