@@ -209,6 +209,21 @@ def load_parts(model_source: str, device: str):
     return model, probe, spec.layer, prompt_predictor_fn(shipped / "prompt_boe", model, None)
 
 
+def engine_config(regime: str, policy: str, options: dict | None, *, max_batch: int, kv_requests: float,
+                  host_blocks: int, mean_total: float, num_requests: int, prefill_tokens_per_s: float | None = None):
+    """The EngineConfig of a (regime, policy) engine. ample: KV for max_batch requests of
+    max_model_len (the batch cap binds, memory never); kv: a GPU pool for `kv_requests` requests
+    of `mean_total` tokens + `host_blocks` host blocks (bench/sim_vs_real.py simulates the same)."""
+    from trail.engine_config import EngineConfig
+
+    kw = dict(num_gpu_blocks=max_batch * 1024 // 16, num_host_blocks=0)
+    if regime == "kv":
+        kw = dict(num_gpu_blocks=int(kv_requests * mean_total / 16), num_host_blocks=host_blocks)
+    return EngineConfig(policy=policy, policy_options=dict(options or {}), max_batch=max_batch,
+                        max_slots=max(1024, num_requests), max_model_len=1024,
+                        prefill_tokens_per_s=prefill_tokens_per_s, **kw)
+
+
 class Engines:
     """One engine per (regime, policy), built on first use and reused across cells (a run leaves
     it idle: every block and slot back, checked); each run starts with fresh telemetry."""
@@ -220,16 +235,10 @@ class Engines:
         self.prefill_rate = None
 
     def config(self, regime: str, policy: str, options: dict):
-        from trail.engine_config import EngineConfig
-
         a = self.args
-        # ample: KV for max_batch requests of max_model_len (the batch cap binds, memory never)
-        kw = dict(num_gpu_blocks=a.max_batch * 1024 // 16, num_host_blocks=0)
-        if regime == "kv":
-            kw = dict(num_gpu_blocks=int(a.kv_requests * self.mean_total / 16), num_host_blocks=a.host_blocks)
-        return EngineConfig(policy=policy, policy_options=options, max_batch=a.max_batch,
-                            max_slots=max(1024, a.num_requests), max_model_len=1024,
-                            prefill_tokens_per_s=self.prefill_rate, **kw)
+        return engine_config(regime, policy, options, max_batch=a.max_batch, kv_requests=a.kv_requests,
+                             host_blocks=a.host_blocks, mean_total=self.mean_total, num_requests=a.num_requests,
+                             prefill_tokens_per_s=self.prefill_rate)
 
     def get(self, regime: str, name: str):
         from trail.engine import LLMEngine
@@ -478,7 +487,7 @@ def aggregate(result: dict) -> list[dict]:
         for name, s in c["policies"].items():
             groups.setdefault((c["regime"], c["load"], name), []).append((c, s))
     rows = []
-    for (regime, load, name), items in sorted(groups.items(), key=lambda kv: (kv[0][0], load_order(kv[0][1]))):
+    for (regime, load, name), items in groups.items():
         def stat(key, items=items):
             v = np.array([s[key] for _, s in items if s.get(key) is not None], float)
             return (float(v.mean()), float(v.std())) if len(v) else (math.nan, math.nan)
@@ -492,8 +501,7 @@ def aggregate(result: dict) -> list[dict]:
                      "throughput_ratio": (float(thr.mean()), float(thr.std())) if len(thr) else (math.nan, math.nan),
                      "preemptions": stat("preemptions"), "recomputed_tokens": stat("recomputed_tokens"),
                      "within_noise": [bool(s.get("within_noise")) for _, s in items if "within_noise" in s]})
-    order = {"burst": 1e9}
-    rows.sort(key=lambda r: (r["regime"], order.get(r["load"], float(r["load"]) if r["load"] != "burst" else 0),
+    rows.sort(key=lambda r: (r["regime"], load_order(r["load"]),
                              result["policies"].index(r["policy"]) if r["policy"] in result["policies"] else 99))
     return rows
 
@@ -563,11 +571,13 @@ def pooled_table(result: dict, resamples: int = 2000, seed: int = 0) -> tuple[li
             continue
         groups.setdefault((c["regime"], c["load"]), []).append(c)
     rows = []
-    for (regime, load), cells in sorted(groups.items(), key=lambda kv: (kv[0][0], load_order(kv[0][1]))):
+    for (regime, load), cells in groups.items():      # the resamples are drawn in this order
         names = [n for n in result["policies"] if all(n in c["policies"] for c in cells)]
         base = {k: [np.asarray(c["policies"]["fcfs"][k], float) for c in cells] for k in ("latency_s", "ttft_s")}
         idx = [[rng.integers(0, len(b), len(b)) for b in base["latency_s"]] for _ in range(resamples)]
         sidx = rng.integers(0, len(cells), (resamples, len(cells)))
+        # fcfs's resampled sums: every policy's ratio shares them
+        bden = {k: np.array([max(sum(x[i].sum() for x, i in zip(b, ii)), 1e-12) for ii in idx]) for k, b in base.items()}
         for name in names:
             row = {"regime": regime, "load": load, "policy": name, "seeds": [c["seed"] for c in cells],
                    "requests": int(sum(len(b) for b in base["latency_s"]))}
@@ -576,8 +586,7 @@ def pooled_table(result: dict, resamples: int = 2000, seed: int = 0) -> tuple[li
                 b = base[key]
                 sa, sb = np.array([x.sum() for x in a]), np.array([x.sum() for x in b])
                 row[f"{label}_ratio"] = float(sa.sum() / sb.sum())
-                boot = np.array([sum(x[i].sum() for x, i in zip(a, ii)) / max(sum(x[i].sum() for x, i in zip(b, ii)), 1e-12)
-                                 for ii in idx])
+                boot = np.array([sum(x[i].sum() for x, i in zip(a, ii)) for ii in idx]) / bden[key]
                 row[f"{label}_ci95_paired"] = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
                 sboot = sa[sidx].sum(1) / np.maximum(sb[sidx].sum(1), 1e-12)
                 row[f"{label}_ci95_seeds"] = [float(np.percentile(sboot, 2.5)), float(np.percentile(sboot, 97.5))]
@@ -592,6 +601,7 @@ def pooled_table(result: dict, resamples: int = 2000, seed: int = 0) -> tuple[li
             pre = [int(c["policies"][name]["preemptions"]) for c in cells]
             row["preemptions_total"], row["preemptions_per_run"] = int(sum(pre)), pre
             rows.append(row)
+    rows.sort(key=lambda r: (r["regime"], load_order(r["load"])))       # stable: policies keep their order
     f = lambda v: f"{v:.3f}"  # noqa: E731
     ci = lambda v: f"[{v[0]:.3f}, {v[1]:.3f}]"  # noqa: E731
     lines = ["| regime | load | policy | seeds x requests | mean s | latency / fcfs | 95% CI paired (requests) | "

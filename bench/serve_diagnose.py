@@ -147,8 +147,7 @@ def main(argv=None) -> int:
     # calibrated, or nearly free (both unmeasured until the next run's telemetry)
     mixed_5ms = replace(model, mixed_base_s=0.002, source=model.source + "; mixed steps +2 ms (assumed graphs)")
     mixed_5ms_cheap = replace(mixed_5ms, per_prefill_token_s=2e-6, source=mixed_5ms.source + ", prefill 2 us/token")
-    extra = {"trail_aging100": ("trail", {"aging_rate": 100.0}), "trail_c0": ("trail", {"c": 0.0}),
-             "trail_maxpre1": ("trail", {"max_preemptions": 1})}
+    extra = {"trail_aging100": ("trail", {"aging_rate": 100.0}), "trail_maxpre1": ("trail", {"max_preemptions": 1})}
     names = ("fcfs", "sjf_prompt", "trail", "trail_c0", "trail_aging100", "trail_maxpre1", "trail_paper", "oracle")
     for label, m in (("as_run", model), ("mixed_as_graph", graph_mixed), ("mixed_5ms", mixed_5ms),
                      ("mixed_5ms_cheap_prefill", mixed_5ms_cheap)):
@@ -157,9 +156,8 @@ def main(argv=None) -> int:
         for load in (0.8, 1.0, 1.1):
             per = {}
             for seed in (0, 1, 2):
-                cell = {"regime": "ample", "load": str(load), "seed": seed, "rate_req_s": load * sus,
-                        "policies": {n: None for n in names}}
-                simd = svr.simulate_cell(run, cell, pool, m, spec, n_override=500, extra=extra)
+                cell = {"regime": "ample", "load": str(load), "seed": seed, "rate_req_s": load * sus}
+                simd = svr.simulate_cell(run, cell, pool, m, spec, policies=names, n_override=500, extra=extra)
                 for n, s in simd.items():
                     per.setdefault(n, []).append(s)
             big[f"{label} {load}"] = {n: {"ratio_mean": float(np.mean([s["ratio_to_fcfs"] for s in v])),
@@ -179,8 +177,8 @@ def main(argv=None) -> int:
         sus = big[f"{label} sustained_req_s"]
         idx, arr = svr.workload_indices(len(pool["ids"]), 500, 1.1 * sus, 0)
         tr = svr.sim_trace(pool, idx, arr)
-        for name, (pol, opts) in (("fcfs", ("fcfs", {})), ("trail", ("trail", {})), ("trail_c0", ("trail", {"c": 0.0})),
-                                  ("oracle", ("oracle", {}))):
+        for name in ("fcfs", "trail", "trail_c0", "oracle"):
+            pol, opts = svr.serve_policies()[name]
             r = sim.simulate(tr, svr.serve_engine_config("ample", pool, run, pol, opts), spec, m)
             decomp[f"{label} {name}"] = r.waiting()
     res["latency_decomposition_1.1x_seed0"] = decomp

@@ -94,7 +94,6 @@ def main(argv=None) -> int:
         models.pop("host+gap fit (sim_vs_real)")
     sat_real = float(run["saturation_req_s_ample"])
     res = {"real_saturation_req_s": sat_real, "stalls": stall_table(), "models": {}, "grid": []}
-    extra = {"trail_c0": ("trail", {"c": 0.0})}
     for label, model in models.items():
         sus = sd.sustained_saturation(pool, run, "ample", model, spec, seeds=(2000, 2001, 2002))
         res["models"][label] = {"model": model.__dict__, "sim_sustained_req_s": sus}
@@ -102,9 +101,9 @@ def main(argv=None) -> int:
         for n in map(int, args.counts.split(",")):
             for load in map(float, args.loads.split(",")):
                 for seed in map(int, args.seeds.split(",")):
-                    cell = {"regime": "ample", "seed": seed, "rate_req_s": load * sat_real,
-                            "policies": {"fcfs": 0, "sjf_prompt": 0, "trail": 0, "trail_c0": 0, "oracle": 0}}
-                    out = svr.simulate_cell(run, cell, pool, model, spec, n_override=n, extra=extra)
+                    cell = {"regime": "ample", "seed": seed, "rate_req_s": load * sat_real}
+                    out = svr.simulate_cell(run, cell, pool, model, spec, n_override=n,
+                                            policies=("fcfs", "sjf_prompt", "trail", "trail_c0", "oracle"))
                     res["grid"].append({"model": label, "n": n, "load": load, "seed": seed,
                                         **{p: {k: float(m[k]) for k in ("mean_latency", "mean_ttft", "ratio_to_fcfs", "preemptions_total")}
                                            for p, m in out.items()}})

@@ -95,16 +95,12 @@ def smollm2_kv_spec(block_size: int = 16) -> KVCacheSpec:
 
 def serve_engine_config(regime: str, pool: Mapping, run: Mapping, policy: str = "fcfs", options=None) -> EngineConfig:
     """The EngineConfig bench/serve.py builds for `regime` (its JSON gives the sizes)."""
-    max_batch = int(run.get("max_batch", 48))
-    n = int(run.get("num_requests", 150))
+    import serve
+
     mean_total = float(run.get("mean_total_tokens") or np.mean(pool["prompt_len"] + pool["output_len"]))
-    if regime == "ample":
-        kw = dict(num_gpu_blocks=max_batch * 1024 // 16, num_host_blocks=0)
-    else:
-        kw = dict(num_gpu_blocks=int(float(run.get("kv_requests", 24)) * mean_total / 16),
-                  num_host_blocks=int(run.get("host_blocks", 128)))
-    return EngineConfig(policy=policy, policy_options=dict(options or {}), max_batch=max_batch,
-                        max_slots=max(1024, n), max_model_len=1024, **kw)
+    return serve.engine_config(regime, policy, options, max_batch=int(run.get("max_batch", 48)),
+                               kv_requests=float(run.get("kv_requests", 24)), host_blocks=int(run.get("host_blocks", 128)),
+                               mean_total=mean_total, num_requests=int(run.get("num_requests", 150)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -187,9 +183,10 @@ def calibrate_prefill(model: sim.StepTimeModel, trace: sim.SimTrace, engine: Eng
         r = sim.simulate(trace, engine.with_policy("fcfs"), spec, replace(model, per_prefill_token_s=x))
         return float(r.finish.max() - r.arrival.min())
 
-    if span(0.0) >= target_makespan:
+    s0 = span(0.0)
+    if s0 >= target_makespan:
         logger.warning("calibration: the step model alone (%.2f s) already exceeds the target makespan %.2f s",
-                       span(0.0), target_makespan)
+                       s0, target_makespan)
         return replace(model, per_prefill_token_s=0.0, source=model.source + "; prefill/token 0 (over target)")
     lo = 0.0
     while span(hi) < target_makespan and hi < 1.0:
@@ -227,8 +224,9 @@ def simulate_cell(run: Mapping, cell: Mapping, pool: Mapping, model: sim.StepTim
     options)."""
     table = dict(serve_policies())
     table.update(extra or {})
-    idx, arr = cell_requests(run, cell, pool)
-    if n_override is not None:
+    if n_override is None:
+        idx, arr = cell_requests(run, cell, pool)
+    else:
         idx, arr = workload_indices(len(pool["ids"]), n_override, cell.get("rate_req_s"), int(cell["seed"]))
     tr = sim_trace(pool, idx, arr)
     out = {}

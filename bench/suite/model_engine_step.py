@@ -63,8 +63,8 @@ def run(model, layer: int, batch: int, prompt_len: int, steps: int, eager: bool,
     engine._collect_device_time()
     idx = {n: i for i, n in enumerate(STEP_FIELDS)}
     rows = [r for r in engine.telemetry.steps if r[idx["rows"]] == batch and r[idx["tokens"]] == batch][5:]
-    host = [r[-3] for r in rows]
-    dev = [r[-1] for r in rows if not math.isnan(r[-1])]
+    host = [r[idx["host_s"]] for r in rows]
+    dev = [r[idx["device_s"]] for r in rows if not math.isnan(r[idx["device_s"]])]
     decode_walls = walls[-len(rows):] if rows else walls[10:]
     out = {"batch": batch, "context": f"{prompt_len}..{prompt_len + steps}", "eager": eager, "overlap": overlap,
            "step_ms": 1e3 * statistics.median(decode_walls), "host_ms": 1e3 * statistics.median(host) if host else None,
@@ -194,7 +194,7 @@ def main() -> None:
              "model          batch context    mode     step ms  host ms  device ms  tok/s     (8B: floor / gpt-fast ms)"]
     for r in results:
         extra = f"  {r['floor_ms']:.2f} / {r['gpt_fast_ms']:.2f}" if "floor_ms" in r else ""
-        lines.append(f"{r['model']:<14} {r['batch']:>5} {r['context']:<10} {'eager' if r['eager'] else 'graph':<6}"
+        lines.append(f"{r['model']:<14} {r['batch']:>5} {r['context']:<10} {_mode(r):<8}"
                      f" {r['step_ms']:7.2f}  {r['host_ms'] or float('nan'):7.2f}  {r['device_ms'] or float('nan'):8.2f}"
                      f"  {r['tokens_per_s']:8.0f}{extra}")
     lines.append("mixed steps (47 decodes + one 256-token prompt prefilled in the same step) and prefill of 8 x 512:")

@@ -75,9 +75,8 @@ class _Replay:
         while self.pending and self.requests[self.pending[0]].arrival <= now:
             i = self.pending.pop(0)
             r = self.requests[i]
-            extra = {} if r.recorded_predictions is None else {"recorded_predictions": r.recorded_predictions}
             rid = self.engine.add_request(list(r.prompt_ids), self.params, arrival=self.offset + r.arrival,
-                                          replay_length=r.output_len, **extra)
+                                          replay_length=r.output_len, recorded_predictions=r.recorded_predictions)
             self.ids[rid] = i
 
     def collect(self, outs) -> int:

@@ -240,12 +240,13 @@ class SimResult:
         if self.step_log is None:
             raise ValueError("simulate(..., record_steps=True) keeps the per-step log")
         lg = self.step_log
-        mixed = lg[:, 2] > 0
-        total = float(lg[:, 5].sum())
+        col = {name: lg[:, i] for i, name in enumerate(STEP_LOG_FIELDS)}
+        mixed, dt = col["prefill_rows"] > 0, col["dt"]
+        total = float(dt.sum())
         return {"steps": int(len(lg)), "mixed_steps": int(mixed.sum()), "decode_steps": int((~mixed).sum()),
-                "mixed_time_s": float(lg[mixed, 5].sum()), "decode_time_s": float(lg[~mixed, 5].sum()),
-                "mixed_time_share": float(lg[mixed, 5].sum()) / total if total > 0 else math.nan,
-                "mean_rows": float(lg[:, 1].mean()) if len(lg) else math.nan}
+                "mixed_time_s": float(dt[mixed].sum()), "decode_time_s": float(dt[~mixed].sum()),
+                "mixed_time_share": float(dt[mixed].sum()) / total if total > 0 else math.nan,
+                "mean_rows": float(col["rows"].mean()) if len(lg) else math.nan}
 
     def metrics(self) -> dict:
         lat = self.finish - self.arrival
