@@ -135,8 +135,8 @@ def main(argv=None) -> int:
             continue
         row = {"load": c["load"], "seed": c["seed"]}
         for scale in (0.9, 1.0, 1.1, 1.2):
-            m = replace(model, base_s=model.base_s * scale, per_decode_s=model.per_decode_s * scale,
-                        per_prefill_token_s=model.per_prefill_token_s * scale, mixed_base_s=model.mixed_base_s * scale)
+            m = replace(model, **{k: getattr(model, k) * scale for k in ("base_s", "per_decode_s", "per_prefill_token_s",
+                                                                          "mixed_base_s", "mixed_per_row_s")})
             row[f"x{scale}"] = svr.simulate_cell(run, c, pool, m, spec, policies=["fcfs"])["fcfs"]["mean_latency"]
         sens.append(row)
     res["step_time_sensitivity_fcfs_mean_s"] = sens
