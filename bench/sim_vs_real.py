@@ -30,7 +30,7 @@ import torch
 
 from trail import sim
 from trail.engine_config import EngineConfig
-from trail.kv_cache import KVCacheSpec
+from trail.kv_cache_spec import KVCacheSpec
 from trail.telemetry import STEP_FIELDS
 
 logger = logging.getLogger("sim_vs_real")

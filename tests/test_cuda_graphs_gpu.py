@@ -8,7 +8,8 @@ import torch
 
 from trail.engine import LLMEngine
 from trail.engine_config import EngineConfig
-from trail.kv_cache import KVCache, KVCacheSpec
+from trail.kv_cache import KVCache
+from trail.kv_cache_spec import KVCacheSpec
 from trail.model_runner import ModelRunner, Segment
 from trail.models import random_model
 from trail.request import SamplingParams

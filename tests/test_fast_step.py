@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from trail.engine_config import EngineConfig
-from trail.kv_cache import KVCache, KVCacheSpec
+from trail.kv_cache import KVCache
+from trail.kv_cache_spec import KVCacheSpec
 from trail.model_runner import ModelRunner, Segment, bucket_for, graph_batch_sizes, mixed_token_sizes
 from trail.models import random_model
 from trail.sampling import SampleParams

@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import trail
-from trail.kv_cache import (BlockAllocator, CompletedEvent, KVCache, KVCacheOutOfBlocks,
-                            KVCacheSpec, SwappedKV)
+from trail.block_allocator import BlockAllocator, CompletedEvent, KVCacheOutOfBlocks
+from trail.kv_cache import KVCache, SwappedKV
+from trail.kv_cache_spec import KVCacheSpec
 
 
 # ---------------------------------------------------------------- simulated asynchronous copies

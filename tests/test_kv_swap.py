@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import trail
-from trail.kv_cache import host_buffer, swap_blocks
+from trail.kv_swap import host_buffer, swap_blocks
 
 ops = trail.ops
 

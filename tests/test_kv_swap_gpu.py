@@ -9,7 +9,10 @@ import pytest
 import torch
 
 import trail
-from trail.kv_cache import KVCache, KVCacheOutOfBlocks, KVCacheSpec, host_buffer, swap_blocks
+from trail.block_allocator import KVCacheOutOfBlocks
+from trail.kv_cache import KVCache
+from trail.kv_cache_spec import KVCacheSpec
+from trail.kv_swap import host_buffer, swap_blocks
 
 pytestmark = pytest.mark.gpu
 

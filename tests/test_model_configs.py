@@ -4,7 +4,8 @@ embeddings; presets have the real models' parameter counts."""
 import pytest
 import torch
 
-from trail.kv_cache import KVCache, KVCacheSpec
+from trail.kv_cache import KVCache
+from trail.kv_cache_spec import KVCacheSpec
 from trail.model_runner import ModelRunner, Segment
 from trail.models import ModelConfig, from_state_dict, preset, random_model
 

@@ -4,7 +4,8 @@ full-sequence forwards of transformers."""
 import pytest
 import torch
 
-from trail.kv_cache import KVCache, KVCacheSpec
+from trail.kv_cache import KVCache
+from trail.kv_cache_spec import KVCacheSpec
 from trail.model_runner import ModelRunner, Segment
 from trail.models import load_hf
 from trail.predictor.prompts import synthetic_chat_prompts

@@ -6,7 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from trail.kv_cache import KVCache, KVCacheSpec
+from trail.kv_cache import KVCache
+from trail.kv_cache_spec import KVCacheSpec
 from trail.model_runner import ModelRunner, Segment
 from trail.models import random_model
 from trail.sampling import SampleParams

@@ -49,7 +49,7 @@ def test_recorded_signatures_are_kept(name):
 def test_api_reference_builds(tmp_path):
     pytest.importorskip("pdoc")
     script = Path(__file__).resolve().parents[1] / "scripts" / "build_docs.sh"
-    modules = ["trail.engine", "trail.length_probe", "trail.scheduler", "trail.kv_cache"]
+    modules = ["trail.engine", "trail.length_probe", "trail.scheduler", "trail.kv_cache", "trail.kv_swap"]
     subprocess.run([sys.executable, "-m", "pdoc", "-o", str(tmp_path), "--no-show-source", *modules], check=True,
                    capture_output=True)
     assert (tmp_path / "trail" / "length_probe.html").is_file() and script.is_file()

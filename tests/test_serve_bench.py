@@ -139,7 +139,7 @@ def test_sim_two_class_step_model_by_hand():
 
     from trail import sim
     from trail.engine_config import EngineConfig
-    from trail.kv_cache import KVCacheSpec
+    from trail.kv_cache_spec import KVCacheSpec
 
     spec = KVCacheSpec(num_layers=1, num_kv_heads=1, head_dim=8, dtype=torch.float32, block_size=4)
     eng = EngineConfig(policy="fcfs", max_batch=1, max_slots=8, max_tokens_per_step=64, max_model_len=32,

@@ -10,7 +10,7 @@ import torch
 
 from trail import sim
 from trail.engine_config import EngineConfig
-from trail.kv_cache import KVCacheSpec
+from trail.kv_cache_spec import KVCacheSpec
 from trail.scheduler_types import TRAIL_PAPER
 
 UNIT = sim.StepTimeModel(base_s=1.0, per_decode_s=0.0, per_prefill_token_s=0.0, per_ctx_token_s=0.0)

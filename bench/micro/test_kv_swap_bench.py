@@ -15,7 +15,9 @@ import pytest
 import torch
 
 import trail
-from trail.kv_cache import BlockAllocator, KVCache, KVCacheSpec
+from trail.block_allocator import BlockAllocator
+from trail.kv_cache import KVCache
+from trail.kv_cache_spec import KVCacheSpec
 
 SPEC = KVCacheSpec(num_layers=4, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16)  # 32 KiB
 

@@ -32,7 +32,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 import trail  # noqa: E402
-from trail.kv_cache import KVCacheSpec, swap_blocks  # noqa: E402
+from trail.kv_cache_spec import KVCacheSpec  # noqa: E402
+from trail.kv_swap import swap_blocks  # noqa: E402
 
 DEVICE = "cuda"
 GiB, MiB, KiB = 1 << 30, 1 << 20, 1 << 10

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from trail.kv_cache import KVCache, KVCacheSpec
+from trail.kv_cache import KVCache
+from trail.kv_cache_spec import KVCacheSpec
 from trail.model_runner import ModelRunner, Segment
 from trail.models import load_hf, preset, random_model
 from trail.predictor.prompts import synthetic_chat_prompts

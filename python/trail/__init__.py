@@ -18,7 +18,7 @@ _LAZY = {
     "Probe": "trail.length_probe", "PromptPredictor": "trail.predictor.prompt_predictors",
     "Scheduler": "trail.scheduler", "SchedulerConfig": "trail.scheduler_types", "SCHED": "trail.scheduler_types",
     "PREEMPT": "trail.scheduler_types", "Mode": "trail.scheduler_types", "Resume": "trail.scheduler_types",
-    "State": "trail.scheduler_types", "swap_blocks": "trail.kv_cache", "row_flags": "trail_kernels",
+    "State": "trail.scheduler_types", "swap_blocks": "trail.kv_swap", "row_flags": "trail_kernels",
 }
 __all__ = ["native_info", "ops", "__version__", *_LAZY]
 

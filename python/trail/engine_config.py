@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
-from trail.kv_cache import KVCacheSpec
+from trail.kv_cache_spec import KVCacheSpec
 from trail.scheduler_types import POLICIES, SchedulerConfig
 
 # Fields of SchedulerConfig that EngineConfig owns (derived, never set through policy_options).

@@ -1,5 +1,6 @@
-"""Paged KV cache: the block-major pool on the device, block tables, the block allocators, and the
-swap space in pinned host memory. Knows no model: sizes come from a `KVCacheSpec`.
+"""Paged KV cache: the block-major pool on the device, block tables, and the swap space in pinned
+host memory. Knows no model: sizes come from a `KVCacheSpec` (trail.kv_cache_spec); block ids
+from two `BlockAllocator`s (trail.block_allocator); copies through `trail.kv_swap`.
 
 Layout (frozen, DESIGN.md "KV cache"): one pool tensor per device,
 `[num_blocks, num_layers, 2, num_kv_heads, block_size, head_dim]`, so one block of all layers is
@@ -33,219 +34,18 @@ Not thread-safe: one engine thread owns a KVCache.
 from __future__ import annotations
 
 import logging
-from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from trail._native import ops
+from trail.block_allocator import COMPLETED, BlockAllocator, Event
+from trail.kv_cache_spec import KVCacheSpec
+from trail.kv_swap import host_buffer
 
 logger = logging.getLogger(__name__)
-
-BLOCK_SIZE = 16
-
-
-@dataclass(frozen=True)
-class KVCacheSpec:
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    dtype: torch.dtype = torch.float32
-    block_size: int = BLOCK_SIZE
-
-    def __post_init__(self):
-        for name in ("num_layers", "num_kv_heads", "head_dim", "block_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"KVCacheSpec.{name} must be positive, got {getattr(self, name)}")
-
-    @property
-    def block_shape(self) -> tuple[int, ...]:
-        return (self.num_layers, 2, self.num_kv_heads, self.block_size, self.head_dim)
-
-    @property
-    def bytes_per_block(self) -> int:
-        n = 1
-        for s in self.block_shape:
-            n *= s
-        return n * torch.empty((), dtype=self.dtype).element_size()
-
-    @property
-    def bytes_per_token(self) -> int:
-        return self.bytes_per_block // self.block_size
-
-    @classmethod
-    def from_config(cls, config: Any, dtype: torch.dtype | None = None,
-                    block_size: int = BLOCK_SIZE) -> "KVCacheSpec":
-        """From an HF-style config (a dict or an object with attributes): num_hidden_layers,
-        num_key_value_heads (default num_attention_heads), head_dim (default hidden_size //
-        num_attention_heads), torch_dtype / dtype unless `dtype` is given."""
-        def get(key, default=None):
-            value = config.get(key, default) if isinstance(config, Mapping) else getattr(config, key, default)
-            return default if value is None else value
-
-        heads = get("num_attention_heads")
-        layers, kv_heads = get("num_hidden_layers"), get("num_key_value_heads", heads)
-        head_dim = get("head_dim") or (get("hidden_size") // heads if heads else None)
-        if layers is None or kv_heads is None or head_dim is None:
-            raise ValueError("KVCacheSpec.from_config needs num_hidden_layers, num_attention_heads "
-                             "or num_key_value_heads, and head_dim or hidden_size")
-        if dtype is None:
-            name = get("torch_dtype") or get("dtype") or "float32"
-            dtype = name if isinstance(name, torch.dtype) else getattr(torch, str(name).replace("torch.", ""))
-        return cls(int(layers), int(kv_heads), int(head_dim), dtype, block_size)
-
-
-class KVCacheOutOfBlocks(RuntimeError):
-    """Not enough free blocks; the allocator is unchanged. `pending` more blocks are waiting for
-    their swap copies (see `KVCache.reclaim`)."""
-
-    def __init__(self, kind: str, needed: int, free: int, pending: int):
-        self.kind, self.needed, self.free, self.pending = kind, needed, free, pending
-        hint = f"; {pending} more wait for swap copies to complete (reclaim)" if pending else ""
-        super().__init__(f"KV cache out of {kind} blocks: need {needed}, {free} free{hint}")
-
-
-class Event(Protocol):
-    def query(self) -> bool: ...
-    def synchronize(self) -> None: ...
-
-
-class CompletedEvent:
-    """The event of a copy that has already happened (CPU copies are synchronous)."""
-
-    def query(self) -> bool:
-        return True
-
-    def synchronize(self) -> None:
-        return None
-
-
-COMPLETED = CompletedEvent()
-
-
-class BlockAllocator:
-    """Block ids `[0, num_blocks)`: a free stack, reference counts, and freed blocks that wait
-    for an event (a copy still reading or writing them) before they can be handed out again."""
-
-    def __init__(self, num_blocks: int, kind: str = "gpu"):
-        if num_blocks < 0:
-            raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
-        self.num_blocks, self.kind = num_blocks, kind
-        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out ascending ids
-        self._refs = [0] * num_blocks
-        self._pending: deque[tuple[Event, list[int]]] = deque()
-        self._num_pending = 0
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    @property
-    def num_pending(self) -> int:
-        return self._num_pending
-
-    @property
-    def num_used(self) -> int:
-        return self.num_blocks - len(self._free) - self._num_pending
-
-    def refcount(self, block: int) -> int:
-        return self._refs[block]
-
-    def allocate(self, n: int) -> list[int]:
-        """n blocks with reference count 1. Reclaims completed pending blocks if short; raises
-        KVCacheOutOfBlocks (state unchanged) if still short."""
-        if n < 0:
-            raise ValueError(f"cannot allocate {n} blocks")
-        if n > len(self._free):
-            self.reclaim()
-            if n > len(self._free):
-                raise KVCacheOutOfBlocks(self.kind, n, len(self._free), self._num_pending)
-        if n == 0:
-            return []
-        blocks = self._free[-n:]
-        del self._free[-n:]
-        blocks.reverse()
-        for b in blocks:
-            self._refs[b] = 1
-        return blocks
-
-    def _check_held(self, times: Mapping[int, int], what: str) -> None:
-        for b, count in times.items():
-            if not (isinstance(b, int) and 0 <= b < self.num_blocks):
-                raise ValueError(f"{self.kind} block {b!r} is not a block id in [0, {self.num_blocks})")
-            if self._refs[b] < count:
-                raise ValueError(f"{self.kind} block {b} {what} {count} time(s) but holds "
-                                 f"{self._refs[b]} reference(s)")
-
-    def claim(self, blocks: Sequence[int]) -> None:
-        """Takes these specific free blocks (reference count 1). ValueError, nothing changed, if
-        one is not free or repeats."""
-        want = set(blocks)
-        if len(want) != len(blocks):
-            raise ValueError(f"{self.kind}: claim lists a block twice")
-        free = set(self._free)
-        missing = [b for b in blocks if b not in free]
-        if missing:
-            raise ValueError(f"{self.kind}: blocks {missing[:8]} are not free")
-        self._free = [b for b in self._free if b not in want]
-        for b in blocks:
-            self._refs[b] = 1
-
-    def incref(self, blocks: Sequence[int]) -> None:
-        """One more reference to each (allocated) block: prefix sharing."""
-        self._check_held(Counter(set(blocks)), "shared")
-        for b in blocks:
-            self._refs[b] += 1
-
-    def free(self, blocks: Sequence[int], event: Event | None = None) -> list[int]:
-        """Drops one reference per entry; blocks reaching zero become free now (event None) or
-        once `event` has completed. Returns those blocks. Raises ValueError (state unchanged) on a
-        block that is not held."""
-        self._check_held(Counter(blocks), "released")
-        released = []
-        for b in blocks:
-            self._refs[b] -= 1
-            if self._refs[b] == 0:
-                released.append(b)
-        if released:
-            if event is None:
-                self._free.extend(reversed(released))
-            else:
-                self._pending.append((event, released))
-                self._num_pending += len(released)
-        return released
-
-    def reclaim(self, stream: Any = None, wait: bool = False) -> int:
-        """Returns pending blocks to the free list: those whose event has completed (query); with
-        `stream`, all of them after `stream.wait_event(event)` (GPU-side order, no host wait);
-        with `wait`, all of them after `event.synchronize()`. Returns the number released."""
-        released, keep = 0, deque()
-        for event, blocks in self._pending:
-            if event.query():
-                pass
-            elif stream is not None:
-                stream.wait_event(event)
-            elif wait:
-                event.synchronize()
-            else:
-                keep.append((event, blocks))
-                continue
-            self._free.extend(reversed(blocks))
-            released += len(blocks)
-        self._pending = keep
-        self._num_pending -= released
-        return released
-
-    def check(self) -> None:
-        """Asserts the bookkeeping: every block is exactly one of free, pending, or referenced."""
-        pending = [b for _, blocks in self._pending for b in blocks]
-        seen = Counter(self._free) + Counter(pending)
-        assert all(c == 1 for c in seen.values()), f"{self.kind}: a block is listed twice"
-        assert len(pending) == self._num_pending
-        for b in range(self.num_blocks):
-            assert (b in seen) != (self._refs[b] > 0), f"{self.kind} block {b} is lost or double-held"
 
 
 @dataclass(eq=False)
@@ -259,38 +59,6 @@ class SwappedKV:
     @property
     def num_blocks(self) -> int:
         return len(self.host_blocks)
-
-
-def swap_blocks(src: torch.Tensor, dst: torch.Tensor, pairs, stream: Any = None,
-                method: str = "auto", kernel_ctas: int = 0) -> str:
-    """Copies block `s` of `src` to block `d` of `dst` for each (s, d) in `pairs`; blocks are
-    dim 0 of contiguous tensors. Between a CUDA tensor and a pinned host tensor the copy is
-    enqueued on `stream` (a torch.cuda.Stream; default: the current one) and returns at once;
-    between CPU tensors it is a synchronous memcpy. Returns the method that ran: batch (DMA, one
-    cudaMemcpyBatchAsync), memcpy (DMA, one cudaMemcpyAsync per run of adjacent blocks), kernel
-    (copy kernel over mapped pinned memory: uses SMs), or host."""
-    if not isinstance(pairs, torch.Tensor):
-        pairs = torch.tensor(list(pairs), dtype=torch.int64).reshape(-1, 2)
-    handle = 0
-    cuda = src.is_cuda or dst.is_cuda
-    if cuda:
-        if stream is None:
-            stream = torch.cuda.current_stream(src.device if src.is_cuda else dst.device)
-        handle = stream.cuda_stream
-    return ops.kv_swap_blocks(src, dst, pairs, handle, method, kernel_ctas)
-
-
-def host_buffer(shape: Sequence[int], dtype: torch.dtype, pinned: bool) -> torch.Tensor:
-    """A CPU tensor over memory the extension allocated once (cudaHostAlloc when `pinned`: page
-    locked and mapped, exactly the size asked for, unlike `pin_memory()`), freed with the
-    tensor."""
-    numel = 1
-    for s in shape:
-        numel *= s
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    if nbytes == 0:
-        return torch.empty(tuple(shape), dtype=dtype)
-    return ops.kv_host_alloc(nbytes, pinned).view(dtype).view(tuple(shape))
 
 
 class KVCache:

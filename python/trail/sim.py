@@ -1,7 +1,7 @@
 """Discrete-event simulator of serving under each policy (DESIGN.md "How scheduling results are
 judged"). It drives the real policy step (`trail.scheduler.Scheduler` over trail._C), sizes memory
 through `EngineConfig` (`kv_layout`, `scheduler_config`) and keeps GPU / host blocks in
-`trail.kv_cache.BlockAllocator`s; only the model is replaced, by a step-time model
+`trail.block_allocator.BlockAllocator`s; only the model is replaced, by a step-time model
 
     t = base + per_decode * decode_rows + per_prefill_token * prefill_tokens
           + per_ctx_token * sum(context after the step) + swapped_bytes / (pcie_gbps * 1e9)
@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from trail.engine_config import EngineConfig
-from trail.kv_cache import BlockAllocator, KVCacheSpec
+from trail.block_allocator import BlockAllocator
+from trail.kv_cache_spec import KVCacheSpec
 from trail.scheduler import SCHED, Mode, Resume, Scheduler
 from trail_kernels import row_flags
 

@@ -56,7 +56,8 @@ class RunnerTap:
 
 def _static_cache(model, max_slots: int, max_len: int, device, dtype):
     """A cache whose slot i owns a fixed run of blocks (no allocator: every slot holds max_len)."""
-    from trail.kv_cache import KVCache, KVCacheSpec
+    from trail.kv_cache import KVCache
+    from trail.kv_cache_spec import KVCacheSpec
 
     cfg = model.config
     mb = math.ceil(max_len / 16)
