@@ -60,8 +60,13 @@ class CMakeBuild(build_ext):
         subprocess.check_call(["cmake", "--build", str(build_dir), "-j", jobs])
 
 
+# folders of package data only (no __init__.py): listed so setuptools ships their files
+# (pyproject.toml [tool.setuptools.package-data]) instead of warning that they would be ignored
+DATA_PACKAGES = ["trail.data", "trail.data.sim", "trail.predictor.probes"]
+
 setup(
-    packages=find_packages("python") + find_packages(".", include=["trail_kernels", "trail_kernels.*"]),
+    packages=find_packages("python") + DATA_PACKAGES
+    + find_packages(".", include=["trail_kernels", "trail_kernels.*"]),
     ext_modules=[CMakeExtension("trail._C")],
     cmdclass={"build_ext": CMakeBuild},
 )

@@ -37,7 +37,6 @@ from trail_kernels import row_flags
 
 logger = logging.getLogger(__name__)
 
-POLICY_ORDER = ("fcfs", "sjf_prompt", "trail", "oracle")
 STEP_LOG_FIELDS = ("t", "rows", "prefill_rows", "prefill_tokens", "preempted", "dt")
 
 
@@ -73,12 +72,15 @@ class StepTimeModel:
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
-DEFAULT_FIT = Path(__file__).resolve().parents[2] / "bench" / "results" / "sim" / "step_fit.json"
-DEFAULT_RECORDED = Path(__file__).resolve().parents[2] / "bench" / "results" / "sim" / "recorded_predictions.npz"
+# package data (python/trail/data/sim/, shipped in the wheel): the committed step-time fit
+# (bench/sim_fit.py) and the recorded probe predictions (bench/sim_record_predictions.py)
+DATA_DIR = Path(__file__).resolve().parent / "data" / "sim"
+DEFAULT_FIT = DATA_DIR / "step_fit.json"
+DEFAULT_RECORDED = DATA_DIR / "recorded_predictions.npz"
 
 
 def default_step_model() -> StepTimeModel:
-    """The committed fit (bench/results/sim/step_fit.json)."""
+    """The committed fit (trail/data/sim/step_fit.json, written by bench/sim_fit.py)."""
     return StepTimeModel.from_json(DEFAULT_FIT)
 
 
@@ -108,7 +110,8 @@ class LengthPool:
 
 
 def load_recorded(path: str | Path = DEFAULT_RECORDED) -> LengthPool:
-    """Recorded lengths and probe predictions (bench/sim_record_predictions.py)."""
+    """Recorded lengths and probe predictions (bench/sim_record_predictions.py); by default the
+    committed file (trail/data/sim/recorded_predictions.npz)."""
     d = np.load(path)
     meta = json.loads(str(d["meta"]))
     return LengthPool(d["prompt_len"].astype(np.int64), d["output_len"].astype(np.int64),

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+from trail.scheduler_types import POLICIES
 
 DESCRIPTION = """\
 Simulate serving under each policy with the real policy step (trail._C) and a fitted step-time
@@ -15,18 +16,18 @@ preemptions by kind, swapped bytes, recomputed tokens; ratios to fcfs (per seed,
 fraction of the oracle's mean-latency gain trail reaches (only where the oracle gains >= 10%), and
 the ratio to sjf_prompt.
 
-Workload: requests drawn from the recorded trace (bench/results/sim/recorded_predictions.npz:
-prompt / output lengths of SmolLM2-135M-Instruct on 377 held-out prompts, the shipped probe's
-per-step predictions and the prompt predictor's totals), arriving Poisson or in bursts at --rate
-req/s or --load x the saturation rate the simulator finds (fcfs with an infinite backlog).
+Workload: requests drawn from the recorded trace (trail/data/sim/recorded_predictions.npz, shipped
+with the package: prompt / output lengths of SmolLM2-135M-Instruct on 377 held-out prompts, the
+probe's per-step predictions and the prompt predictor's totals), arriving Poisson or in bursts at
+--rate req/s or --load x the saturation rate the simulator finds (fcfs with an infinite backlog).
 Predictions: recorded (the probe filter), exact, or noisy:<sd> (lognormal factor per request).
 
 Engine: --regime ample (batch cap, KV for every running request) or kv (a pool for
 --kv-requests average requests + --host-blocks host blocks, so memory binds), sized through
 EngineConfig with Llama-3-8B KV (128 KiB per token); any limit can be overridden. Step time:
 t = base + per_decode * rows + per_prefill_token * prefill tokens + per_ctx_token * sum(context)
-+ swapped bytes / PCIe, constants from --step-fit (default bench/results/sim/step_fit.json, fitted
-to DESIGN.md's H100 figures until the fast-step benchmark exists).
++ swapped bytes / PCIe, constants from --step-fit (default trail/data/sim/step_fit.json, shipped with
+the package, fitted to DESIGN.md's H100 figures until the fast-step benchmark exists).
 
 Policy options (SchedulerConfig fields) for trail and oracle: --opt name=value, repeatable, e.g.
 --opt c=0.5 --opt aging_rate=0 --opt admit_reserve=0.3 --opt memory_preemption=false.
@@ -53,7 +54,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="poisson, or burst: half the requests in bursts of --burst at once (default poisson)")
     w.add_argument("--burst", type=int, default=200, help="requests per burst (default 200)")
     w.add_argument("--predictions", default="recorded", help="recorded | exact | noisy:<sd> (default recorded)")
-    w.add_argument("--recorded", default=None, help="recorded predictions .npz (default: the committed file)")
+    w.add_argument("--recorded", default=None,
+                   help="recorded predictions .npz (default: the package's trail/data/sim/recorded_predictions.npz)")
     e = p.add_argument_group("engine")
     e.add_argument("--regime", choices=("ample", "kv"), default="ample", help="memory regime (default ample)")
     e.add_argument("--max-batch", type=int, default=48, help="running requests per step (default 48)")
@@ -64,11 +66,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--host-blocks", type=int, default=128, help="kv regime: host swap blocks (default 128)")
     e.add_argument("--num-gpu-blocks", type=int, default=None, help="override the GPU pool (blocks)")
     e.add_argument("--num-host-blocks", type=int, default=None, help="override the host pool (blocks)")
-    e.add_argument("--step-fit", default=None, help="step-time model JSON (default bench/results/sim/step_fit.json)")
+    e.add_argument("--step-fit", default=None,
+                   help="step-time model JSON (default: the package's trail/data/sim/step_fit.json)")
     e.add_argument("--noise-sd", type=float, default=0.0, help="lognormal step-time noise sd (default 0)")
     s = p.add_argument_group("policies and output")
-    s.add_argument("--policies", default="fcfs,sjf_prompt,trail,oracle",
-                   help="comma separated (default fcfs,sjf_prompt,trail,oracle)")
+    s.add_argument("--policies", default=",".join(POLICIES),
+                   help=f"comma separated (default {','.join(POLICIES)})")
     s.add_argument("--opt", action="append", default=[], metavar="NAME=VALUE",
                    help="SchedulerConfig option for trail and oracle (repeatable)")
     s.add_argument("--input", default=None, help="simulate one SimInput JSON file instead")
