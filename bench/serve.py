@@ -188,7 +188,7 @@ def saturation_search(probe: Callable[[float], dict], start: float, growth: floa
 def load_parts(model_source: str, device: str):
     from trail.models.loader import load_model
     from trail.predictor.probe_file import load_probe_params, shipped_probe_dir
-    from trail_kernels.probe import ProbeParams
+    from trail_kernels.probe_params import ProbeParams
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = load_model(model_source, device, dtype)

@@ -14,7 +14,8 @@ from trail.model_runner import ModelRunner, Segment
 from trail.models import random_model
 from trail.request import SamplingParams
 from trail.sampling import SampleParams
-from trail_kernels.probe import ProbeParams, ProbeState
+from trail_kernels.probe_params import ProbeParams
+from trail_kernels.probe_state import ProbeState
 
 pytestmark = pytest.mark.gpu
 

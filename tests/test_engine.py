@@ -17,7 +17,7 @@ from trail.predictor.probe_file import load_probe_params, shipped_probe_dir
 from trail.request import FinishReason, SamplingParams
 from trail.scheduler import State
 from trail.scheduler_types import TRAIL_PAPER
-from trail_kernels.probe import ProbeParams
+from trail_kernels.probe_params import ProbeParams
 
 PROMPTS = ["The capital of France is", "A haiku about schedulers:", "Three colours:",
            "A hash table is", "Hello in Spanish is"]

@@ -9,7 +9,7 @@ from trail.engine_config import EngineConfig
 from trail.models import random_model
 from trail.request import SamplingParams
 from trail.scheduler_types import TRAIL_PAPER
-from trail_kernels.probe import ProbeParams
+from trail_kernels.probe_params import ProbeParams
 
 pytestmark = pytest.mark.gpu
 

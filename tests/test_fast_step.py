@@ -11,7 +11,9 @@ from trail.kv_cache_spec import KVCacheSpec
 from trail.model_runner import ModelRunner, Segment, bucket_for, graph_batch_sizes, mixed_token_sizes
 from trail.models import random_model
 from trail.sampling import SampleParams
-from trail_kernels.probe import ProbeParams, ProbeState, probe_step
+from trail_kernels.probe import probe_step
+from trail_kernels.probe_params import ProbeParams
+from trail_kernels.probe_state import ProbeState
 
 
 @pytest.fixture(scope="module")

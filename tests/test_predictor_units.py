@@ -247,7 +247,9 @@ def test_filter_adapter_batches_like_one_request_at_a_time(rule, every):
     """The adapter runs all requests as slots of one state; the result must equal running each
     request alone through probe_reference, step by step."""
     from trail.predictor.filter_adapter import probe_params, run_filter
-    from trail_kernels.probe import FIRST_CHUNK, LAST_CHUNK, PREFILL, ProbeState, probe_reference
+    from trail_kernels.probe_reference import probe_reference
+    from trail_kernels.probe_state import ProbeState
+    from trail_kernels.row_flags import FIRST_CHUNK, LAST_CHUNK, PREFILL
 
     d, k = 8, 4
     mlp, spec = _probe(d=d, k=k, h=16)

@@ -1,4 +1,4 @@
-"""The fused probe kernel (trail_kernels/probe.py): the Triton path and `probe_reference` against
+"""The fused probe kernel (trail_kernels/probe_triton.py): the Triton path and `probe_reference` against
 an independent float64 filter that walks each request step by step with the transition as an
 explicit matrix, plus the properties the engine relies on (rows sum to 1, no NaN, scratch slot
 isolation, chunked == one-shot prefill, recompute leaves state intact, CUDA-graph replay).
@@ -12,9 +12,12 @@ import torch
 
 from sm90_compile import compile_for_sm90
 from tolerances import assert_close_ulps
-from trail_kernels.probe import (FIRST_CHUNK, LAST_CHUNK, POW_BITS, PREFILL, RECOMPUTE, ProbeParams,
-                                 ProbeState, log_predict, probe_reference, probe_step,
-                                 transition_matrix, validate_step)
+from trail_kernels.probe import probe_step
+from trail_kernels.probe_params import POW_BITS, ProbeParams, transition_matrix
+from trail_kernels.probe_reference import log_predict, probe_reference
+from trail_kernels.probe_state import ProbeState
+from trail_kernels.probe_validation import validate_step
+from trail_kernels.row_flags import FIRST_CHUNK, LAST_CHUNK, PREFILL, RECOMPUTE
 
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log")
 
@@ -476,7 +479,8 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import trail_kernels.probe as P
+import trail_kernels.probe_triton as P
+from trail_kernels.probe_params import POW_BITS, padded_num_bins
 
 target = GPUTarget("cuda", 90, 32)
 ptrs = dict(cu_ptr="*i32", slot_ptr="*i32", flags_ptr="*i32", gen_ptr="*i32", max_new_ptr="*i32", b1_ptr="*fp32",
@@ -490,7 +494,7 @@ names = P._probe_fused_kernel.arg_names
 for sdt, wdt, mode, has_prefill, bm, bh, bd, d, k in cases:
     types = dict(ptrs, states_ptr="*" + sdt, w1_ptr="*" + wdt, w2_ptr="*" + wdt)
     const = dict(d=d, h=512, K=k, FLOOR=True, BLOCK_M=bm, BLOCK_H=bh, BLOCK_D=bd, FILTER_M=16,
-                 KP=P._bins_pad(k), DOT_MODE=mode, HAS_PREFILL=has_prefill, POWS=P.POW_BITS)
+                 KP=padded_num_bins(k), DOT_MODE=mode, HAS_PREFILL=has_prefill, POWS=POW_BITS)
     sig = {n: ("constexpr" if n in const else types[n]) for n in names}
     src = ASTSource(P._probe_fused_kernel, sig, constexprs={(names.index(n),): v for n, v in const.items()})
     kernel = triton.compile(src, target=target, options=dict(num_warps=8 if bm == 128 else 4, num_stages=3))

@@ -7,7 +7,7 @@ from trail.generate import generate_with_predictions
 from trail.models import random_model
 from trail.predictor.embed import DenseFeatures
 from trail.predictor.filter_adapter import run_filter
-from trail_kernels.probe import ProbeParams
+from trail_kernels.probe_params import ProbeParams
 
 
 @pytest.fixture(scope="module")

@@ -114,7 +114,7 @@ def test_interleaved_policies_serve_every_request_on_their_own_clocks():
     from trail.engine_config import EngineConfig
     from trail.models import random_model
     from trail.request import SamplingParams
-    from trail_kernels.probe import ProbeParams
+    from trail_kernels.probe_params import ProbeParams
 
     model = random_model("tiny", seed=1)
     probe = ProbeParams.random(model.config.hidden_size, 32, 8, max_len=64, generator=torch.Generator().manual_seed(0))

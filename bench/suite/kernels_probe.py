@@ -1,4 +1,4 @@
-"""The fused probe kernel (trail_kernels/probe.py) on the GPU.
+"""The fused probe kernel (trail_kernels/probe_triton.py) on the GPU.
 
     python bench/suite/kernels_probe.py --out DIR      -> DIR/probe.json, DIR/probe.summary.txt
 
@@ -30,8 +30,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
-from trail_kernels.probe import (FIRST_CHUNK, LAST_CHUNK, PREFILL, ProbeParams, ProbeState,  # noqa: E402
-                                 pick_config, probe_reference, probe_step)
+from trail_kernels.probe import probe_step  # noqa: E402
+from trail_kernels.probe_params import ProbeParams  # noqa: E402
+from trail_kernels.probe_reference import probe_reference  # noqa: E402
+from trail_kernels.probe_state import ProbeState  # noqa: E402
+from trail_kernels.probe_triton import pick_config  # noqa: E402
+from trail_kernels.row_flags import FIRST_CHUNK, LAST_CHUNK, PREFILL  # noqa: E402
 
 D_VALUES = (4096, 576)
 BATCHES = (1, 64, 256, 1024)

@@ -33,7 +33,7 @@ from trail.engine_config import EngineConfig
 from trail.models import random_model
 from trail.request import SamplingParams
 from trail.telemetry import STEP_FIELDS
-from trail_kernels.probe import ProbeParams
+from trail_kernels.probe_params import ProbeParams
 
 # Llama-3-8B shape anchors at ctx 512 (DESIGN.md measured facts): HBM floor, gpt-fast
 ANCHORS_8B = {1: (5.36, 7.13), 16: (5.69, 10.69), 64: (6.76, 22.18)}

@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 from trail.engine import LLMEngine
 from trail.engine_config import EngineConfig
 from trail.request import SamplingParams
-from trail_kernels.probe import ProbeParams
+from trail_kernels.probe_params import ProbeParams
 
 logger = logging.getLogger(__name__)
 

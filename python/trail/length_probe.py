@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from trail_kernels import row_flags
-from trail_kernels.probe import ProbeParams, ProbeState, probe_step
+from trail_kernels.probe import probe_step
+from trail_kernels.probe_params import ProbeParams
+from trail_kernels.probe_state import ProbeState
 
 
 @dataclass(eq=False)

@@ -12,7 +12,7 @@ reported over all requests and over those that ended with EOS. Methods:
   (iv)  prefill_probe      the probe on the prompt mean, then the predict step only
   (v)   trail_every8, trail_every1   TRAIL's plain-product refinement
   (vi)  filter             our filter (tempered by alpha, divided by pi, floored) every step
-Every filter-based estimate is `trail_kernels.probe.probe_reference` (via filter_adapter).
+Every filter-based estimate is `trail_kernels.probe_reference.probe_reference` (via filter_adapter).
 
 Ranking (what a scheduler uses, `ranking.py`): `ranking.alive` — per method, the rank correlation
 between predicted and true remaining length among the requests alive at the same position g;

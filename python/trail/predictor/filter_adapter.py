@@ -16,7 +16,10 @@ from tqdm.auto import tqdm
 
 from trail.predictor.embed import DenseFeatures
 from trail.predictor.probe_file import probe_params  # noqa: F401  (re-exported for older callers)
-from trail_kernels.probe import FIRST_CHUNK, LAST_CHUNK, PREFILL, ProbeParams, ProbeState, probe_reference
+from trail_kernels.probe_params import ProbeParams
+from trail_kernels.probe_reference import probe_reference
+from trail_kernels.probe_state import ProbeState
+from trail_kernels.row_flags import FIRST_CHUNK, LAST_CHUNK, PREFILL
 
 NEVER = 1 << 30
 

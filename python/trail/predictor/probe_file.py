@@ -215,9 +215,9 @@ def _check_weights(state: dict, spec: ProbeSpec, where: str) -> None:
 def probe_params(mlp: ProbeMLP, spec: ProbeSpec, *, rule: str = "bayes", alpha: float | None = None,
                  eps: float | None = None, update_every: int | None = None,
                  device: str | torch.device = "cpu"):
-    """The kernel-side `trail_kernels.probe.ProbeParams` of a loaded layer probe (fp32 weights on
+    """The kernel-side `trail_kernels.probe_params.ProbeParams` of a loaded layer probe (fp32 weights on
     `device`; cast with `.to(device, dtype)`)."""
-    from trail_kernels.probe import ProbeParams
+    from trail_kernels.probe_params import ProbeParams
 
     sd = {k: v.detach().float().to(device) for k, v in mlp.state_dict().items()}
     return ProbeParams(sd["fc1.weight"], sd["fc1.bias"], sd["fc2.weight"], sd["fc2.bias"],

@@ -13,7 +13,7 @@ the choice of width / learning rate (`select_config`), alpha/eps fitting), test 
 touched here; `trail eval-probe` reports on it). Features are
 standardised for training and the standardisation is folded into fc1, so the stored probe takes
 raw layer states. After the MLP, alpha and eps are chosen on the validation requests by running
-the filter (`filter_adapter`, i.e. `trail_kernels.probe.probe_reference`) over every position.
+the filter (`filter_adapter`, i.e. `trail_kernels.probe_reference.probe_reference`) over every position.
 """
 from __future__ import annotations
 
