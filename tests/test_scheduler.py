@@ -14,12 +14,18 @@ from trail_kernels import row_flags
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from scheduler_reference import ReferenceScheduler
+
 from trail.scheduler import (PREEMPT, POLICIES, SCHED, SNAP, Kind, Mode, Resume, Scheduler, SchedulerConfig,
-                             State, Stop, make_scheduler)
-from trail.scheduler_reference import ReferenceScheduler
+                             State, Stop)
 from trail.scheduler_types import TRAIL_PAPER
 
-IMPLS = ["native", "reference"]
+IMPLS = {"native": Scheduler, "reference": ReferenceScheduler}
+
+
+def make_scheduler(config: SchedulerConfig, impl: str):
+    """The C++ core (`native`) or the pure-Python test oracle (`reference`)."""
+    return IMPLS[impl](config)
 
 
 def _blocks(tokens: int, bs: int) -> int:

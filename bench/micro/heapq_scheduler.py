@@ -1,5 +1,5 @@
 """The Python baseline for the scheduler micro-benchmark: the same policy step as trail's C++ core
-(the logic of trail.scheduler_reference) over heapq priority queues with lazy deletion, the way
+(the logic of the test oracle tests/scheduler_reference.py) over heapq priority queues with lazy deletion, the way
 Python serving schedulers keep their priority queues.
 
 vLLM's own priority queue (v1 `PriorityRequestQueue`) is a heapq of (priority, arrival, request);
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import heapq
 
+from tests.scheduler_reference import ReferenceScheduler
 from trail.scheduler import SchedulerConfig
-from trail.scheduler_reference import ReferenceScheduler
 
 _ALIVE = 4
 

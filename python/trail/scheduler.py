@@ -135,11 +135,8 @@ class Scheduler:
 
 
 def make_scheduler(config: SchedulerConfig, impl: str = "native"):
-    """`native` (C++ core) or `reference` (pure Python, slow; for tests)."""
+    """`native` (the C++ core), the one implementation here; the pure-Python reference of the same
+    step is a test oracle (tests/scheduler_reference.py)."""
     if impl == "native":
         return Scheduler(config)
-    if impl == "reference":
-        from trail.scheduler_reference import ReferenceScheduler
-
-        return ReferenceScheduler(config)
-    raise ValueError(f"scheduler impl must be 'native' or 'reference', got {impl!r}")
+    raise ValueError(f"scheduler impl must be 'native', got {impl!r}")

@@ -1,6 +1,7 @@
-"""Pure-Python implementation of the scheduler step (same rules, same API, same decisions as the
-C++ core in csrc/scheduler/). Tests compare the two; the micro-benchmark runs this logic over
-lazy-deletion heapq queues as the vLLM-style baseline.
+"""The scheduler's test oracle: a pure-Python implementation of the scheduler step (same rules,
+same API, same decisions as the C++ core in csrc/scheduler/, which trail.scheduler wraps).
+tests/test_scheduler.py compares the two; the micro-benchmark (bench/micro/heapq_scheduler.py)
+runs this logic over lazy-deletion heapq queues as the vLLM-style baseline. Not part of trail.
 
 The queues are pluggable: `NaiveQueue` (a dict scanned with min/max: obviously correct, O(n))
 is the default; any class with the same methods (push, update, remove, top, pop, __len__,
