@@ -6,3 +6,4 @@ cd "$(dirname "$0")/.."
 bash scripts/install_cpu.sh
 . .venv/bin/activate
 python -m pytest tests -m "not slow" -q "$@"
+python -m pytest bench/micro/test_engine_host_bench.py -q --benchmark-disable
