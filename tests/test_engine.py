@@ -4,6 +4,7 @@ near-tie), abort in every state returns every block and slot, a seeded soak with
 loses and duplicates nothing, and a bad request disturbs no other."""
 import math
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from trail.engine import LLMEngine
 from trail.engine_config import EngineConfig
 from trail.models import random_model
 from trail.models.loader import load_hf, load_tokenizer
+from trail.predictions import RecordedPredictions
 from trail.predictor.probe_file import load_probe_params, shipped_probe_dir
 from trail.request import FinishReason, SamplingParams
 from trail.scheduler import State
@@ -42,7 +44,7 @@ def _run(smollm2, policy, **cfg):
     params = SamplingParams(max_new_tokens=16, repetition_penalty=1.1)
     final = {}
     for i in range(len(ids)):        # one arrival per step: later short requests meet running long ones
-        engine.add_request(ids[i], params, request_id=i, replay_length=LENGTHS[i])
+        engine.add_request(ids[i], replace(params, replay_length=LENGTHS[i]), request_id=i)
         final.update((o.request_id, o) for o in engine.step() if o.finished)
     while engine.has_unfinished():
         final.update((o.request_id, o) for o in engine.step() if o.finished)
@@ -80,17 +82,18 @@ def tiny():
     return model, probe
 
 
-def _tiny_engine(tiny, policy="trail", **cfg):
+def _tiny_engine(tiny, policy="trail", predictions=None, **cfg):
     model, probe = tiny
     cfg.setdefault("max_model_len", 96)
     cfg.setdefault("prefill_tokens_per_s", 1e4)
     return LLMEngine(model, None, EngineConfig(policy=policy, **cfg), probe=probe, probe_layer=1,
-                     eos_token_ids=[7])
+                     eos_token_ids=[7], predictions=predictions)
 
 
 def _state_name(engine, rid) -> str:
-    req, state = engine._requests[rid], engine.scheduler.state_of(rid)
-    if state == State.RUNNING and engine._gen[req.slot] == 0:
+    req = engine._requests[rid]
+    state = engine.scheduler.state_of(req.serial)
+    if state == State.RUNNING and engine.slots.gen[req.slot] == 0:
         return "prefilling"
     if state == State.WAITING and req.output_ids:
         return "dropped"          # dropped for recompute: waits to re-prefill prompt + output
@@ -239,7 +242,7 @@ def test_from_pretrained_takes_the_prompt_predictor_beside_a_probe_path(smollm2_
     """A probe given by path brings the prompt predictor trained with it, not the shipped one."""
     import shutil
 
-    import trail.engine as engine_module
+    import trail.engine_loading as engine_module
 
     shipped = shipped_probe_dir("SmolLM2-135M-Instruct")
     for f in ("probe.json", "probe.safetensors", "prompt_boe.json", "prompt_boe.safetensors"):
@@ -254,13 +257,14 @@ def test_from_pretrained_takes_the_prompt_predictor_beside_a_probe_path(smollm2_
 
 
 def test_recorded_predictions_replace_the_probe_for_their_request_only(tiny):
-    engine = _tiny_engine(tiny, max_batch=4, block_size=4, num_gpu_blocks=64)
-    rng = np.random.default_rng(1)
     rec = np.array([40.0, 31.0, 22.5, 9.0])
-    with pytest.raises(ValueError, match="recorded_predictions"):
-        engine.add_request([5, 6, 7], SamplingParams(max_new_tokens=8), recorded_predictions=[1.0, -2.0])
+    with pytest.raises(ValueError, match="recorded predictions of request 3"):
+        RecordedPredictions({3: [1.0, -2.0]})
+    engine = _tiny_engine(tiny, max_batch=4, block_size=4, num_gpu_blocks=64,
+                          predictions=RecordedPredictions({100: rec}))
+    rng = np.random.default_rng(1)
     a = engine.add_request(rng.integers(8, 500, 6).tolist(), SamplingParams(max_new_tokens=8, ignore_eos=True),
-                           recorded_predictions=rec)
+                           request_id=100)
     b = engine.add_request(rng.integers(8, 500, 6).tolist(), SamplingParams(max_new_tokens=8, ignore_eos=True))
     final = {}
     while engine.has_unfinished():
@@ -271,7 +275,7 @@ def test_recorded_predictions_replace_the_probe_for_their_request_only(tiny):
     assert got == [(g, float(rec[min(g, len(rec) - 1)])) for g in range(8)]
     other = [p for _, p in final[b].metrics.predictions]
     assert len(other) == 8 and not set(other) <= set(rec.tolist())
-    assert engine._num_recorded == 0
+    assert np.isnan(engine.predictions._current).all()
 
 
 def test_overlap_completes_each_step_on_the_next_call(tiny):
@@ -280,11 +284,11 @@ def test_overlap_completes_each_step_on_the_next_call(tiny):
     engine = _tiny_engine(tiny, max_batch=4, block_size=4, num_gpu_blocks=64, overlap=True)
     rid = engine.add_request([11, 12, 13, 14, 15], SamplingParams(max_new_tokens=3, ignore_eos=True))
     slot = engine._requests[rid].slot
-    assert engine._pred_sched[slot] == engine._prompt_pred[slot]
+    assert engine.predictions.values[slot] == engine.predictions._prompt[slot]
     assert engine.step() == [] and engine._in_flight is not None       # prefill launched, nothing back
-    assert engine._pred_sched[slot] == engine._prompt_pred[slot]       # its readout is not in yet
+    assert engine.predictions.values[slot] == engine.predictions._prompt[slot]       # its readout is not in yet
     first = engine.step()                                               # decode 1 launched, prefill done
-    assert [len(o.token_ids) for o in first] == [1] and engine._has_readout[slot]
+    assert [len(o.token_ids) for o in first] == [1] and engine.predictions._has_readout[slot]
     got = [first]
     while engine.has_unfinished():
         got.append(engine.step())

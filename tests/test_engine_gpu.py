@@ -28,7 +28,8 @@ def test_one_sync_per_step_with_swaps(monkeypatch, overlap):
     gen = torch.Generator().manual_seed(1)
     for i in range(24):
         prompt = torch.randint(0, 49152, (int(torch.randint(4, 60, (1,), generator=gen)),), generator=gen).tolist()
-        engine.add_request(prompt, SamplingParams(max_new_tokens=120), replay_length=int(torch.randint(8, 120, (1,), generator=gen)))
+        engine.add_request(prompt, SamplingParams(max_new_tokens=120,
+                                                  replay_length=int(torch.randint(8, 120, (1,), generator=gen))))
     for _ in range(3):                                   # warm-up: Triton compiles, caches fill
         engine.step()
     syncs = []

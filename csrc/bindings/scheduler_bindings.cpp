@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <string>
 #include <exception>
 #include <tuple>
 #include <vector>
@@ -51,60 +52,59 @@ void check_vector(const at::Tensor& t, at::ScalarType dtype, int64_t n, const ch
 struct SchedulerClass : torch::CustomClassHolder {
   sched::Scheduler core;
 
-  static sched::Config make_config(int64_t policy, int64_t max_slots, int64_t max_batch, int64_t max_tokens_per_step,
-                                   int64_t max_prefill_chunk, int64_t block_size, int64_t num_gpu_blocks,
-                                   int64_t num_host_blocks, int64_t watermark_blocks, double c, double margin,
-                                   int64_t max_preemptions, double aging_rate, bool allow_keep, bool allow_swap,
-                                   double bytes_per_token, double pcie_gbps, double recompute_s_per_token,
-                                   double admit_reserve, int64_t max_forced_evictions, double evict_kv_weight,
-                                   bool resume_forced_first, bool memory_preemption) {
-    TORCH_CHECK(max_slots > 0 && max_slots < (int64_t{1} << 31), "Scheduler: max_slots out of range: ", max_slots);
-    TORCH_CHECK(max_batch > 0 && max_batch < (int64_t{1} << 31), "Scheduler: max_batch out of range: ", max_batch);
-    TORCH_CHECK(block_size > 0 && block_size < (int64_t{1} << 31), "Scheduler: block_size out of range: ", block_size);
-    TORCH_CHECK(max_preemptions >= 0 && max_preemptions < (int64_t{1} << 31),
-                "Scheduler: max_preemptions out of range: ", max_preemptions);
-    TORCH_CHECK(max_forced_evictions >= 0 && max_forced_evictions < (int64_t{1} << 31),
-                "Scheduler: max_forced_evictions out of range: ", max_forced_evictions);
+  // The config by name: every field of sched::Config exactly once (numbers as double; booleans
+  // 0 / 1; the policy as its index). An unknown or missing name is an error naming it.
+  static sched::Config make_config(const c10::Dict<std::string, double>& d) {
+    static const char* const kNames[] = {
+        "policy", "max_slots", "max_batch", "max_tokens_per_step", "max_prefill_chunk", "block_size",
+        "num_gpu_blocks", "num_host_blocks", "watermark_blocks", "c", "margin", "max_preemptions", "aging_rate",
+        "allow_keep", "allow_swap", "bytes_per_token", "pcie_gbps", "recompute_s_per_token", "admit_reserve",
+        "max_forced_evictions", "evict_kv_weight", "resume_forced_first", "memory_preemption"};
+    for (const auto& item : d) {
+      bool known = false;
+      for (const char* name : kNames) known = known || item.key() == name;
+      TORCH_CHECK(known, "Scheduler: unknown config field '", item.key(), "'");
+    }
+    auto get = [&](const char* name) -> double {
+      TORCH_CHECK(d.contains(name), "Scheduler: config field '", name, "' is missing");
+      return d.at(name);
+    };
+    auto whole = [&](const char* name, double lo, double hi) -> int64_t {
+      const double v = get(name);
+      TORCH_CHECK(v == static_cast<double>(static_cast<int64_t>(v)) && v >= lo && v <= hi, "Scheduler: ", name,
+                  " must be an integer in [", lo, ", ", hi, "], got ", v);
+      return static_cast<int64_t>(v);
+    };
+    const double i31 = static_cast<double>((int64_t{1} << 31) - 1), i53 = 9007199254740992.0;
     sched::Config cfg;
-    cfg.policy = static_cast<sched::Policy>(policy);
-    cfg.max_slots = static_cast<int32_t>(max_slots);
-    cfg.max_batch = static_cast<int32_t>(max_batch);
-    cfg.max_tokens_per_step = max_tokens_per_step;
-    cfg.max_prefill_chunk = max_prefill_chunk;
-    cfg.block_size = static_cast<int32_t>(block_size);
-    cfg.num_gpu_blocks = num_gpu_blocks;
-    cfg.num_host_blocks = num_host_blocks;
-    cfg.watermark_blocks = watermark_blocks;
-    cfg.c = c;
-    cfg.margin = margin;
-    cfg.max_preemptions = static_cast<int32_t>(max_preemptions);
-    cfg.aging_rate = aging_rate;
-    cfg.allow_keep = allow_keep;
-    cfg.allow_swap = allow_swap;
-    cfg.bytes_per_token = bytes_per_token;
-    cfg.pcie_gbps = pcie_gbps;
-    cfg.recompute_s_per_token = recompute_s_per_token;
-    cfg.admit_reserve = admit_reserve;
-    cfg.max_forced_evictions = static_cast<int32_t>(max_forced_evictions);
-    cfg.evict_kv_weight = evict_kv_weight;
-    cfg.resume_forced_first = resume_forced_first;
-    cfg.memory_preemption = memory_preemption;
+    cfg.policy = static_cast<sched::Policy>(whole("policy", 0, 3));
+    cfg.max_slots = static_cast<int32_t>(whole("max_slots", 1, i31));
+    cfg.max_batch = static_cast<int32_t>(whole("max_batch", 1, i31));
+    cfg.max_tokens_per_step = whole("max_tokens_per_step", 0, i53);
+    cfg.max_prefill_chunk = whole("max_prefill_chunk", 0, i53);
+    cfg.block_size = static_cast<int32_t>(whole("block_size", 1, i31));
+    cfg.num_gpu_blocks = whole("num_gpu_blocks", 0, i53);
+    cfg.num_host_blocks = whole("num_host_blocks", 0, i53);
+    cfg.watermark_blocks = whole("watermark_blocks", 0, i53);
+    cfg.c = get("c");
+    cfg.margin = get("margin");
+    cfg.max_preemptions = static_cast<int32_t>(whole("max_preemptions", 0, i31));
+    cfg.aging_rate = get("aging_rate");
+    cfg.allow_keep = whole("allow_keep", 0, 1) != 0;
+    cfg.allow_swap = whole("allow_swap", 0, 1) != 0;
+    cfg.bytes_per_token = get("bytes_per_token");
+    cfg.pcie_gbps = get("pcie_gbps");
+    cfg.recompute_s_per_token = get("recompute_s_per_token");
+    cfg.admit_reserve = get("admit_reserve");
+    cfg.max_forced_evictions = static_cast<int32_t>(whole("max_forced_evictions", 0, i31));
+    cfg.evict_kv_weight = get("evict_kv_weight");
+    cfg.resume_forced_first = whole("resume_forced_first", 0, 1) != 0;
+    cfg.memory_preemption = whole("memory_preemption", 0, 1) != 0;
     return cfg;
   }
 
-  SchedulerClass(int64_t policy, int64_t max_slots, int64_t max_batch, int64_t max_tokens_per_step,
-                 int64_t max_prefill_chunk, int64_t block_size, int64_t num_gpu_blocks, int64_t num_host_blocks,
-                 int64_t watermark_blocks, double c, double margin, int64_t max_preemptions, double aging_rate,
-                 bool allow_keep, bool allow_swap, double bytes_per_token, double pcie_gbps,
-                 double recompute_s_per_token, double admit_reserve, int64_t max_forced_evictions,
-                 double evict_kv_weight, bool resume_forced_first, bool memory_preemption)
-      : core(guarded([&] {
-          return make_config(policy, max_slots, max_batch, max_tokens_per_step, max_prefill_chunk, block_size,
-                             num_gpu_blocks, num_host_blocks, watermark_blocks, c, margin, max_preemptions,
-                             aging_rate, allow_keep, allow_swap, bytes_per_token, pcie_gbps, recompute_s_per_token,
-                             admit_reserve, max_forced_evictions, evict_kv_weight, resume_forced_first,
-                             memory_preemption);
-        })) {}
+  explicit SchedulerClass(const c10::Dict<std::string, double>& config)
+      : core(guarded([&] { return make_config(config); })) {}
 
   int64_t add(int64_t id, double arrival, int64_t prompt_len, int64_t max_new_tokens, double prompt_prediction,
               int64_t true_length) {
@@ -146,6 +146,17 @@ struct SchedulerClass : torch::CustomClassHolder {
     return states;
   }
 
+  at::Tensor requeue_many(const at::Tensor& ids, const at::Tensor& generated, double now) {
+    check_vector(ids, at::kLong, ids.numel(), "requeue_many", "ids");
+    check_vector(generated, at::kInt, ids.numel(), "requeue_many", "generated");
+    at::Tensor states = at::empty({ids.numel()}, at::TensorOptions().dtype(at::kInt));
+    guarded([&] {
+      core.requeue_many(ids.data_ptr<int64_t>(), generated.data_ptr<int32_t>(), ids.numel(), now,
+                        states.data_ptr<int32_t>());
+    });
+    return states;
+  }
+
   void set_predictions(const at::Tensor& slots, const at::Tensor& values) {
     TORCH_CHECK(slots.device().is_cpu() && values.device().is_cpu(), "Scheduler.set_predictions: CPU tensors only");
     TORCH_CHECK(slots.scalar_type() == at::kInt && slots.dim() == 1 && slots.is_contiguous(),
@@ -184,15 +195,14 @@ struct SchedulerClass : torch::CustomClassHolder {
 TORCH_LIBRARY_FRAGMENT(trail, m) {
   using trail::SchedulerClass;
   m.class_<SchedulerClass>("Scheduler")
-      .def(torch::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double,
-                       double, int64_t, double, bool, bool, double, double, double, double, int64_t, double,
-                       bool, bool>())
+      .def(torch::init<c10::Dict<std::string, double>>())
       .def("add", &SchedulerClass::add)
       .def("add_many", &SchedulerClass::add_many)
       .def("finish", &SchedulerClass::finish)
       .def("finish_many", &SchedulerClass::finish_many)
       .def("cancel_many", &SchedulerClass::cancel_many)
       .def("cancel", &SchedulerClass::cancel)
+      .def("requeue_many", &SchedulerClass::requeue_many)
       .def("set_predictions", &SchedulerClass::set_predictions)
       .def("step", &SchedulerClass::step)
       .def("snapshot", &SchedulerClass::snapshot)

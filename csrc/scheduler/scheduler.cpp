@@ -318,6 +318,37 @@ void Scheduler::cancel_many(const int64_t* ids, int64_t n, int32_t* states_out) 
   }
 }
 
+void Scheduler::requeue_many(const int64_t* ids, const int32_t* generated, int64_t n, double now,
+                             int32_t* states_out) {
+  std::vector<int32_t> slots(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    slots[i] = lookup(ids[i], "requeue");
+    const Request& r = table_[slots[i]];
+    if (generated[i] < 0 || generated[i] > r.max_new)
+      bad("requeue(id=" + std::to_string(ids[i]) + "): generated count " + std::to_string(generated[i]) +
+          " outside [0, max_new_tokens=" + std::to_string(r.max_new) + "]");
+  }
+  check_unique(slots.data(), n, "requeue");
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t slot = slots[i];
+    Request& r = table_[slot];
+    states_out[i] = static_cast<int32_t>(r.state);
+    if (r.state == State::kRunning) {
+      remove_running(slot);
+    } else {
+      waiting_.remove(slot);
+      if (r.state == State::kKept) kept_.remove(slot);
+    }
+    r.gen = generated[i];
+    r.ctx = 0;
+    r.target = r.prompt_len + generated[i];
+    r.resume = generated[i] > 0 ? kResumeRecompute : kResumeNone;
+    r.state = State::kWaiting;
+    r.touched = false;
+    enqueue(slot, now);
+  }
+}
+
 void Scheduler::set_predictions(const int32_t* slots, const float* values, int64_t n) {
   if (cfg_.policy != Policy::kTrail && cfg_.policy != Policy::kSjfPrompt)
     bad("set_predictions: only the trail and sjf_prompt policies order by predictions");

@@ -121,6 +121,13 @@ class Scheduler {
   // Removes a request in any state. Returns the state it was in (what the engine must free).
   State cancel(int64_t id);
   void cancel_many(const int64_t* ids, int64_t n, int32_t* states_out);  // all or nothing
+  // A step's work was lost (an exception between step() and the end of its execution): each
+  // request goes back to waiting holding no KV, to be prefilled again over its prompt and its
+  // first generated[i] output tokens (the outputs the engine has confirmed); with generated[i] > 0
+  // that is a recompute. Its preemption counts, initial prediction and arrival are kept. All or
+  // nothing (unknown or repeated ids, generated outside [0, max_new_tokens] change nothing).
+  // states_out: the state each request was in (what the engine must free).
+  void requeue_many(const int64_t* ids, const int32_t* generated, int64_t n, double now, int32_t* states_out);
   // New predicted remaining lengths for any requests (trail / sjf_prompt): waiting keys move.
   void set_predictions(const int32_t* slots, const float* values, int64_t n);
 

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import numpy as np
 
+from trail.predictions import RecordedPredictions
 from trail.request import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -75,8 +76,14 @@ class _Replay:
         while self.pending and self.requests[self.pending[0]].arrival <= now:
             i = self.pending.pop(0)
             r = self.requests[i]
-            rid = self.engine.add_request(list(r.prompt_ids), self.params, arrival=self.offset + r.arrival,
-                                          replay_length=r.output_len, recorded_predictions=r.recorded_predictions)
+            if r.recorded_predictions is not None:
+                source = self.engine.predictions
+                if not isinstance(source, RecordedPredictions):
+                    raise ValueError("requests carry recorded predictions: build the engine with "
+                                     "predictions=trail.predictions.RecordedPredictions()")
+                source.record(i, r.recorded_predictions)
+            rid = self.engine.add_request(list(r.prompt_ids), replace(self.params, replay_length=r.output_len),
+                                          arrival=self.offset + r.arrival, request_id=i)
             self.ids[rid] = i
 
     def collect(self, outs) -> int:

@@ -1,55 +1,78 @@
-"""The engine: the one generation loop. It ties the scheduler, the KV cache, the model runner and
-the length predictor together (the only module that does).
+"""The engine: the one generation loop. It ties the serving core (scheduler + KV ledger), the
+model runner and the prediction source together (the only module that does).
 
     engine = LLMEngine.from_pretrained(folder_or_gguf_or_preset, EngineConfig(policy="trail"))
     rid = engine.add_request("Hello", SamplingParams(max_new_tokens=64))
     while engine.has_unfinished():
         for out in engine.step(): ...
 
-One step is one straight walk (DESIGN.md "Data flow of one engine step"):
-  schedule    Scheduler.step(predictions, generated counts, free blocks, now) -> plan (trail._C)
-  preempt     keep: nothing; swap: one batched copy to pinned host; recompute: free the blocks
-  KV          swap-ins (one batched copy, the compute stream waits for it), allocations; the
-              runner commits the block tables
-  execute     forward with the layer tap -> probe (pool / MLP / Bayes filter by slot) -> sample
-              (a decode-only step on CUDA: one replay of a graph captured at start-up)
-  sync        predictions, then tokens, copied to pinned host; ONE sync (the tokens)
-  postprocess append tokens, stop checks (EOS, stop ids / strings, max_new_tokens), outputs,
-              finish + free (scheduler and KV cache)
-Per-request state the hot path needs lives in per-slot numpy arrays (slots come from the
-scheduler at add and stay until finish), so the plan is applied by numpy over its columns.
+One step is one straight walk (docs/DESIGN.md "The step"):
+  schedule     ServingCore.schedule: the policy step (trail._C) and its plan applied to the KV
+               cache (preemptions, swap-ins, allocations by the plan's BLOCKS column)
+  run          ModelRunner.execute: stage -> forward + layer tap -> probe -> sample (a captured
+               CUDA graph where one fits); predictions then tokens copied to pinned host
+  postprocess  the step's one sync, tokens appended, stop checks, text, outputs, finished requests
+               released through the core
+With `EngineConfig.overlap` the step launched by one `step()` call is completed by the next.
+
+A step is atomic: if anything fails between schedule and postprocess (an error in any phase, a
+device OOM, Ctrl-C), every request that holds KV goes back to waiting and is prefilled again
+over what the host confirmed (`ServingCore.requeue`), so no request is lost, duplicated or
+silently wrong; the exception then propagates. A fault of one request (its text decoding) ends
+only that request (FinishReason.ERROR). A sticky device error ends every request and the engine.
 """
 from __future__ import annotations
 
 import logging
 import math
 import time
-from dataclasses import dataclass
-from pathlib import Path
+import warnings
+from dataclasses import replace
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from trail.detokenize import find_stop, text_delta
+from trail.detokenize import IncrementalText, push_many
 from trail.engine_config import EngineConfig
+from trail.engine_loading import PromptPredictorFn, load_engine_parts
 from trail.kv_cache import KVCache, KVCacheSpec
 from trail.model_runner import BatchPlan, ModelRunner, graph_batch_sizes, mixed_token_sizes
+from trail.predictions import ProbePredictions
 from trail.request import FinishReason, Request, RequestMetrics, RequestOutput, SamplingParams
-from trail.scheduler import PREEMPT, SCHED, Mode, Resume, Scheduler, State
+from trail.scheduler import PREEMPT, SCHED, Mode
+from trail.serving_core import ServingCore, borrowed_blocks
+from trail.slot_table import SlotTable
+from trail.step_clock import HostBuffers, InFlight, PhaseClock
 from trail.telemetry import Telemetry
 from trail_kernels import row_flags
-from trail_kernels.probe import ProbeParams, ProbeState, probe_step
+from trail_kernels.probe import ProbeParams, ProbeState
 
 logger = logging.getLogger(__name__)
+_MODE_NAME = {Mode.KEEP: "keep", Mode.SWAP: "swap", Mode.RECOMPUTE: "recompute"}
 
-# prompt ids -> expected total output tokens, one per prompt (the prompt predictor's contract)
-PromptPredictorFn = Callable[[Sequence[Sequence[int]]], np.ndarray]
+
+class EngineDeadError(RuntimeError):
+    """The device failed in a way no step can recover from; `outputs` are the final outputs of
+    the requests it ended (FinishReason.ERROR)."""
+    outputs: list = []
+
+
+def is_sticky_device_error(exc: BaseException) -> bool:
+    """A CUDA error that poisons the context (an illegal access, a device-side assert): every
+    later call fails too. A device OOM is not sticky."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return False
+    accel = getattr(torch, "AcceleratorError", None)
+    if accel is not None and isinstance(exc, accel):
+        return True
+    msg = str(exc)
+    return ("CUDA error" in msg or "device-side assert" in msg) and "out of memory" not in msg
 
 
 class LLMEngine:
-    """Serves requests with a policy of `trail.scheduler.POLICIES` over a paged KV cache.
+    """Serves requests with a policy of `trail.scheduler_types.POLICIES` over a paged KV cache.
 
     model: a `trail.models.LlamaModel` (its device and dtype are the engine's); tokenizer: for text
     prompts, text output and stop strings (None: token ids only); probe / probe_layer: the length
@@ -58,14 +81,16 @@ class LLMEngine:
     prompt_predictor: ordering before prefill (required by `sjf_prompt`); eos_token_ids: stop ids
     of the model (default: the tokenizer's eos id); clock: the engine's time source (seconds);
     profile_phases: record each step's phase times (host: perf_counter; device: CUDA events, read
-    after the step's own sync, so no extra sync) in `telemetry.phases`.
+    after the step's own sync, so no extra sync) in `telemetry.phases`; predictions: where the
+    scheduler's predicted remaining lengths come from (`trail.predictions.ProbePredictions`, the
+    default, or `RecordedPredictions` for a benchmark replaying recorded values).
     """
 
     def __init__(self, model, tokenizer=None, config: EngineConfig | None = None, *,
                  probe: ProbeParams | None = None, probe_layer: int | None = None,
                  probe_max_new: int | None = None, prompt_predictor: PromptPredictorFn | None = None,
                  eos_token_ids: Iterable[int] | None = None, seed: int = 0, clock: Callable[[], float] | None = None,
-                 profile_phases: bool = False):
+                 profile_phases: bool = False, predictions: ProbePredictions | None = None):
         self.config = config = config or EngineConfig()
         self.profile_phases = profile_phases
         param = next(model.parameters())
@@ -87,10 +112,10 @@ class LLMEngine:
         self.eos_ids = np.array(sorted(set(int(e) for e in eos_token_ids)), np.int64)
         if (self.eos_ids < 0).any():
             raise ValueError(f"eos_token_ids must be non-negative token ids, got {sorted(eos_token_ids)}")
-        self._is_eos = np.zeros(max(mcfg.vocab_size, int(self.eos_ids.max(initial=-1)) + 1), bool)
-        self._is_eos[self.eos_ids] = True           # a lookup per sampled token (np.isin: ~1 us per row)
+        is_eos = np.zeros(max(mcfg.vocab_size, int(self.eos_ids.max(initial=-1)) + 1), bool)
+        is_eos[self.eos_ids] = True           # a lookup per sampled token (np.isin: ~1 us per row)
 
-        # ---- memory: one config -> KV layout + scheduler config ----
+        # ---- memory: one config -> KV layout + scheduler config; the core owns both ----
         self.kv_spec = KVCacheSpec(mcfg.num_layers, mcfg.num_kv_heads, mcfg.head_dim, dtype=self.dtype,
                                    block_size=config.block_size)
         self.layout = config.kv_layout(self.kv_spec, self._free_device_bytes(mcfg.vocab_size))
@@ -110,10 +135,11 @@ class LLMEngine:
         self.probe_max_new = probe_max_new
         self.prompt_predictor = prompt_predictor
         self._default_prediction = (float(probe.bin_values @ probe.log_prior.exp()) if probe is not None else 0.0)
-        rate = config.prefill_tokens_per_s or self._measure_prefill_rate()
+        self._compute_stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        rate = config.prefill_tokens_per_s or self._measure_prefill_rate()   # the recompute cost
         self.prefill_tokens_per_s = rate
         self.scheduler_config = config.scheduler_config(self.kv_spec, self.layout, 1.0 / rate)
-        self.scheduler = Scheduler(self.scheduler_config)
+        self.core = ServingCore(self.scheduler_config, self.kv, compute_stream=self._compute_stream)
         if self.device.type == "cuda" and not config.enforce_eager:
             sizes = graph_batch_sizes(config.max_batch, config.cuda_graph_sizes)
             tokens = mixed_token_sizes(config.max_tokens_per_step, rows, config.cuda_graph_tokens)
@@ -124,44 +150,21 @@ class LLMEngine:
                     self.device, self.layout.num_gpu_blocks, self.layout.num_host_blocks, config.block_size,
                     rate, config.policy)
 
-        # ---- per-slot host state (numpy: the hot path never touches Request objects) ----
-        n, width = config.max_slots, config.max_model_len + 1
-        self._tokens = np.zeros((n, width), np.int64)     # prompt + output ids
-        self._seq_len = np.zeros(n, np.int64)
-        self._prompt_len = np.zeros(n, np.int64)
-        self._max_new = np.zeros(n, np.int64)
-        self._stop_len = np.zeros(n, np.int64)             # max_new_tokens, or a replayed length
-        self._ignore_eos = np.zeros(n, bool)
-        self._custom_stop = np.zeros(n, bool)              # stop ids beyond EOS, or stop strings
-        self._slot_req: list[Request | None] = [None] * n
-        self._recorded: list[np.ndarray | None] = [None] * n     # add_request(recorded_predictions=)
-        self._recorded_value = np.full(n, math.nan)             # the slot's current recorded value
-        self._num_recorded = 0
-        self._slot_rid = np.full(n, -1, np.int64)           # the request bound to each slot
-        self._pending_rid = np.full(n, -1, np.int64)        # request whose token is in flight, by slot,
-        self._pending_step = np.full(n, -1, np.int64)       # and the step drawing it
-        self._has_readout = np.zeros(n, bool)               # the probe has read the request out
-        self._prompt_pred = np.zeros(n, np.float32)
-        # what the scheduler reads: predictions by slot (see _refresh_predictions), generated counts
-        self._pred_sched = torch.zeros(n, dtype=torch.float32)
-        self._gen_host = torch.zeros(n, dtype=torch.int32)
-        self._gen = self._gen_host.numpy()
+        self.slots = SlotTable(config.max_slots, config.max_model_len, is_eos)
+        self.predictions = (predictions or ProbePredictions()).attach(config.max_slots)
         # pinned landing buffers of the device's predictions and tokens, one per step in flight
-        self._host_buffers = [_HostBuffers(n, rows, self.device.type == "cuda") for _ in range(2)]
-        self._compute_stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        self._host_buffers = [HostBuffers(config.max_slots, rows, self.device.type == "cuda") for _ in range(2)]
         self._pending_timing: tuple | None = None
-        self._in_flight: _InFlight | None = None
-
+        self._in_flight: InFlight | None = None
         self._requests: dict[int, Request] = {}
         self._aborted: list[RequestOutput] = []
-        self._next_id = 0
-        self._step_index = 0
+        self._next_id = self._next_serial = self._step_index = 0
+        self._dead: str | None = None
         self._warned_probe_range = False
         self._clock = clock or time.perf_counter
         self._t0 = self._clock()
         self.telemetry = Telemetry()
 
-    # ---- construction helpers ------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, source, config: EngineConfig | None = None, *, probe: str | None = "shipped",
                         prompt_predictor: str | None = "boe", device: str | torch.device | None = None,
@@ -170,40 +173,8 @@ class LLMEngine:
         'shipped' (the probe shipped for this model, if any), a probe file path, or None.
         `prompt_predictor`: 'boe' / 'minilm' (the one beside a probe given by path, else the shipped
         one), a file path, or None."""
-        from trail.models.loader import default_dtype, load_model, load_tokenizer
-        from trail.predictor.probe_file import load_probe_params, shipped_probe_dir
-
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = dtype or default_dtype(device)
-        model = load_model(source, device, dtype)
-        random = str(source).startswith("random:")
-        tokenizer = None if random else load_tokenizer(source)
-        probe_params = layer = max_new = predictor = None
-        folder = None
-        if probe == "shipped" or prompt_predictor in ("boe", "minilm"):
-            try:      # shipped files are found by the model folder's name (probes/<name>/)
-                folder = shipped_probe_dir(Path(str(source)).with_suffix("").name.split(".")[0])
-            except FileNotFoundError:
-                logger.warning("no shipped probe for %s", source)
-        if probe is not None:
-            path = (folder / "probe") if probe == "shipped" and folder is not None else (None if probe == "shipped" else probe)
-            if path is not None:
-                probe_params, spec = load_probe_params(path, expect_d=model.config.hidden_size)
-                layer, max_new = spec.layer, spec.max_new_tokens
-        if prompt_predictor in ("boe", "minilm"):
-            # beside a probe given by path (trained together), else the shipped one
-            name = f"prompt_{prompt_predictor}"
-            beside = Path(str(probe)).parent if probe not in (None, "shipped") else None
-            found = [d for d in (beside, folder) if d is not None and (d / f"{name}.json").is_file()]
-            if found:
-                predictor = prompt_predictor_fn(found[0] / name, model, tokenizer)
-            else:
-                logger.warning("no %s prompt predictor beside the probe or shipped for %s", prompt_predictor, source)
-        elif prompt_predictor is not None:
-            predictor = prompt_predictor_fn(prompt_predictor, model, tokenizer)
-        eos = generation_eos_ids(source, tokenizer)
-        return cls(model, tokenizer, config, probe=probe_params, probe_layer=layer, probe_max_new=max_new,
-                   prompt_predictor=predictor, eos_token_ids=eos, seed=seed)
+        parts = load_engine_parts(source, probe=probe, prompt_predictor=prompt_predictor, device=device, dtype=dtype)
+        return cls(config=config, seed=seed, **parts)
 
     def _free_device_bytes(self, vocab: int) -> int | None:
         if self.device.type != "cuda" or self.config.num_gpu_blocks is not None:
@@ -215,21 +186,17 @@ class LLMEngine:
     def _measure_prefill_rate(self) -> float:
         """Tokens per second of one prefill (the recompute cost), timed on a warm model."""
         n = min(256, self.config.max_tokens_per_step, self.config.max_model_len)
-        slot = 0
         ids = np.random.default_rng(0).integers(0, self.model.config.vocab_size, n)
-        plan = BatchPlan(np.array([slot]), np.array([row_flags.PREFILL | row_flags.FIRST_CHUNK]), np.array([0]),
+        plan = BatchPlan(np.array([0]), np.array([row_flags.PREFILL | row_flags.FIRST_CHUNK]), np.array([0]),
                          np.array([n]), ids)
-        self.kv.allocate({slot: n})
-        try:
-            times = []
+        times = []
+        with borrowed_blocks(self.kv, 0, n):
             for _ in range(2):
                 t = time.perf_counter()
                 self.runner.forward(self.runner.prepare_plan(plan))
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 times.append(time.perf_counter() - t)
-        finally:
-            self.kv.free(slot)
         return n / min(times)
 
     # ---- requests ------------------------------------------------------------------------------
@@ -239,21 +206,18 @@ class LLMEngine:
 
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None, *,
                     request_id: int | None = None, arrival: float | None = None,
-                    true_length: int | None = None, replay_length: int | None = None,
-                    recorded_predictions: Sequence[float] | np.ndarray | None = None) -> int:
+                    true_length: int | None = None, replay_length: int | None = None) -> int:
         """Queues a request; returns its id. Everything is validated here (a bad request raises
         ValueError and changes nothing). `true_length`: the real output length, known only to the
-        oracle policy. `replay_length`: stop after exactly this many tokens (EOS ignored), as a
-        benchmark replaying recorded lengths does; it is also the request's true length. The
-        predictor and the scheduler still see `params.max_new_tokens` as the cap, so a replayed
-        length never leaks into trail's predictions. `recorded_predictions`: a benchmark's
-        recorded per-step predictions (element g: predicted remaining output tokens once g output
-        tokens were fed; the last one holds beyond the end); the scheduler gets them instead of
-        the probe's readout for this request (the probe still runs, for its cost), and so does
-        telemetry."""
+        oracle policy. `replay_length`: deprecated, use `SamplingParams(replay_length=...)`."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if replay_length is not None:
+            warnings.warn("add_request(replay_length=) is deprecated; use SamplingParams(replay_length=...)",
+                          DeprecationWarning, stacklevel=2)
+            params = replace(params, replay_length=replay_length)
+        self._check_alive()
         text = None
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -271,18 +235,13 @@ class LLMEngine:
         if len(ids) + params.max_new_tokens > limit:
             raise ValueError(f"prompt of {len(ids)} tokens + max_new_tokens={params.max_new_tokens} exceeds "
                              f"max_model_len={limit}")
-        if replay_length is not None:
-            if not (isinstance(replay_length, int) and 1 <= replay_length <= params.max_new_tokens):
-                raise ValueError(f"replay_length must be an integer in [1, max_new_tokens={params.max_new_tokens}], "
-                                 f"got {replay_length!r}")
-            true_length = replay_length
+        if params.stop and (self.tokenizer is None or not params.detokenize):
+            raise ValueError(f"SamplingParams.stop={params.stop!r} needs text: an engine with a tokenizer and "
+                             f"detokenize=True")
+        if params.replay_length is not None:
+            true_length = params.replay_length
         if true_length is not None and not (isinstance(true_length, int) and true_length >= 1):
             raise ValueError(f"true_length must be an integer >= 1, got {true_length!r}")
-        recorded = None
-        if recorded_predictions is not None:
-            recorded = np.asarray(recorded_predictions, dtype=np.float64).reshape(-1)
-            if recorded.size == 0 or not np.isfinite(recorded).all() or (recorded < 0).any():
-                raise ValueError("recorded_predictions must be a non-empty sequence of finite values >= 0")
         if self.config.policy == "oracle" and true_length is None:
             raise ValueError("the oracle policy needs each request's true_length")
         rid = self._next_id if request_id is None else int(request_id)
@@ -291,26 +250,22 @@ class LLMEngine:
         arrival = self.now() if arrival is None else float(arrival)
         prediction = self._prompt_prediction(ids, params.max_new_tokens)
         self._warn_probe_range(params.max_new_tokens)
-        slot = self.scheduler.add(rid, arrival, len(ids), params.max_new_tokens, prediction, true_length)
+        stream = None
+        if self.tokenizer is not None and params.detokenize:
+            stream = IncrementalText(self.tokenizer, ids, params.stop)
+        serial = self._next_serial
+        slot = int(self.core.add([serial], [arrival], [len(ids)], [params.max_new_tokens], [prediction],
+                                 None if true_length is None else [true_length])[0])
         # from here on nothing can fail
-        self._next_id = max(self._next_id, rid + 1)
+        self._next_id, self._next_serial = max(self._next_id, rid + 1), serial + 1
         req = Request(rid, ids, params, frozenset(self.eos_ids.tolist()) | frozenset(params.stop_token_ids),
-                      text, true_length, slot, metrics=RequestMetrics(arrival, prompt_prediction=prediction))
+                      text, true_length, slot, serial, stream=stream,
+                      metrics=RequestMetrics(arrival, prompt_prediction=prediction))
         self._requests[rid] = req
-        self._slot_req[slot] = req
-        self._slot_rid[slot] = rid
-        self._has_readout[slot] = False
-        self._prompt_pred[slot] = self._pred_sched[slot] = prediction
-        self._tokens[slot, :len(ids)] = ids
-        self._seq_len[slot] = self._prompt_len[slot] = len(ids)
-        self._max_new[slot] = params.max_new_tokens
-        self._stop_len[slot] = params.max_new_tokens if replay_length is None else replay_length
-        self._gen[slot] = 0
-        self._ignore_eos[slot] = params.ignore_eos or replay_length is not None
-        self._custom_stop[slot] = bool(params.stop_token_ids or params.stop)
-        self._recorded[slot] = recorded
-        self._recorded_value[slot] = math.nan
-        self._num_recorded += recorded is not None
+        replay = params.replay_length
+        self.slots.bind(slot, serial, req, ids, params.max_new_tokens, replay or params.max_new_tokens,
+                        params.ignore_eos or replay is not None, bool(params.stop_token_ids or params.stop))
+        self.predictions.bind(slot, rid, prediction)
         self.runner.set_sampling(slot, params)
         return rid
 
@@ -335,13 +290,19 @@ class LLMEngine:
     def abort(self, request_id: int) -> bool:
         """Removes a request in any state (waiting, prefilling, running, kept, swapped, dropped
         for recompute); its blocks and slot are freed at once and its final output (reason
-        'abort') comes with the next `step()`. False if it is unknown or already finished."""
+        'abort') comes with the next `step()`. False if it is unknown or already finished. Its id
+        may be reused at once: a token still in flight for it never reaches the new request."""
         req = self._requests.get(request_id)
         if req is None or req.finished:
             return False
-        self._release(req, self.scheduler.cancel(request_id))
+        self.core.release([req.serial], [req.slot])
         self._aborted.append(self._finish(req, FinishReason.ABORT))
         return True
+
+    @property
+    def scheduler(self):
+        """The core's scheduler (read-only use: every plan is applied through `self.core`)."""
+        return self.core.scheduler
 
     def has_unfinished(self) -> bool:
         return bool(self._requests) or bool(self._aborted) or self._in_flight is not None
@@ -350,191 +311,238 @@ class LLMEngine:
     def num_unfinished(self) -> int:
         return len(self._requests)
 
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine stopped after a device error ({self._dead}); build a new engine")
+
     # ---- the step --------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One engine step; returns the outputs of every request that got a token, finished or was
         aborted since the last step. With `EngineConfig.overlap` the step launched here is
-        completed (synced, postprocessed) by the next call, after that call has launched its own:
-        the CPU schedules and prepares step n+1 while the GPU runs step n, and outputs arrive
-        one call later."""
+        completed (synced, postprocessed) by the next call: the CPU schedules and prepares step
+        n+1 while the GPU runs step n, and outputs arrive one call later. If the step fails it is
+        rolled back (see the module docstring) and the exception propagates."""
+        self._check_alive()
         outputs, self._aborted = self._aborted, []
-        launched = self._launch() if self._requests else None
-        if self.config.overlap:
-            done, self._in_flight = self._in_flight, launched
-        else:
-            done = launched
-        if done is not None:
-            outputs += self._complete(done)
+        try:
+            launched = self._launch() if self._requests else None
+            done, self._in_flight = (self._in_flight, launched) if self.config.overlap else (launched, None)
+            if done is not None:
+                outputs += self._complete(done)
+        except BaseException as exc:
+            self._aborted = outputs + self._aborted
+            self._roll_back(exc)
+            if self._dead is not None:
+                dead = EngineDeadError(f"the engine stopped after a device error ({self._dead}); the outputs "
+                                       f"of the requests it ended are in .outputs")
+                dead.outputs, self._aborted = self._aborted, []
+                raise dead from exc
+            raise
         return outputs
 
-    def _launch(self) -> "_InFlight | None":
-        """schedule -> apply preemptions -> KV (swap-ins, allocations) -> stage -> execute, and the
-        copies of predictions then tokens to pinned host; nothing waits for the device."""
-        clock = _PhaseClock(self.device if self.profile_phases else None)
+    def _launch(self) -> InFlight | None:
+        """schedule -> run, and the copies of predictions then tokens to pinned host; nothing waits
+        for the device."""
+        clock = PhaseClock(self.device if self.profile_phases else None)
         now = self.now()
         self._collect_device_time()
-        self.kv.reclaim()
-        plan = self.scheduler.step(self._pred_sched, self._gen_host, self.kv.num_free_blocks,
-                                   self.kv.num_free_host_blocks, now)
+        plan = self.core.schedule(self.predictions.values, self.slots.gen_host, now)
         clock.mark("schedule")
-        counts = self._apply_preemptions(plan.preempted.numpy())
-        rows = self._drop_finishing(plan.scheduled.numpy())
+        self._account(plan, now)
+        rows = plan.rows
+        if self.config.overlap and self._in_flight is not None and len(rows):
+            rows = self.slots.drop_finishing(rows)
         if len(rows) == 0:
             logger.debug("step %d: nothing runnable (stop reason %d)", self._step_index, plan.stop_reason)
             return None
-        swap_in_bytes = self._prepare_kv(rows, now)
-        batch = self.runner.prepare_plan(self._batch_plan(rows))
-        clock.mark("prepare", device=True)
         t_dev = self._record_event()
-        next_tokens, expected = self._execute(batch, rows, clock)
+        out = self.runner.execute(self.slots.batch_plan(rows, self._step_index), clock)
         host = self._host_buffers[self._step_index % 2]     # the step in flight owns the other one
         preds = None
-        if expected is not None:
+        if out.expected is not None:
             preds = host.preds
-            preds.copy_(expected[:self.config.max_slots], non_blocking=True)
-        n = len(batch.sampled)
+            preds.copy_(out.expected[:self.config.max_slots], non_blocking=True)
+        n = len(out.sampled)
         tokens = host.tokens[:n]
-        tokens.copy_(next_tokens[:n], non_blocking=True)
-        end = self._record_event()
-        sampled_rows = rows[batch.sampled]
-        self._pending_rid[sampled_rows[:, SCHED.SLOT]] = sampled_rows[:, SCHED.ID]
-        self._pending_step[sampled_rows[:, SCHED.SLOT]] = self._step_index
-        step = _InFlight(self._step_index, now, rows, sampled_rows, tokens, preds, t_dev, end, clock, counts,
-                         swap_in_bytes)
+        tokens.copy_(out.next_tokens[:n], non_blocking=True)
+        sampled_rows = rows[out.sampled]
+        self.slots.mark_in_flight(sampled_rows, self._step_index)
+        step = InFlight(self._step_index, now, plan, rows, sampled_rows, tokens, preds, t_dev, self._record_event(),
+                        clock)
         self._step_index += 1
         return step
 
-    def _complete(self, step: "_InFlight") -> list[RequestOutput]:
+    def _account(self, plan, now: float) -> None:
+        """Per-request metrics of the applied plan: preemptions, swapped blocks, recomputed
+        tokens, first scheduling."""
+        req = self.slots.req
+        cols = [PREEMPT.SLOT, PREEMPT.MODE, PREEMPT.FORCED, PREEMPT.BLOCKS]
+        for slot, mode, forced, blocks in plan.preempted[:, cols].tolist():
+            m = req[slot].metrics
+            m.preemptions[_MODE_NAME[Mode(mode)]] += 1
+            m.forced_preemptions += forced
+            if mode == Mode.SWAP:
+                m.swapped_out_blocks += blocks
+        rows = plan.rows
+        marked = rows[((rows[:, SCHED.FLAGS] & row_flags.RECOMPUTE) != 0) | (rows[:, SCHED.CTX_START] == 0)]
+        for slot, n, flags in marked[:, [SCHED.SLOT, SCHED.TOKENS, SCHED.FLAGS]].tolist():
+            m = req[slot].metrics
+            if flags & row_flags.RECOMPUTE:
+                m.recomputed_tokens += n
+            elif m.first_scheduled is None:
+                m.first_scheduled = now
+
+    def _complete(self, step: InFlight) -> list[RequestOutput]:
         """The one sync (the step's tokens; its predictions were copied before them on the same
         stream), then postprocess and telemetry."""
-        clock, rows = step.clock, step.rows
+        clock = step.clock
         clock.resume()
         self._sync(step)
         clock.mark("sync")
-        slots = step.sampled_rows[:, SCHED.SLOT]
-        self._pending_rid[slots[self._pending_step[slots] == step.index]] = -1
+        self.slots.clear_in_flight(step.sampled_rows, step.index)
         preds = None if step.preds is None else step.preds.numpy()
         outputs = self._postprocess(step.sampled_rows, step.tokens.numpy(), preds)
-        self._refresh_predictions(preds)
-        clock.mark("postprocess")
-        counts = step.counts
+        try:
+            self.predictions.refresh(preds)
+            clock.mark("postprocess")
+            self._record_step(step)
+        except BaseException:
+            self._aborted += outputs          # delivered by the next step(): no request is lost
+            raise
+        return outputs
+
+    def _record_step(self, step: InFlight) -> None:
+        clock, rows, plan = step.clock, step.rows, step.plan
         recompute = (rows[:, SCHED.FLAGS] & row_flags.RECOMPUTE) != 0
         prefill = rows[:, SCHED.KIND] == 1
+        bpb = self.kv_spec.bytes_per_block
         self.telemetry.add_step(
             step.index, step.now, len(rows), int(rows[:, SCHED.TOKENS].sum()), int(rows[prefill, SCHED.TOKENS].sum()),
-            int((~prefill).sum()), counts[Mode.KEEP], counts[Mode.SWAP], counts[Mode.RECOMPUTE], counts["forced"],
-            counts["swap_out_bytes"], step.swap_in_bytes, int(rows[recompute, SCHED.TOKENS].sum()),
-            clock.total() - clock.get("sync"), clock.get("sync"), math.nan)
+            int((~prefill).sum()), plan.count(Mode.KEEP), plan.count(Mode.SWAP), plan.count(Mode.RECOMPUTE),
+            plan.num_forced, plan.swap_out_blocks * bpb, plan.swap_in_blocks * bpb,
+            int(rows[recompute, SCHED.TOKENS].sum()), clock.total() - clock.get("sync"), clock.get("sync"), math.nan)
         if step.t_dev is not None:
             self._pending_timing = (step.t_dev, step.end, len(self.telemetry.steps) - 1)
         if self.profile_phases:
             self.telemetry.phases.append(clock.report(len(rows), int(rows[:, SCHED.TOKENS].sum())))
+
+    def _postprocess(self, rows: np.ndarray, tokens: np.ndarray, readout: np.ndarray | None) -> list[RequestOutput]:
+        """`rows`: the step's sampling rows, `tokens` their tokens, `readout` the probe's by slot.
+        Rows of requests that finished or were aborted since the step launched are dropped."""
+        live = self.slots.live(rows)
+        if not live.all():
+            rows, tokens = rows[live], tokens[live]
+        slots = rows[:, SCHED.SLOT]
+        fed, eos, length = self.slots.commit(slots, tokens)
+        predicted = (rows[:, SCHED.FLAGS] & row_flags.RECOMPUTE) == 0
+        values = self.predictions.observe(slots, fed, predicted, readout)
+        now = self.now()
+        reqs = [self.slots.req[s] for s in slots.tolist()]
+        custom = self.slots.custom_stop[slots]
+        reasons: list[FinishReason | None] = [None] * len(reqs)
+        for i, (req, tok) in enumerate(zip(reqs, tokens.tolist())):
+            req.output_ids.append(tok)
+            m = req.metrics
+            m.token_times.append(now)
+            if m.first_token is None:
+                m.first_token = now
+            if values is not None and predicted[i]:
+                m.predictions.append((int(fed[i]), float(values[i])))
+            if eos[i] or (custom[i] and tok in req.params.stop_token_ids):
+                reasons[i] = FinishReason.STOP
+            elif length[i]:
+                reasons[i] = FinishReason.LENGTH
+        self._stream_text(reqs, tokens, reasons)
+        outputs, finished = [], []
+        for req, reason in zip(reqs, reasons):
+            if reason is None:
+                outputs.append(self._output(req))
+            else:
+                req.finish_reason = reason
+                finished.append(req)
+        if finished:
+            self.core.release([r.serial for r in finished], [r.slot for r in finished])
+            outputs += [self._finish(r, r.finish_reason) for r in finished]
         return outputs
 
-    def _drop_finishing(self, rows: np.ndarray) -> np.ndarray:
-        """Sampling rows of requests whose token in flight is their last (they reached their length
-        and finish when that step completes; only with overlap) are not run."""
-        if not self.config.overlap or self._in_flight is None or len(rows) == 0:
-            return rows
-        slots = rows[:, SCHED.SLOT]
-        finishing = ((self._pending_rid[slots] == rows[:, SCHED.ID])
-                     & (self._gen[slots] + 1 >= self._stop_len[slots])
-                     & ((rows[:, SCHED.FLAGS] & row_flags.SAMPLE) != 0))
-        return rows[~finishing] if finishing.any() else rows
+    def _stream_text(self, reqs: list[Request], tokens: np.ndarray, reasons: list) -> None:
+        """The step's text, one batched decode: a stop string ends its request; a request that ends
+        otherwise flushes its held-back tail. A request whose decoding fails ends with ERROR."""
+        idx = [i for i, r in enumerate(reqs) if r.stream is not None]
+        if not idx:
+            return
+        streams = [reqs[i].stream for i in idx]
+        new = [[int(tokens[i])] for i in idx]
+        try:
+            results = push_many(streams, new)
+        except Exception:           # find the request(s) at fault, one at a time
+            results = []
+            for st, ids in zip(streams, new):
+                try:
+                    results.append(st.push(ids))
+                except Exception as exc:
+                    results.append(exc)
+        for i, res in zip(idx, results):
+            req = reqs[i]
+            if isinstance(res, Exception):
+                req.error = f"text decoding failed: {type(res).__name__}: {res}"
+                logger.warning("request %d ends with an error: %s", req.id, req.error)
+                reasons[i] = FinishReason.ERROR
+                continue
+            delta, stopped = res
+            if stopped and reasons[i] is None:
+                reasons[i] = FinishReason.STOP
+            if reasons[i] is not None and not stopped:
+                delta += req.stream.finish()
+            req.text += delta
 
-    def _execute(self, batch, rows: np.ndarray, clock: "_PhaseClock"):
-        """-> (next tokens, the probe's expected remaining by slot or None). A step with a captured
-        CUDA graph (decode, or mixed within the token buckets) is one replay of forward + probe +
-        sample (its phases read as 'forward'); any other step runs them eagerly."""
-        if batch.graph is not None:
-            next_tokens, expected, _ = self.runner.replay(batch)
-            clock.mark("forward", device=True)
-            return next_tokens, (expected if self.probe is not None else None)
-        logits, tap = self.runner.forward(batch)
-        clock.mark("forward", device=True)
-        expected = None
-        if self.probe is not None:
-            expected = probe_step(tap.states, tap.cu_seqlens, tap.slot_ids, tap.flags, tap.num_generated,
-                                  tap.max_new_tokens, self.probe, self.probe_state,
-                                  has_prefill=bool((rows[:, SCHED.FLAGS] & row_flags.PREFILL).any()))
-        clock.mark("probe", device=True)
-        next_tokens = self.runner.sample(logits, batch)
-        clock.mark("sample", device=True)
-        return next_tokens, expected
+    def _output(self, req: Request) -> RequestOutput:
+        new_ids = req.output_ids[req.sent_tokens:]
+        delta = req.text[req.sent_chars:]
+        req.sent_tokens, req.sent_chars = len(req.output_ids), len(req.text)
+        return RequestOutput(req.id, new_ids, delta, list(req.output_ids), req.text, req.finished,
+                             req.finish_reason, req.metrics, req.prompt_ids, req.error)
 
-    def _apply_preemptions(self, pre: np.ndarray) -> dict:
-        """keep: nothing; swap: one batched copy to host (its GPU blocks usable by this step's
-        work at once: the compute stream waits for the copy); recompute: free the blocks."""
-        counts = {Mode.KEEP: 0, Mode.SWAP: 0, Mode.RECOMPUTE: 0, "forced": 0, "swap_out_bytes": 0}
-        if len(pre) == 0:
-            return counts
-        modes = pre[:, PREEMPT.MODE]
-        for mode in (Mode.KEEP, Mode.SWAP, Mode.RECOMPUTE):
-            counts[mode] = int((modes == mode).sum())
-        counts["forced"] = int(pre[:, PREEMPT.FORCED].sum())
-        name = {Mode.KEEP: "keep", Mode.SWAP: "swap", Mode.RECOMPUTE: "recompute"}
-        for rid, mode, forced in zip(pre[:, PREEMPT.ID].tolist(), modes.tolist(), pre[:, PREEMPT.FORCED].tolist()):
-            m = self._requests[rid].metrics
-            m.preemptions[name[Mode(mode)]] += 1
-            m.forced_preemptions += forced
-        swap_slots = pre[modes == Mode.SWAP, PREEMPT.SLOT].tolist()
-        if swap_slots:
-            handles = self.kv.swap_out(swap_slots)
-            for slot, handle in zip(swap_slots, handles):
-                req = self._slot_req[slot]
-                req.swapped = handle
-                req.metrics.swapped_out_blocks += handle.num_blocks
-                counts["swap_out_bytes"] += handle.num_blocks * self.kv_spec.bytes_per_block
-            self.kv.reclaim(stream=self._compute_stream)
-        for slot in pre[modes == Mode.RECOMPUTE, PREEMPT.SLOT].tolist():
-            self.kv.free(slot)
-        return counts
+    def _finish(self, req: Request, reason: FinishReason) -> RequestOutput:
+        """Marks `req` finished and unbinds its slot (its scheduler entry and blocks are already
+        released through the core)."""
+        req.finish_reason = reason
+        req.metrics.finished = self.now()
+        self.slots.unbind(req.slot)
+        self.predictions.unbind(req.slot)
+        del self._requests[req.id]
+        self.telemetry.add_request(req.id, len(req.prompt_ids), len(req.output_ids), reason.value, req.metrics)
+        return self._output(req)
 
-    def _prepare_kv(self, rows: np.ndarray, now: float) -> int:
-        """Swap-ins (one batched copy; the compute stream waits for it), then allocations."""
-        swap_in = np.flatnonzero(rows[:, SCHED.RESUME] == Resume.SWAP_IN)
-        moved = 0
-        if swap_in.size:
-            items = []
-            for slot in rows[swap_in, SCHED.SLOT].tolist():
-                req = self._slot_req[slot]
-                items.append((slot, req.swapped))
-                moved += req.swapped.num_blocks * self.kv_spec.bytes_per_block
-                req.swapped = None
-            event = self.kv.swap_in(items)
-            self.kv.wait(event, self._compute_stream)
-            self.kv.reclaim(stream=self._compute_stream)
-        self.kv.allocate_many(rows[:, SCHED.SLOT], rows[:, SCHED.CTX_START] + rows[:, SCHED.TOKENS])
-        recompute = np.flatnonzero(rows[:, SCHED.FLAGS] & row_flags.RECOMPUTE)
-        for rid, n in zip(rows[recompute, SCHED.ID].tolist(), rows[recompute, SCHED.TOKENS].tolist()):
-            self._requests[rid].metrics.recomputed_tokens += n
-        first = rows[:, SCHED.CTX_START] == 0
-        if first.any():
-            for rid in rows[first, SCHED.ID].tolist():
-                m = self._requests[rid].metrics
-                if m.first_scheduled is None:
-                    m.first_scheduled = now
-        return moved
+    # ---- faults ----------------------------------------------------------------------------------
+    def _roll_back(self, exc: BaseException) -> None:
+        """Undoes a failed step: the steps in flight are dropped, every request holding KV goes
+        back to waiting over the outputs the host confirmed (a recompute later gives the same
+        tokens). A sticky device error ends every request and the engine instead."""
+        self._in_flight = None
+        self._pending_timing = None
+        if not is_sticky_device_error(exc):
+            try:
+                ids, slots = self.core.holders()
+                self.core.requeue(ids, slots, self.slots.gen[slots], self.now())
+                self.slots.clear_in_flight()
+                logger.warning("step %d failed (%s: %s); rolled back, %d requests requeued", self._step_index,
+                               type(exc).__name__, exc, len(ids))
+                return
+            except Exception as again:       # the rollback itself failed: nothing can be trusted
+                exc = again
+        self._dead = f"{type(exc).__name__}: {exc}"
+        logger.error("engine stopped: %s", self._dead)
+        for req in list(self._requests.values()):
+            req.error = self._dead
+            self._aborted.append(self._finish(req, FinishReason.ERROR))
 
-    def _batch_plan(self, rows: np.ndarray) -> BatchPlan:
-        """The plan's rows as the runner's BatchPlan. A decode row's token is the slot's last
-        sampled token, which the runner reads on the device (-1 here): with overlap the host has
-        not seen it yet."""
-        slots, starts, ntok, flags = (rows[:, SCHED.SLOT], rows[:, SCHED.CTX_START], rows[:, SCHED.TOKENS],
-                                      rows[:, SCHED.FLAGS])
-        cu = np.zeros(len(rows) + 1, np.int64)
-        np.cumsum(ntok, out=cu[1:])
-        positions = np.repeat(starts - cu[:-1], ntok) + np.arange(cu[-1])
-        prefill = (flags & row_flags.PREFILL) != 0
-        unknown = prefill & (starts + ntok > self._seq_len[slots])
-        if unknown.any():      # a recompute re-feeding a token still in flight: never planned so
-            raise RuntimeError(f"step {self._step_index}: prefill rows of requests "
-                               f"{rows[unknown, SCHED.ID].tolist()} need tokens the host has not seen yet")
-        token_ids = np.where(np.repeat(prefill, ntok), self._tokens[np.repeat(slots, ntok), positions], -1)
-        # the probe's count: output tokens fed up to this row (0 for a prompt chunk)
-        gen = self._gen[slots].astype(np.int64) + (self._pending_rid[slots] == rows[:, SCHED.ID])
-        num_generated = np.where(prefill, np.where((flags & row_flags.RECOMPUTE) != 0, gen, 0), gen)
-        return BatchPlan(slots, flags, starts, ntok, token_ids, num_generated, self._max_new[slots])
+    # ---- timing ----------------------------------------------------------------------------------
+    def _sync(self, step: InFlight) -> None:
+        """The step's one host-device sync: its tokens (the predictions were copied before them
+        on the same stream, so they are in too)."""
+        if step.end is not None:
+            step.end.synchronize()
 
     def _record_event(self):
         if self.device.type != "cuda":
@@ -542,12 +550,6 @@ class LLMEngine:
         ev = torch.cuda.Event(enable_timing=True)
         ev.record()
         return ev
-
-    def _sync(self, step: "_InFlight") -> None:
-        """The step's one host-device sync: its tokens (the predictions were copied before them
-        on the same stream, so they are in too)."""
-        if step.end is not None:
-            step.end.synchronize()
 
     def _collect_device_time(self) -> None:
         if self._pending_timing is None:
@@ -559,136 +561,21 @@ class LLMEngine:
             row[-1] = start.elapsed_time(end) / 1e3
             self.telemetry.steps[index] = tuple(row)
 
-    def _postprocess(self, rows: np.ndarray, tokens: np.ndarray, preds: np.ndarray | None) -> list[RequestOutput]:
-        """`rows`: the step's sampling rows, `tokens` their tokens, `preds` the probe's readout by
-        slot. Rows of requests that finished or were aborted since the step launched (with
-        overlap) are dropped."""
-        live = self._slot_rid[rows[:, SCHED.SLOT]] == rows[:, SCHED.ID]
-        if not live.all():
-            rows, tokens = rows[live], tokens[live]
-        flags = rows[:, SCHED.FLAGS]
-        slots = rows[:, SCHED.SLOT]
-        fed = self._gen[slots].astype(np.int64)        # output tokens the model had read before this token
-        self._tokens[slots, self._seq_len[slots]] = tokens
-        self._seq_len[slots] += 1
-        self._gen[slots] += 1
-        gen = self._gen[slots]
-        eos = self._is_eos[tokens] & ~self._ignore_eos[slots]
-        length = gen >= self._stop_len[slots]
-        predicted = (flags & row_flags.RECOMPUTE) == 0
-        readout = None
-        if preds is not None:
-            readout = preds[slots].astype(np.float64)
-            self._has_readout[slots[predicted]] = True
-            self._apply_recorded(slots, fed, predicted, readout)
-        now = self.now()
-        outputs, finished = [], []
-        custom = self._custom_stop[slots]
-        for i, slot in enumerate(slots.tolist()):
-            req = self._slot_req[slot]
-            tok = int(tokens[i])
-            req.output_ids.append(tok)
-            m = req.metrics
-            m.token_times.append(now)
-            if m.first_token is None:
-                m.first_token = now
-            if readout is not None and predicted[i]:
-                m.predictions.append((int(fed[i]), float(readout[i])))
-            reason = FinishReason.STOP if eos[i] else FinishReason.LENGTH if length[i] else None
-            if custom[i] and reason is None and tok in req.params.stop_token_ids:
-                reason = FinishReason.STOP
-            before = len(req.text)
-            text_delta(self.tokenizer, req)
-            if custom[i] and req.params.stop:
-                cut = find_stop(req.text, req.params.stop, len(req.text) - before)
-                if cut >= 0:
-                    req.text = req.text[:cut]
-                    reason = FinishReason.STOP
-            if reason is not None:
-                req.finish_reason = reason
-                finished.append(req)
-            else:
-                outputs.append(self._output(req))
-        if finished:
-            outputs += self._finish_many(finished)
-        return outputs
-
-    def _apply_recorded(self, slots: np.ndarray, fed: np.ndarray, predicted: np.ndarray, readout: np.ndarray) -> None:
-        """Recorded predictions (add_request(recorded_predictions=)) replace the probe's readout
-        of the requests that carry them."""
-        if not self._num_recorded:
-            return
-        for i, (slot, g, ok) in enumerate(zip(slots.tolist(), fed.tolist(), predicted.tolist())):
-            rec = self._recorded[slot]
-            if rec is not None:
-                if ok:
-                    self._recorded_value[slot] = rec[min(g, len(rec) - 1)]
-                readout[i] = self._recorded_value[slot]
-
-    def _refresh_predictions(self, preds: np.ndarray | None) -> None:
-        """What the scheduler reads next: the probe's readout by slot; a slot whose request has no
-        readout yet (its prefill not completed) keeps its prompt-time prediction; recorded
-        predictions where a request carries them."""
-        sched = self._pred_sched.numpy()
-        if preds is not None:
-            np.copyto(sched, preds)
-        waiting = ~self._has_readout
-        sched[waiting] = self._prompt_pred[waiting]
-        if self._num_recorded:
-            held = np.flatnonzero(~np.isnan(self._recorded_value))
-            sched[held] = self._recorded_value[held]
-
-    def _output(self, req: Request) -> RequestOutput:
-        new_ids = req.output_ids[req.sent_tokens:]
-        delta = req.text[req.sent_chars:]
-        req.sent_tokens, req.sent_chars = len(req.output_ids), len(req.text)
-        return RequestOutput(req.id, new_ids, delta, list(req.output_ids), req.text, req.finished,
-                             req.finish_reason, req.metrics, req.prompt_ids)
-
-    def _finish_many(self, reqs: list[Request]) -> list[RequestOutput]:
-        """Requests that stopped: removed from the scheduler in whatever state it now holds them
-        (with overlap a request may have been preempted after its last token was drawn), their
-        blocks (GPU, or host if swapped out) and slots released."""
-        states = self.scheduler.cancel_many([r.id for r in reqs]).tolist()
-        outputs = []
-        for req, state in zip(reqs, states):
-            self._release(req, State(state))
-            outputs.append(self._finish(req, req.finish_reason))
-        return outputs
-
-    def _release(self, req: Request, state: State) -> None:
-        if state == State.SWAPPED:
-            self.kv.discard(req.swapped)
-            req.swapped = None
-        else:
-            self.kv.free(req.slot)
-
-    def _finish(self, req: Request, reason: FinishReason) -> RequestOutput:
-        """Marks `req` finished and unbinds its slot (its scheduler entry and blocks are already
-        released: `_finish_many`, `abort`)."""
-        req.finish_reason = reason
-        req.metrics.finished = self.now()
-        slot = req.slot
-        self._slot_req[slot] = None
-        self._slot_rid[slot] = -1
-        self._num_recorded -= self._recorded[slot] is not None
-        self._recorded[slot] = None
-        self._recorded_value[slot] = math.nan
-        del self._requests[req.id]
-        self.telemetry.add_request(req.id, len(req.prompt_ids), len(req.output_ids), reason.value, req.metrics)
-        return self._output(req)
-
     # ---- whole batches -------------------------------------------------------------------------
     def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None,
                  *, progress: bool = True, true_lengths: Sequence[int] | None = None,
                  replay_lengths: Sequence[int] | None = None) -> list[RequestOutput]:
         """Runs `prompts` to completion; returns their final outputs in prompt order
-        (`true_lengths` / `replay_lengths`: per prompt, see `add_request`)."""
-        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        (`true_lengths`: per prompt, see `add_request`; `replay_lengths`: deprecated, use
+        `SamplingParams(replay_length=...)` per prompt)."""
+        plist = list(params) if isinstance(params, (list, tuple)) else [params or SamplingParams()] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
-        ids = [self.add_request(p, sp, true_length=None if true_lengths is None else true_lengths[i],
-                                replay_length=None if replay_lengths is None else replay_lengths[i])
+        if replay_lengths is not None:
+            warnings.warn("generate(replay_lengths=) is deprecated; use SamplingParams(replay_length=...)",
+                          DeprecationWarning, stacklevel=2)
+            plist = [replace(p, replay_length=n) for p, n in zip(plist, replay_lengths)]
+        ids = [self.add_request(p, sp, true_length=None if true_lengths is None else true_lengths[i])
                for i, (p, sp) in enumerate(zip(prompts, plist))]
         want, final = set(ids), {}
         with tqdm(total=len(ids), disable=not progress, desc=f"generate ({self.config.policy})", unit="req") as bar:
@@ -703,111 +590,11 @@ class LLMEngine:
 
     def check_idle(self) -> None:
         """Asserts that no request holds anything (every block and slot returned)."""
-        assert not self._requests and self.scheduler.num_active == 0, "requests still active"
-        assert self._in_flight is None and (self._pending_rid == -1).all(), "a step is still in flight"
+        assert not self._requests and self.core.scheduler.num_active == 0, "requests still active"
+        assert self._in_flight is None and (self.slots.pending == -1).all(), "a step is still in flight"
         self.kv.reclaim(wait=True)
         assert self.kv.num_free_blocks == self.kv.num_blocks, "GPU KV blocks leaked"
         assert self.kv.num_free_host_blocks == self.kv.num_host_blocks, "host KV blocks leaked"
-        assert all(r is None for r in self._slot_req), "a slot is still bound"
+        assert all(r is None for r in self.slots.req), "a slot is still bound"
         self.kv.gpu_allocator.check()
         self.kv.host_allocator.check()
-
-
-class _HostBuffers:
-    """Pinned landing buffers of one step's device results: predictions by slot, tokens by
-    sampling row."""
-
-    def __init__(self, slots: int, rows: int, pinned: bool):
-        self.preds = torch.zeros(slots, dtype=torch.float32, pin_memory=pinned)
-        self.tokens = torch.zeros(rows, dtype=torch.int64, pin_memory=pinned)
-
-
-@dataclass
-class _InFlight:
-    """A launched step, until `_complete` syncs and postprocesses it."""
-    index: int
-    now: float
-    rows: np.ndarray              # the plan's rows
-    sampled_rows: np.ndarray      # the rows that draw a token, in token order
-    tokens: torch.Tensor          # pinned host, filled by the step's copy
-    preds: torch.Tensor | None    # pinned host, the probe's readout by slot
-    t_dev: object                 # CUDA events around the step's device work (None on CPU)
-    end: object
-    clock: "_PhaseClock"
-    counts: dict
-    swap_in_bytes: int
-
-
-class _PhaseClock:
-    """Host time per phase of one step and, on CUDA when profiling, device time of the device
-    phases (events recorded between them; read once the step has synced)."""
-
-    def __init__(self, device):
-        self.cuda = device is not None and device.type == "cuda"
-        self.profiling = device is not None
-        self.t = time.perf_counter()
-        self.host: dict[str, float] = {}
-        self.events: list[tuple[str, torch.cuda.Event]] = []
-
-    @staticmethod
-    def _event():
-        ev = torch.cuda.Event(enable_timing=True)
-        ev.record()
-        return ev
-
-    def mark(self, phase: str, device: bool = False) -> None:
-        t = time.perf_counter()
-        self.host[phase] = t - self.t
-        self.t = t
-        if device and self.cuda and self.profiling:
-            self.events.append((phase, self._event()))
-
-    def resume(self) -> None:
-        """Host time from here on counts for this step again (with overlap, other steps' work
-        ran in between)."""
-        self.t = time.perf_counter()
-
-    def get(self, phase: str) -> float:
-        return self.host.get(phase, 0.0)
-
-    def total(self) -> float:
-        return sum(self.host.values())
-
-    def report(self, rows: int, tokens: int) -> dict:
-        out = {"rows": rows, "tokens": tokens, **{f"host_{k}_s": v for k, v in self.host.items()}}
-        for (_, a), (name, b) in zip(self.events, self.events[1:]):
-            out[f"device_{name}_s"] = a.elapsed_time(b) / 1e3
-        return out
-
-
-def prompt_predictor_fn(path, model, tokenizer) -> PromptPredictorFn:
-    """A prompt predictor file (kind prompt_boe / prompt_minilm) as the engine's callable."""
-    from trail.predictor.prompt_predictors import PromptPredictor
-
-    emb = model.embed_tokens.weight.detach().float().cpu()
-    predictor = PromptPredictor(path, embeddings=emb)
-
-    def predict(prompts: Sequence[Sequence[int]]) -> np.ndarray:
-        if predictor.spec.kind == "prompt_minilm":
-            if tokenizer is None:
-                raise ValueError("the MiniLM prompt predictor needs text: load a tokenizer")
-            texts = [tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
-            return predictor.expected_total(texts=texts).cpu().numpy()
-        return predictor.expected_total(prompt_ids=[list(p) for p in prompts]).cpu().numpy()
-
-    return predict
-
-
-def generation_eos_ids(source, tokenizer) -> list[int]:
-    """Stop ids of a model: its generation_config.json eos_token_id(s) and the tokenizer's."""
-    import json
-
-    ids = set()
-    folder = Path(str(source))
-    cfg = folder / "generation_config.json" if folder.is_dir() else None
-    if cfg is not None and cfg.is_file():
-        eos = json.loads(cfg.read_text()).get("eos_token_id")
-        ids.update([eos] if isinstance(eos, int) else list(eos or []))
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return sorted(ids)

@@ -180,13 +180,18 @@ class KVCache:
         return out
 
     def allocate_many(self, slots: np.ndarray, num_tokens: np.ndarray) -> int:
-        """Vectorised `allocate` for a step's plan (distinct int slots, token counts): only the
-        slots that cross a block boundary are touched in Python. All or nothing; returns the
-        number of new blocks."""
+        """`grow_to` for token counts (distinct int slots): each slot holds at least enough blocks
+        for its tokens. All or nothing; returns the number of new blocks."""
+        return self.grow_to(slots, -(-np.asarray(num_tokens, dtype=np.int64) // self.block_size))
+
+    def grow_to(self, slots: np.ndarray, num_blocks: np.ndarray) -> int:
+        """Each slot (distinct ints) maps at least `num_blocks` blocks afterwards (the plan's
+        BLOCKS column): only the slots that grow are touched in Python. All or nothing; returns
+        the number of new blocks."""
         slots = np.asarray(slots, dtype=np.int64)
         if slots.size and (slots.min() < 0 or slots.max() >= self.max_slots):
             raise IndexError(f"slots out of range [0, {self.max_slots}): {slots.tolist()}")
-        want = -(-np.asarray(num_tokens, dtype=np.int64) // self.block_size)
+        want = np.asarray(num_blocks, dtype=np.int64)
         if want.size and want.max() > self.max_blocks_per_request:
             raise ValueError(f"a slot needs {int(want.max())} blocks, more than "
                              f"max_blocks_per_request={self.max_blocks_per_request}")

@@ -60,6 +60,10 @@ logger = logging.getLogger(__name__)
 PREFILL, DECODE = "prefill", "decode"
 
 
+def _no_mark(phase: str, device: bool = False) -> None:
+    pass
+
+
 @dataclass
 class Segment:
     slot: int
@@ -141,6 +145,7 @@ class StepOutput:
     sampled: list[int]
     tap: LayerTap | None
     batch: StepBatch
+    expected: torch.Tensor | None = None   # the probe's expected remaining by slot (None: no probe)
 
 
 DEFAULT_GRAPH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
@@ -278,8 +283,8 @@ class ModelRunner:
         self._graph_batches: dict[tuple[str, int], StepBatch] = {}
 
     def attach_probe(self, params, state) -> None:
-        """The length probe that captured decode graphs run after the forward (ProbeParams,
-        ProbeState); eager steps leave the probe to the caller."""
+        """The length probe (ProbeParams, ProbeState) that every step runs after the forward, in
+        a captured graph or eagerly (`execute`)."""
         if self._graphs:
             raise RuntimeError("attach the probe before capturing graphs")
         self.probe, self.probe_state = params, state
@@ -633,13 +638,28 @@ class ModelRunner:
         self.last_tokens.index_copy_(0, batch.sample_slots, tokens)
         return tokens
 
-    def execute(self, plan: BatchPlan) -> StepOutput:
+    def execute(self, plan: BatchPlan, clock=None) -> StepOutput:
+        """The whole step on the device: stage -> forward with the layer tap -> the attached probe
+        -> sample; one replay where a captured graph fits, else eagerly. Nothing syncs. `clock`:
+        an optional phase clock (`mark(phase, device)`), marked after each phase."""
+        mark = clock.mark if clock is not None else _no_mark
         batch = self.prepare_plan(plan)
+        mark("prepare", True)
         if batch.graph is not None:
-            tokens, _, tap = self.replay(batch)
-            return StepOutput(tokens, batch.sampled, tap, batch)
+            tokens, expected, tap = self.replay(batch)
+            mark("forward", True)
+            return StepOutput(tokens, batch.sampled, tap, batch, expected)
         logits, tap = self.forward(batch)
-        return StepOutput(self.sample(logits, batch)[:len(batch.sampled)], batch.sampled, tap, batch)
+        mark("forward", True)
+        expected = None
+        if self.probe is not None and tap is not None:
+            expected = probe_step(tap.states, tap.cu_seqlens, tap.slot_ids, tap.flags, tap.num_generated,
+                                  tap.max_new_tokens, self.probe, self.probe_state,
+                                  has_prefill=bool((plan.flags & row_flags.PREFILL).any()))
+        mark("probe", True)
+        tokens = self.sample(logits, batch)[:len(batch.sampled)]
+        mark("sample", True)
+        return StepOutput(tokens, batch.sampled, tap, batch, expected)
 
     def step(self, segments: Sequence[Segment]) -> StepOutput:
         return self.execute(self.plan_from_segments(segments))

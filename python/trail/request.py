@@ -14,6 +14,7 @@ class FinishReason(str, Enum):
     STOP = "stop"        # EOS, a stop token id or a stop string
     LENGTH = "length"    # max_new_tokens reached
     ABORT = "abort"      # abort(id)
+    ERROR = "error"      # a fault this request caused (its text decoding, its stop rules) or a dead device
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,12 @@ class SamplingParams:
     `top_p = 1` disable those filters; `seed` fixes the request's draws whatever its batch.
     `stop_token_ids` end the request in addition to the model's EOS ids (unless `ignore_eos`,
     which ignores only the EOS ids); `stop` strings end it when they appear in the text (the
-    returned text stops before them)."""
+    returned text stops before them; streamed text never runs past a stop string's start).
+    `detokenize`: produce text (False: token ids only, no decoding cost).
+    `replay_length`: stop after exactly this many tokens, EOS and stop rules ignored (a benchmark
+    replaying recorded output lengths, so every policy does the same work); the predictor and the
+    scheduler still see `max_new_tokens` as the cap, so the replayed length never leaks into
+    predictions."""
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
@@ -32,6 +38,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    detokenize: bool = True
+    replay_length: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
@@ -62,6 +70,11 @@ class SamplingParams:
             bad(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
         if not all(isinstance(s, str) and s for s in self.stop):
             bad(f"stop strings must be non-empty strings, got {self.stop!r}")
+        if self.replay_length is not None and not (isinstance(self.replay_length, int)
+                                                   and not isinstance(self.replay_length, bool)
+                                                   and 1 <= self.replay_length <= self.max_new_tokens):
+            bad(f"replay_length must be None or an integer in [1, max_new_tokens={self.max_new_tokens}], "
+                f"got {self.replay_length!r}")
 
     @property
     def greedy(self) -> bool:
@@ -121,14 +134,13 @@ class Request:
     prompt_text: str | None = None
     true_length: int | None = None
     slot: int = -1
+    serial: int = -1                   # the id the scheduler knows it by (never reused)
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: FinishReason | None = None
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(0.0))
-    swapped: object | None = None      # the kv_cache.SwappedKV handle while swapped out
-    # incremental detokenization offsets (see Detokenizer)
-    prefix_offset: int = 0
-    read_offset: int = 0
+    stream: object | None = None       # its detokenize.IncrementalText (None: no text)
+    error: str | None = None           # why it ended with FinishReason.ERROR
     sent_tokens: int = 0
     sent_chars: int = 0
 
@@ -150,8 +162,10 @@ class RequestOutput:
     finish_reason: FinishReason | None
     metrics: RequestMetrics
     prompt_ids: Sequence[int] = ()
+    error: str | None = None     # set with FinishReason.ERROR
 
     def as_dict(self) -> dict:
         return {"request_id": self.request_id, "token_ids": list(self.token_ids), "text": self.text,
                 "finish_reason": None if self.finish_reason is None else self.finish_reason.value,
+                "error": self.error,
                 "metrics": self.metrics.as_dict(len(self.token_ids))}

@@ -41,7 +41,7 @@ class Scheduler:
 
     def __init__(self, config: SchedulerConfig):
         self.config = config.resolved()
-        self._core = torch.classes.trail.Scheduler(*self.config.native_args())
+        self._core = torch.classes.trail.Scheduler(self.config.native_config())
         logger.debug("scheduler: %s", self.config)
 
     def add(self, request_id: int, arrival: float, prompt_len: int, max_new_tokens: int,
@@ -87,6 +87,17 @@ class Scheduler:
         """Removes a request in any state; returns the state it was in (what to free)."""
         try:
             return State(self._core.cancel(int(request_id)))
+        except RuntimeError as exc:
+            raise ValueError(str(exc)) from None
+
+    def requeue_many(self, ids, generated, now: float) -> torch.Tensor:
+        """A step's work was lost: each request goes back to waiting with no KV, to be prefilled
+        again over its prompt and its first `generated` output tokens (a recompute when > 0).
+        All or nothing. Returns the int32 `State` each was in (what to free)."""
+        ids = torch.as_tensor(ids, dtype=torch.int64).reshape(-1).contiguous()
+        gen = torch.as_tensor(generated, dtype=torch.int32).reshape(-1).contiguous()
+        try:
+            return self._core.requeue_many(ids, gen, float(now))
         except RuntimeError as exc:
             raise ValueError(str(exc)) from None
 

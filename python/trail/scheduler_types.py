@@ -163,14 +163,12 @@ class SchedulerConfig:
         need(self.max_forced_evictions >= 0, "max_forced_evictions must be >= 0")
         need(finite(self.evict_kv_weight) and self.evict_kv_weight >= 0, "evict_kv_weight must be finite and >= 0")
 
-    def native_args(self) -> tuple:
-        c = self.resolved()
-        return (POLICIES.index(c.policy), c.max_slots, c.max_batch, c.max_tokens_per_step, c.max_prefill_chunk,
-                c.block_size, c.num_gpu_blocks, c.num_host_blocks, c.watermark_blocks, c.c, float(c.margin),
-                c.max_preemptions, float(c.aging_rate), bool(c.allow_keep), bool(c.allow_swap),
-                float(c.bytes_per_token), float(c.pcie_gbps), float(c.recompute_s_per_token),
-                float(c.admit_reserve), int(c.max_forced_evictions), float(c.evict_kv_weight),
-                bool(c.resume_forced_first), bool(c.memory_preemption))
+    def native_config(self) -> dict[str, float]:
+        """The resolved config by name, as the native core takes it (numbers as float, booleans
+        0 / 1, the policy as its index in POLICIES)."""
+        c = asdict(self.resolved())
+        c["policy"] = POLICIES.index(c["policy"])
+        return {k: float(v) for k, v in c.items()}
 
     def as_dict(self) -> dict:
         return asdict(self.resolved())
