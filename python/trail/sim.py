@@ -1,7 +1,8 @@
 """Discrete-event simulator of serving under each policy (DESIGN.md "How scheduling results are
-judged"). It drives the real policy step (`trail.scheduler.Scheduler` over trail._C), sizes memory
-through `EngineConfig` (`kv_layout`, `scheduler_config`) and keeps GPU / host blocks in
-`trail.block_allocator.BlockAllocator`s; only the model is replaced, by a step-time model
+judged"). It drives the engine's serving core (`trail.serving_core.ServingCore`: the real policy
+step over trail._C and the same plan application) over a host-only block ledger
+(`trail.block_ledger.HostBlockLedger`), sizing memory through `EngineConfig` (`kv_layout`,
+`scheduler_config`); only the model is replaced, by a step-time model
 
     t = base + per_decode * decode_rows + per_prefill_token * prefill_tokens
           + per_ctx_token * sum(context after the step) + swapped_bytes / (pcie_gbps * 1e9)
@@ -30,9 +31,10 @@ import numpy as np
 import torch
 
 from trail.engine_config import EngineConfig
-from trail.block_allocator import BlockAllocator
+from trail.block_ledger import HostBlockLedger
 from trail.kv_cache_spec import KVCacheSpec
-from trail.scheduler import SCHED, Mode, Resume, Scheduler
+from trail.scheduler import PREEMPT, SCHED, Mode
+from trail.serving_core import ServingCore
 from trail_kernels import row_flags
 
 logger = logging.getLogger(__name__)
@@ -305,8 +307,8 @@ def simulate(trace: SimTrace, engine: EngineConfig, spec: KVCacheSpec, step_mode
     n = len(trace)
     layout = engine.kv_layout(spec)
     sc = engine.scheduler_config(spec, layout, recompute_s_per_token=step_model.per_prefill_token_s)
-    sched = Scheduler(sc)
-    gpu, host = BlockAllocator(layout.num_gpu_blocks, "gpu"), BlockAllocator(layout.num_host_blocks, "host")
+    core = ServingCore(sc, HostBlockLedger(layout.num_gpu_blocks, layout.num_host_blocks, sc.max_slots))
+    sched = core.scheduler
     bpb = spec.bytes_per_block
     rng = np.random.default_rng(seed + 1)
     ms = sc.max_slots
@@ -321,8 +323,6 @@ def simulate(trace: SimTrace, engine: EngineConfig, spec: KVCacheSpec, step_mode
     finish = np.full(n, np.nan)
     npre = np.zeros(n, np.int64)
     in_batch = np.zeros(n)          # seconds each request spent in the running batch
-    gblocks: dict[int, list[int]] = {}
-    hblocks: dict[int, list[int]] = {}
     kinds = {(0, Mode.KEEP): "policy_keep", (0, Mode.SWAP): "policy_swap", (0, Mode.RECOMPUTE): "policy_recompute",
              (1, Mode.SWAP): "forced_swap", (1, Mode.RECOMPUTE): "forced_recompute"}
     counts = {k: 0 for k in kinds.values()}
@@ -335,31 +335,23 @@ def simulate(trace: SimTrace, engine: EngineConfig, spec: KVCacheSpec, step_mode
             j = min(int(np.searchsorted(arr_sorted, now, side="right")), nxt + cap_active - sched.num_active)
             if j > nxt:
                 ids = order[nxt:j]
-                slots = sched.add_many(ids, trace.arrival[ids], trace.prompt_len[ids], trace.max_new[ids],
-                                       trace.prompt_pred[ids], None if true_len is None else true_len[ids]).numpy()
+                slots = core.add(ids, trace.arrival[ids], trace.prompt_len[ids], trace.max_new[ids],
+                                 trace.prompt_pred[ids], None if true_len is None else true_len[ids])
                 gen_np[slots] = 0
                 pred_np[slots] = 0.0
                 nxt = j
         if sched.num_active == 0:
             now = max(now, float(arr_sorted[nxt]))
             continue
-        out = sched.step(pred_t, gen_t, gpu.num_free, host.num_free, now)
+        plan = core.schedule(pred_t, gen_t, now)
         steps += 1
         if max_steps is not None and steps > max_steps:
             raise RuntimeError(f"simulation exceeded {max_steps} steps ({done_n}/{n} finished)")
-        swap_bytes = 0.0
-        P = out.preempted.numpy()
-        for rid, _slot, mode, forced, _fk, _b in P.tolist():
+        P, S = plan.preempted, plan.rows
+        for rid, forced, mode in P[:, [PREEMPT.ID, PREEMPT.FORCED, PREEMPT.MODE]].tolist():
             counts[kinds[(forced, mode)]] += 1
             npre[rid] += 1
-            if mode == Mode.KEEP:
-                continue
-            held = gblocks.pop(rid, [])
-            gpu.free(held)
-            if mode == Mode.SWAP:
-                hblocks[rid] = host.allocate(len(held))
-                swap_bytes += len(held) * bpb
-        S = out.scheduled.numpy()
+        swap_bytes = float((plan.swap_out_blocks + plan.swap_in_blocks) * bpb)
         if len(S) == 0:
             # nothing fits yet and nothing runs (cannot happen with a validated config): jump time
             if nxt < n:
@@ -367,22 +359,6 @@ def simulate(trace: SimTrace, engine: EngineConfig, spec: KVCacheSpec, step_mode
                 continue
             raise RuntimeError("simulation stalled: nothing scheduled and no arrivals left")
         rids = S[:, SCHED.ID]
-        for i in np.nonzero(S[:, SCHED.RESUME] == Resume.SWAP_IN)[0].tolist():
-            rid = int(rids[i])
-            hb = hblocks.pop(rid)
-            host.free(hb)
-            gblocks[rid] = gpu.allocate(len(hb))
-            swap_bytes += len(hb) * bpb
-        want = S[:, SCHED.BLOCKS]
-        for i in range(len(S)):
-            rid = int(rids[i])
-            have = gblocks.get(rid)
-            k = int(want[i]) - (len(have) if have is not None else 0)
-            if k > 0:
-                if have is None:
-                    gblocks[rid] = gpu.allocate(k)
-                else:
-                    have.extend(gpu.allocate(k))
         tokens, flags = S[:, SCHED.TOKENS], S[:, SCHED.FLAGS]
         prefill = (flags & row_flags.PREFILL) != 0
         pf_tokens = int(tokens[prefill].sum())
@@ -409,9 +385,7 @@ def simulate(trace: SimTrace, engine: EngineConfig, spec: KVCacheSpec, step_mode
             pred_np[ss] = np.maximum(predv[np.minimum(cu[sr] + g - 1, cu[sr + 1] - 1)] - 1.0, 0.0)
             fin = sr[g >= L[sr]]
             if len(fin):
-                sched.finish_many(fin)
-                for rid in fin.tolist():
-                    gpu.free(gblocks.pop(rid, []))
+                core.release(fin, S[samp, SCHED.SLOT][g >= L[sr]])
                 finish[fin] = now
                 done_n += len(fin)
     return SimResult(sc.policy, trace.arrival.copy(), first, finish, L.copy(), counts, swapped, recomputed, steps,
