@@ -84,7 +84,7 @@ def test_censored_probe_reads_out_the_cap_for_looping_requests():
 
 
 def test_prompt_predictor_trains_with_censored_totals():
-    from trail.predictor.prompt_predictors import train_prompt_predictor
+    from trail.predictor.train_prompt import train_prompt_predictor
     from trail.predictor.trace import TraceRecord
 
     recs = []

@@ -22,6 +22,7 @@ from trail.predictor.probe_file import load_probe, paths, resolve_layer_probe, s
 from trail.predictor.trace import Trace
 from trail.predictor.train_probe import (TrainConfig, fit_filter, select_config, split_mask, sweep_layers,
                                         train_layer_probe)
+from trail.predictor.train_prompt import train_prompt_predictor
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def train_prompt_predictors(trace: Trace, lm, out: Path, edges, cfg, device, min
     done = {}
     recs = trace.records
     x = PP.prompt_features("prompt_boe", recs, embeddings=lm.input_embeddings.detach().float().to(device))
-    mlp, spec = PP.train_prompt_predictor("prompt_boe", recs, x, edges, cfg, lm.model_id, trace.max_new_tokens)
+    mlp, spec = train_prompt_predictor("prompt_boe", recs, x, edges, cfg, lm.model_id, trace.max_new_tokens)
     save_probe(out / "prompt_boe", mlp, spec)
     done["prompt_boe"] = spec.validation
     if minilm is False:
@@ -107,8 +108,8 @@ def train_prompt_predictors(trace: Trace, lm, out: Path, edges, cfg, device, min
         done["prompt_minilm"] = f"skipped: {exc}"
         return done
     x = enc.encode([r.prompt for r in recs], progress=progress).to(device)
-    mlp, spec = PP.train_prompt_predictor("prompt_minilm", recs, x, edges, cfg, lm.model_id,
-                                          trace.max_new_tokens, encoder_name=PP.MINILM_NAME)
+    mlp, spec = train_prompt_predictor("prompt_minilm", recs, x, edges, cfg, lm.model_id,
+                                       trace.max_new_tokens, encoder_name=PP.MINILM_NAME)
     save_probe(out / "prompt_minilm", mlp, spec)
     done["prompt_minilm"] = spec.validation
     return done

@@ -7,8 +7,12 @@ used before prefill (engine ordering, `sjf_prompt`) and as baselines (i) / (ii) 
 (b) `boe`: bag of embeddings: the mean of the LLM's own input-embedding rows over the templated
     prompt ids (zero extra model cost) + the probe MLP as head.
 Both are trained on the request-hash train split with labels = bins of the total length L
-(censored where the output hit the cap: at least L, see `train_probe.censored_nll`), and saved
-as probe files of kind `prompt_minilm` / `prompt_boe` beside the layer probe.
+(censored where the output hit the cap: at least L, see `train_probe.censored_nll`) by
+`train_prompt.train_prompt_predictor`, and saved as probe files of kind `prompt_minilm` /
+`prompt_boe` beside the layer probe.
+
+This module is the runtime side (features and `PromptPredictor`, loaded by the engine): it
+imports nothing of the offline pipeline (trace, embed, training, hf_backend).
 """
 from __future__ import annotations
 
@@ -16,15 +20,15 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from trail.predictor import bins as B
-from trail.predictor.probe_file import ProbeMLP, ProbeSpec, load_probe
-from trail.predictor.trace import TraceRecord
-from trail.predictor.train_probe import TrainConfig, model_prior, split_mask, train_mlp
+from trail.predictor.probe_file import load_probe
+
+if TYPE_CHECKING:   # records are only read (r.prompt, r.prompt_ids): no import of the trace module
+    from trail.predictor.trace import TraceRecord
 
 logger = logging.getLogger(__name__)
 
@@ -100,31 +104,6 @@ def prompt_features(kind: str, records: Sequence[TraceRecord] | None = None, *,
         txt = texts if texts is not None else [r.prompt for r in records or []]
         return encoder.encode(list(txt), progress=progress)
     raise ValueError(f"unknown prompt predictor kind {kind!r}")
-
-
-def train_prompt_predictor(kind: str, records: Sequence[TraceRecord], features: torch.Tensor,
-                           edges: list[float], cfg: TrainConfig, model_id: str, max_new_tokens: int,
-                           encoder_name: str | None = None) -> tuple[ProbeMLP, ProbeSpec]:
-    """Head over the total-length bins on the train split, early stopping on validation."""
-    ids = [r.id for r in records]
-    lens = torch.tensor([r.output_len for r in records], dtype=torch.float32, device=features.device)
-    capped = torch.tensor([r.hit_cap for r in records], dtype=torch.bool, device=features.device)
-    tr, va = split_mask(ids, "train").to(features.device), split_mask(ids, "val").to(features.device)
-    if not tr.any():
-        raise ValueError("no training requests for the prompt predictor")
-    values = B.bin_values(lens[tr].cpu(), edges)
-    cap = torch.full((int(va.sum()),), float(max_new_tokens), device=features.device)
-    mlp, info = train_mlp(features[tr], B.bin_index(lens[tr], edges).to(features.device), features[va],
-                          lens[va], cap, values, len(edges) - 1, cfg, desc=kind, censored=capped[tr])
-    pi = model_prior(mlp, features[tr])
-    spec = ProbeSpec(kind=kind, model=model_id, d=int(features.shape[1]), h=cfg.hidden,
-                     bin_edges=list(edges), bin_values=values, pi=pi, max_new_tokens=max_new_tokens,
-                     encoder=encoder_name,
-                     training={"requests": int(tr.sum()), "label": "total output length, censored at the cap",
-                               "censored_requests": int(capped[tr].sum()),
-                               "best_epoch": info["best_epoch"], "config": cfg.__dict__},
-                     validation={"requests": int(va.sum()), "mae_total": info["val_mae_samples"]})
-    return mlp, spec
 
 
 class PromptPredictor:
