@@ -25,7 +25,7 @@ from trail.engine_config import EngineConfig
 from trail.models import random_model
 from trail.request import SamplingParams
 from trail.telemetry import STEP_FIELDS
-from trail_kernels.probe import ProbeParams
+from trail_kernels.probe_params import ProbeParams
 
 PROMPT, MAX_NEW = 8, 160
 ROUNDS, WARMUP = 20, 3

@@ -14,7 +14,7 @@ to be exactly the steps meant (rows, tokens, prefill tokens). host ms: the engin
 step outside the sync wait (median; with overlap not on the critical path); gpu ms: CUDA events
 around the step's device work (median).
 
-Limits (H100 SXM spec): the floor of a step is the larger of
+Limits (H100 SXM spec; an H200 is held to its own 4.8e12 B/s): the floor of a step is the larger of
   HBM:   bytes (weights + the KV read: every cached token of every row once) / 3.35e12 B/s, and
   FLOPs: (2 * matmul params * tokens + 2 * vocab * hidden * sampled rows + attention FLOPs)
          / 989e12 (bf16 dense peak);
@@ -56,6 +56,8 @@ logger = logging.getLogger("model_engine_step")
 HBM_BYTES_PER_S = 3.35e12          # H100 SXM HBM3, spec
 HBM_MEASURED_BYTES_PER_S = 3.01e12  # H100 SXM, device-to-device copy, measured earlier (used off CUDA)
 BF16_DENSE_FLOPS = 989e12          # H100 SXM bf16 dense tensor-core peak
+# (HBM B/s, bf16 dense FLOP/s) by device name; anything else (CPU smoke runs too) is held to the H100's
+SPECS = {"H200": (4.8e12, 989e12), "H100": (HBM_BYTES_PER_S, BF16_DENSE_FLOPS)}
 PROBE_LAYER = {"smollm2-135m": 19, "llama3-8b": 11}
 F = {n: i for i, n in enumerate(STEP_FIELDS)}
 
@@ -94,13 +96,14 @@ def step_limits(shape: Shape, rows: list[tuple[int, int, bool]]) -> tuple[float,
     return shape.weight_bytes + kv_read, float(flops)
 
 
-def limit_fields(shape: Shape, rows_at_start: list, rows_at_end: list, step_ms: float, copy_rate: float) -> dict:
+def limit_fields(shape: Shape, rows_at_start: list, rows_at_end: list, step_ms: float, copy_rate: float,
+                 hbm_bytes_per_s: float = HBM_BYTES_PER_S, peak_flops: float = BF16_DENSE_FLOPS) -> dict:
     """The floor of the loop's average step (limits at its first and last step averaged; the
     context grows by one token per decode step) against the measured step time."""
     b0, f0 = step_limits(shape, rows_at_start)
     b1, f1 = step_limits(shape, rows_at_end)
     nbytes, flops = (b0 + b1) / 2, (f0 + f1) / 2
-    hbm_ms, flops_ms = 1e3 * nbytes / HBM_BYTES_PER_S, 1e3 * flops / BF16_DENSE_FLOPS
+    hbm_ms, flops_ms = 1e3 * nbytes / hbm_bytes_per_s, 1e3 * flops / peak_flops
     floor = max(hbm_ms, flops_ms)
     measured_ms = 1e3 * nbytes / copy_rate
     return {"floor_ms": floor, "bound": "hbm" if hbm_ms >= flops_ms else "flops",
@@ -153,20 +156,28 @@ class Bench:
         self.V = cfg.vocab_size
         self.max_batch = max(max(args.batches), args.mixed_batch + 2, args.prefill[0] * 2)
         n_pre, len_pre = args.prefill
-        self.max_len = max(max(args.contexts) + args.steps + args.warm + 16, len_pre + 8, 64 + args.steps + 16)
+        self.tokens_per_step = max(2048, n_pre * len_pre + self.max_batch + 64)
+        self.max_len = max(max(args.contexts) + self.decode_tokens(self.max_batch, max(args.contexts)),
+                           len_pre + 8, 64 + args.steps + 16)
         blocks = self.max_batch * -(-self.max_len // 16) + 64
         layer = PROBE_LAYER.get(name, cfg.num_layers // 2)
         probe = ProbeParams.random(cfg.hidden_size, 512, 10, generator=torch.Generator().manual_seed(0))
         t0 = time.perf_counter()
         self.engine = LLMEngine(model, None, EngineConfig(
             policy="trail", max_batch=self.max_batch, max_slots=self.max_batch + 64, max_model_len=self.max_len,
-            max_tokens_per_step=max(2048, n_pre * len_pre + self.max_batch + 64), num_gpu_blocks=blocks,
+            max_tokens_per_step=self.tokens_per_step, num_gpu_blocks=blocks,
             prefill_tokens_per_s=1e5, overlap=overlap, enforce_eager=args.eager),
             probe=probe, probe_layer=layer, profile_phases=profile)
         self.start_s = time.perf_counter() - t0
         self.gen = torch.Generator().manual_seed(0)
         self.ids: list[int] = []
         self.shape = Shape.of(cfg, next(model.parameters()).element_size())
+
+    def decode_tokens(self, batch: int, prompt_len: int) -> int:
+        """Output tokens a decode row's requests need: the prompts are prefilled over several
+        steps (the first ones decode meanwhile), then warm-up, timed and two more steps."""
+        a = self.args
+        return -(-batch * prompt_len // self.tokens_per_step) + a.warm + a.steps + 8
 
     @property
     def loop(self) -> str:
@@ -226,7 +237,7 @@ class Bench:
                "graphs": not self.args.eager, "step_ms": ms, "host_ms": 1e3 * statistics.median(host),
                "gpu_ms": 1e3 * statistics.median(dev) if dev else None, "call_ms_median": statistics.median(walls),
                "steps": len(rows), "tokens_per_s": tokens / (ms / 1e3), **extra}
-        out.update(limit_fields(self.shape, limits_start, limits_end, ms, self.args.copy_rate))
+        out.update(limit_fields(self.shape, limits_start, limits_end, ms, self.args.copy_rate, *self.args.spec))
         return flag(out)
 
     def _check(self, recorded: list[tuple], what: str, **want) -> None:
@@ -249,11 +260,12 @@ class Bench:
         """`batch` requests prefilled, then `steps` decode steps timed."""
         a = self.args
         for _ in range(batch):
-            self.add(prompt_len, a.warm + a.steps + 8)
+            self.add(prompt_len, self.decode_tokens(batch, prompt_len))
         self._until_decoding(batch)
         for _ in range(a.warm):
             self.engine.step()
-        # tokens cached per request before the first timed step (one more step in flight with overlap)
+        # tokens cached per request before the first timed step (one more step in flight with overlap;
+        # the requests prefilled first have more: the floor stays a lower bound)
         ctx0 = prompt_len + 1 + a.warm + (1 if self.overlap else 0)
         ms, first, walls = self._timed(a.steps)
         rows = self._rows(first, a.steps)
@@ -385,6 +397,8 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     args.copy_rate = copy_rate(device)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    args.spec = next((v for k, v in SPECS.items() if k in device_name), SPECS["H100"])
     results, phases = [], []
 
     def log(r):
@@ -405,9 +419,8 @@ def main(argv=None) -> dict:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__,
-              "limits": {"hbm_bytes_per_s": HBM_BYTES_PER_S, "peak_flops": BF16_DENSE_FLOPS,
+    result = {"device": device_name, "torch": torch.__version__,
+              "limits": {"hbm_bytes_per_s": args.spec[0], "peak_flops": args.spec[1],
                          "measured_copy_bytes_per_s": args.copy_rate,
                          "copy_rate_source": "measured" if device.type == "cuda" else "constant (H100, earlier)"},
               "summary": [{k: r.get(k) for k in SUMMARY_KEYS} for r in results],
