@@ -8,8 +8,7 @@ last emission are decoded with the previous chunk as context, so merges and lead
 the boundary come out right), finds stop strings in the new text (a match may start in text
 held back earlier) and holds back any tail that could still be the start of a stop string. So
 the concatenation of every delta it returns always equals its final text, and nothing past a
-stop string's first character is ever streamed. `push_many` advances many requests with one
-decode call.
+stop string's first character is ever streamed. `push_many` advances many requests in one call.
 
     det = IncrementalText(tokenizer, prompt_ids, stop=("\\n\\n",))
     delta, stopped = det.push([token])        # each step
@@ -30,9 +29,9 @@ _INCOMPLETE = "\ufffd"
 
 
 def _decoder(tokenizer, skip_special_tokens: bool) -> Callable[[list[list[int]]], list[str]]:
-    """A batch decode of token id lists. A fast (Rust) tokenizer is called directly, one sequence
-    at a time (the transformers wrapper costs ~5x the decode itself, and the Rust batch call's
-    thread pool more than it saves on the 1-3 token windows decoded here); no tokenization-space
+    """Decodes a list of token id lists. A fast (Rust) tokenizer is called directly, one sequence
+    at a time (the transformers wrapper costs ~5x the decode itself; the Rust batch call saves
+    nothing on the 1-3 token windows decoded here); no tokenization-space
     clean-up, which is not prefix-stable (transformers 5 ignores it for BPE tokenizers anyway)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and hasattr(backend, "decode"):
@@ -63,12 +62,12 @@ class IncrementalText:
                  "_parts", "_text", "stopped", "stop_string", "finished")
 
     def __init__(self, tokenizer, prompt_ids: Sequence[int] = (), stop: tuple[str, ...] = (),
-                 skip_special_tokens: bool = True, *, _decode=None):
+                 skip_special_tokens: bool = True):
         if isinstance(stop, str):
             stop = (stop,)
         if not all(isinstance(s, str) and s for s in stop):
             raise ValueError(f"stop strings must be non-empty strings, got {stop!r}")
-        self._decode = _decode or _decoder(tokenizer, skip_special_tokens)
+        self._decode = _decoder(tokenizer, skip_special_tokens)
         self.stop = tuple(stop)
         self._longest = max((len(s) for s in self.stop), default=0)
         self._ids: list[int] = [int(t) for t in list(prompt_ids)[-_PROMPT_CONTEXT:]]
@@ -186,40 +185,22 @@ class IncrementalText:
 
 
 def push_many(streams: Sequence[IncrementalText], new_ids: Sequence[Sequence[int]]) -> list[tuple[str, bool]]:
-    """`IncrementalText.push` of many requests at once (the engine calls it once per step for the
-    rows that want text): streams[i] gets new_ids[i]; one decode call per tokenizer for all.
-    Returns (delta, stopped) per stream."""
+    """`IncrementalText.push` of many requests in one call (the engine calls it once per step for
+    the rows that want text): streams[i] gets new_ids[i] (a list of ints, or anything `int()`
+    takes); returns (delta, stopped) per stream. Each stream decodes two short windows (three on
+    its first tokens)."""
     if len(streams) != len(new_ids):
         raise ValueError(f"{len(streams)} streams for {len(new_ids)} id lists")
-    out: list[tuple[str, bool]] = [("", False)] * len(streams)
-    groups: dict[int, tuple[Callable, list[int], list[list[int]], list[int]]] = {}
-    group = None
-    for i, st in enumerate(streams):
-        ids = new_ids[i]
-        if st.finished:
-            out[i] = ("", st.stopped)
-            continue
-        if not len(ids):
+    out: list[tuple[str, bool]] = []
+    for st, ids in zip(streams, new_ids):
+        if st.finished or not len(ids):
+            out.append(("", st.stopped))
             continue
         sid = st._ids
         sid.extend(ids if type(ids) is list else [int(t) for t in ids])
-        if group is None or group[0] is not st._decode:
-            group = groups.setdefault(id(st._decode), (st._decode, [], [], []))
-        _, members, jobs, counts = group
-        members.append(i)
-        if st._prefix_text is None:
-            jobs.append(sid[st._prefix:st._read])
-            counts.append(3)
-        else:
-            counts.append(2)
-        jobs.append(sid[st._prefix:])
-        jobs.append(sid[st._read:])
-    for dec, members, jobs, counts in groups.values():
-        texts = dec(jobs)
-        at = 0
-        for i, n in zip(members, counts):
-            out[i] = streams[i]._advance(texts[at:at + n])
-            at += n
+        p, r = st._prefix, st._read
+        jobs = [sid[p:], sid[r:]] if st._prefix_text is not None else [sid[p:r], sid[p:], sid[r:]]
+        out.append(st._advance(st._decode(jobs)))
     return out
 
 
