@@ -149,12 +149,14 @@ class Bench:
     """One engine (model shape x loop) through every row of the sweep; requests are drained
     (aborted) between rows."""
 
-    def __init__(self, model, name: str, overlap: bool, args, profile: bool = False):
+    def __init__(self, model, name: str, overlap: bool, args, profile_batch: int | None = None):
+        """profile_batch: an engine for the phase split of decode steps at that batch only
+        (profile_phases on; no mixed-step graphs captured)."""
         self.model, self.name, self.overlap, self.args = model, name, overlap, args
         self.device = next(model.parameters()).device
         cfg = model.config
         self.V = cfg.vocab_size
-        self.max_batch = max(max(args.batches), args.mixed_batch + 2, args.prefill[0] * 2)
+        self.max_batch = profile_batch or max(max(args.batches), args.mixed_batch + 2, args.prefill[0] * 2)
         n_pre, len_pre = args.prefill
         self.tokens_per_step = max(2048, n_pre * len_pre + self.max_batch + 64)
         self.max_len = max(max(args.contexts) + self.decode_tokens(self.max_batch, max(args.contexts)),
@@ -166,8 +168,9 @@ class Bench:
         self.engine = LLMEngine(model, None, EngineConfig(
             policy="trail", max_batch=self.max_batch, max_slots=self.max_batch + 64, max_model_len=self.max_len,
             max_tokens_per_step=self.tokens_per_step, num_gpu_blocks=blocks,
-            prefill_tokens_per_s=1e5, overlap=overlap, enforce_eager=args.eager),
-            probe=probe, probe_layer=layer, profile_phases=profile)
+            prefill_tokens_per_s=1e5, overlap=overlap, enforce_eager=args.eager,
+            cuda_graph_tokens=() if profile_batch else None),
+            probe=probe, probe_layer=layer, profile_phases=profile_batch is not None)
         self.start_s = time.perf_counter() - t0
         self.gen = torch.Generator().manual_seed(0)
         self.ids: list[int] = []
@@ -411,8 +414,8 @@ def main(argv=None) -> dict:
         model = random_model(preset(name), device=device, dtype=dtype, seed=0)
         sweep(model, name, args, log)
         if not args.no_phases and name == models[0]:
-            b = Bench(model, name, False, args, profile=True)
             batch = 64 if 64 in args.batches else args.batches[-1]
+            b = Bench(model, name, False, args, profile_batch=batch)
             phases.append(b.phases(batch, args.contexts[0]))
             b.close()
         del model
