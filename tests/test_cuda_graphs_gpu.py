@@ -10,10 +10,11 @@ from trail.engine import LLMEngine
 from trail.engine_config import EngineConfig
 from trail.kv_cache import KVCache
 from trail.kv_cache_spec import KVCacheSpec
-from trail.model_runner import ModelRunner, Segment
+from trail.model_runner import ModelRunner
 from trail.models import random_model
 from trail.request import SamplingParams
 from trail.sampling import SampleParams
+from trail.segments import Segment
 from trail_kernels.probe_params import ProbeParams
 from trail_kernels.probe_state import ProbeState
 

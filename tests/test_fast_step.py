@@ -6,11 +6,13 @@ import pytest
 import torch
 
 from trail.engine_config import EngineConfig
+from trail.graph_buckets import bucket_for, graph_batch_sizes, mixed_token_sizes
 from trail.kv_cache import KVCache
 from trail.kv_cache_spec import KVCacheSpec
-from trail.model_runner import ModelRunner, Segment, bucket_for, graph_batch_sizes, mixed_token_sizes
+from trail.model_runner import ModelRunner
 from trail.models import random_model
 from trail.sampling import SampleParams
+from trail.segments import Segment
 from trail_kernels.probe import probe_step
 from trail_kernels.probe_params import ProbeParams
 from trail_kernels.probe_state import ProbeState

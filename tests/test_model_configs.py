@@ -6,8 +6,9 @@ import torch
 
 from trail.kv_cache import KVCache
 from trail.kv_cache_spec import KVCacheSpec
-from trail.model_runner import ModelRunner, Segment
+from trail.model_runner import ModelRunner
 from trail.models import ModelConfig, from_state_dict, preset, random_model
+from trail.segments import Segment
 
 SMALL = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
              num_kv_heads=2, head_dim=16, rms_norm_eps=1e-6, max_position_embeddings=256)

@@ -6,10 +6,11 @@ import torch
 
 from trail.kv_cache import KVCache
 from trail.kv_cache_spec import KVCacheSpec
-from trail.model_runner import ModelRunner, Segment
+from trail.model_runner import ModelRunner
 from trail.models import load_hf
 from trail.predictor.prompts import synthetic_chat_prompts
 from trail.sampling import SampleParams
+from trail.segments import Segment
 
 pytestmark = pytest.mark.gpu
 

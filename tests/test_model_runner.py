@@ -8,9 +8,10 @@ import torch
 
 from trail.kv_cache import KVCache
 from trail.kv_cache_spec import KVCacheSpec
-from trail.model_runner import ModelRunner, Segment
+from trail.model_runner import ModelRunner
 from trail.models import random_model
 from trail.sampling import SampleParams
+from trail.segments import Segment
 
 
 @pytest.fixture(scope="module")

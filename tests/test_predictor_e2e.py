@@ -159,7 +159,7 @@ def test_layer_hooks_follow_the_layer_convention(lm):
 def test_embed_features_equal_runner_tap(pipeline_run, lm, smollm2_dir, tmp_path):
     """`trail embed --dense-layer L` (transformers hooks) equals our ModelRunner's tap at every
     position, and so do the features embedded through the runner tap backend."""
-    from trail.model_runner import Segment
+    from trail.segments import Segment
     from trail.predictor.embed import DenseFeatures, embed_dense, fed_tokens
     from trail.predictor.runner_backend import RunnerTap
     from trail.predictor.trace import read_trace

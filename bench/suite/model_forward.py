@@ -24,10 +24,11 @@ import torch
 
 from trail.kv_cache import KVCache
 from trail.kv_cache_spec import KVCacheSpec
-from trail.model_runner import ModelRunner, Segment
+from trail.model_runner import ModelRunner
 from trail.models import load_hf, preset, random_model
 from trail.predictor.prompts import synthetic_chat_prompts
 from trail.sampling import SampleParams
+from trail.segments import Segment
 
 
 

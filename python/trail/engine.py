@@ -34,11 +34,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from trail.batch import BatchPlan
 from trail.detokenize import IncrementalText, push_many
 from trail.engine_config import EngineConfig
 from trail.engine_loading import PromptPredictorFn, load_engine_parts
+from trail.graph_buckets import graph_batch_sizes, mixed_token_sizes
 from trail.kv_cache import KVCache, KVCacheSpec
-from trail.model_runner import BatchPlan, ModelRunner, graph_batch_sizes, mixed_token_sizes
+from trail.model_runner import ModelRunner
 from trail.predictions import ProbePredictions
 from trail.request import FinishReason, Request, RequestMetrics, RequestOutput, SamplingParams
 from trail.scheduler import PREEMPT, SCHED, Mode

@@ -48,10 +48,10 @@ class EngineConfig:
       num_host_blocks, else swap_space_gib.
     Cost model: pcie_gbps (one way, pinned); prefill_tokens_per_s (None: measured at start-up).
     Speed: enforce_eager (no CUDA graphs); cuda_graph_sizes (decode batch buckets captured at
-      start-up on CUDA, None: trail.model_runner.DEFAULT_GRAPH_SIZES below max_batch, plus
+      start-up on CUDA, None: trail.graph_buckets.DEFAULT_GRAPH_SIZES below max_batch, plus
       max_batch); cuda_graph_tokens (token buckets of the graphs that run every other step:
       prefill chunks, recomputes and decodes together, in max_batch + 1 rows; None:
-      trail.model_runner.mixed_token_sizes up to max_tokens_per_step (at most 8192) +
+      trail.graph_buckets.mixed_token_sizes up to max_tokens_per_step (at most 8192) +
       max_batch + 1; (): such steps run eager). On CPU every step runs eager.
     overlap: the CPU schedules and prepares step n+1 while the device runs step n (each
       `LLMEngine.step()` launches one step and completes the one before; outputs arrive one call

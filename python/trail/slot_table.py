@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from trail.model_runner import BatchPlan
+from trail.batch import BatchPlan
 from trail.scheduler import SCHED
 from trail_kernels import row_flags
 

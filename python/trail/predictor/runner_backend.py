@@ -35,7 +35,7 @@ class RunnerTap:
 
     def padded_states(self, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
         """Layer states [B, T_max, d] (zeros past each sequence's end)."""
-        from trail.model_runner import Segment
+        from trail.segments import Segment
 
         if any(len(s) > self.max_len for s in seqs):
             raise ValueError(f"a sequence is longer than the runner tap's max_len={self.max_len}")
