@@ -8,9 +8,9 @@ predictions (the simulator's npz) and, time permitting, judge them in the simula
 
     python bench/predictor_gpu_run.py --out DIR [--num 9472] [--budget-s 530] [--layers 13,15,...]
 
-Prompts come from bench/results/predictor/prompts_sharegpt_alpaca.jsonl.gz (first human turns of
-ShareGPT and the Alpaca demo set, templated length <= 1,024 tokens, shuffled; no dataset package
-needed). Work happens in --work (default /tmp/trail_predictor_work): the trace there is appended
+Prompts come from tests/data/prompts_sharegpt_alpaca.jsonl.gz (bench.common.PROMPTS: first human
+turns of ShareGPT and the Alpaca demo set, templated length <= 1,024 tokens, shuffled; no dataset
+package needed). Work happens in --work (default /tmp/trail_predictor_work): the trace there is appended
 as requests finish, so a second run with the same --work resumes collection (--trace seeds it from
 a trace that came back from an earlier machine). Whatever happens (an error in a phase, the
 budget running out, SIGTERM), the results so far are packed into --out as at most 5 files:
@@ -41,10 +41,12 @@ from pathlib import Path
 
 import torch
 
-logger = logging.getLogger("predictor_gpu_run")
+if not __package__:      # run as `python bench/predictor_gpu_run.py`: import bench.* from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_PROMPTS = ROOT / "bench" / "results" / "predictor" / "prompts_sharegpt_alpaca.jsonl.gz"
+from bench.common import PROMPTS as DEFAULT_PROMPTS  # noqa: E402
+
+logger = logging.getLogger("predictor_gpu_run")
 SOURCES = ("sharegpt", "alpaca")
 MAX_PART_BYTES = 15 * 2**20
 

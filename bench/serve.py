@@ -2,16 +2,17 @@
 per policy, the same requests, open-loop arrivals in real time (issue 16; run by
 `bench/gpu_suite.sh serve` through bench/suite/serve_smollm2.py).
 
-Workload: held-out requests of the recorded trace (bench/results/predictor/trace.jsonl.gz: prompts
-of ShareGPT / Alpaca and SmolLM2-135M-Instruct's recorded output lengths, greedy with repetition
-penalty 1.1, max 512 new tokens), replayed: each request stops at its recorded length with EOS
-ignored, so every policy does the same work; the predictors only see the 512 cap. The held-out
-pool has 367 requests; a run of more draws every pool request once (a seeded permutation) and the
-rest again from further permutations: the JSON states how many are reused (`reused`). `--trace` /
-`--splits` choose another pool, e.g. the shipped probe's own test split:
-`--trace bench/results/predictor/gpu_run_2026-11-27b/trace.jsonl.gz --splits test` (984 requests with
-prompts <= 512 tokens). Every request of the default pool is in the val / test split of that trace
-too (the split is a hash of the id), so the shipped probe never trained on either pool.
+Workload: held-out requests of the recorded trace (tests/data/trace_smollm2_val_test.jsonl.gz, its
+val + test requests: prompts of ShareGPT / Alpaca and SmolLM2-135M-Instruct's recorded output
+lengths, greedy with repetition penalty 1.1, max 512 new tokens), replayed: each request stops at
+its recorded length with EOS ignored, so every policy does the same work; the predictors only see
+the 512 cap. The held-out pool has 367 requests; a run of more draws every pool request once (a
+seeded permutation) and the rest again from further permutations: the JSON states how many are
+reused (`reused`). `--trace` / `--splits` choose another pool, e.g. the shipped probe's own test
+split: `--trace tests/data/trace_smollm2_2026-11-27b_test.jsonl.gz --splits test` (the test split
+of the probe's training trace: 984 requests with prompts <= 512 tokens). Every request of the
+default pool is in the val / test split of that trace too (the split is a hash of the id), so the
+shipped probe never trained on either pool.
 
 Arrivals: Poisson at load x the *sustained* saturation rate, or a burst (all at once). The
 saturation rate is searched first (`--saturation search`): fcfs serves short Poisson probes at
@@ -27,17 +28,20 @@ Memory regimes: `ample` (a batch cap, KV for every running request) and `kv` (a 
 
 Predictions: the shipped probe and prompt predictor (real SmolLM2 weights), or with
 `--recorded-predictions` the SmolLM2 probe's per-step predictions recorded on the same requests
-(`--recorded`, default bench/results/sim/recorded_predictions.npz: the previous probe on the default
-pool; by trace id) and its prompt predictor's totals: the
-probe kernel still runs for its cost, the scheduler is fed the recorded values. This is the mode
-for the 8B shape with random weights (`--model random:llama3-8b`); every output says so.
+(`--recorded`, default trail/data/sim/recorded_predictions.npz: the previous probe on the default
+pool; by trace id; the shipped probe's on its test split:
+tests/data/recorded_predictions_2026-11-27b.npz) and its prompt predictor's totals: the probe
+kernel still runs for its cost, the scheduler is fed the recorded values. This is the mode for the
+8B shape with random weights (`--model random:llama3-8b`); every output says so.
 
-Grid: regime x load x seed cells (seed-major). `--section I/N` runs the I-th of N equal slices
-(1-based), `--cells ample:1.1:0,kv:burst:2` an explicit list; each call writes its own serve.json
-(per cell and policy: compare.summarize's figures, ratios, oracle fraction, per-request latency /
-TTFT, the request ids and arrivals) and serve_steps.npz (the engines' per-step telemetry, for
-bench/sim_vs_real.py), within --budget-s. `python bench/serve.py merge DIR ... --out DIR` combines
-sections into serve.json, serve.summary.txt (mean and spread over seeds) and plots vs load.
+Workload, policy variants and memory regimes are bench/common.py's (shared with the simulator
+scripts). Grid: regime x load x seed cells (seed-major). `--section I/N` runs the I-th of N equal
+slices (1-based), `--cells ample:1.1:0,kv:burst:2` an explicit list; each call writes its own
+serve.json (per cell and policy: compare.summarize's figures, ratios, oracle fraction, per-request
+latency / TTFT, the request ids and arrivals) and serve_steps.npz (the engines' per-step
+telemetry, for bench/sim_vs_real.py), within --budget-s. `python bench/serve.py merge DIR ...
+--out DIR` combines sections into serve.json, serve.summary.txt (mean and spread over seeds) and
+plots vs load.
 
     python bench/serve.py --out DIR [--model GGUF|HF_DIR|random:PRESET] [--regimes ample,kv]
         [--loads 0.8,1.0,1.1,burst] [--seeds 0,1,2] [--num-requests 500] [--section 1/3]
@@ -48,10 +52,10 @@ from __future__ import annotations
 
 import argparse
 import gc
-import gzip
 import json
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -59,91 +63,21 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from trail.compare import ReplayRequest, compare, run_policy
-from trail.request import SamplingParams
-from trail.scheduler_types import TRAIL_PAPER
-from trail.telemetry import STEP_FIELDS, Telemetry
+if not __package__:      # run as `python bench/serve.py`: import bench.* from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (RECORDED, TRACE, VARIANTS, engine_config, held_out_requests,  # noqa: E402
+                          load_recorded, queue_growth, workload)
+from trail.compare import compare, run_policy  # noqa: E402
+from trail.request import SamplingParams  # noqa: E402
+from trail.telemetry import STEP_FIELDS, Telemetry  # noqa: E402
 
 logger = logging.getLogger("serve")
-ROOT = Path(__file__).resolve().parents[1]
-TRACE = ROOT / "bench" / "results" / "predictor" / "trace.jsonl.gz"
-RECORDED = ROOT / "bench" / "results" / "sim" / "recorded_predictions.npz"
-
-# name -> (policy, policy_options)
-POLICIES = {
-    "fcfs": ("fcfs", {}),
-    "sjf_prompt": ("sjf_prompt", {}),
-    "trail": ("trail", {}),                       # c 0.8 + memory-aware admission, aging (defaults)
-    "trail_c0": ("trail", {"c": 0.0}),
-    "trail_noaging": ("trail", {"aging_rate": 0.0}),
-    "trail_paper": ("trail", dict(TRAIL_PAPER)),  # TRAIL as published
-    "oracle": ("oracle", {}),
-    "fcfs_repeat": ("fcfs", {}),                  # fcfs again, its own engine: the run-to-run noise floor
-}
 
 
 # ------------------------------------------------------------------------------------------------
-# Workload
+# Saturation
 # ------------------------------------------------------------------------------------------------
-def held_out_requests(max_prompt: int = 512, trace: Path = TRACE,
-                      splits: Sequence[str] = ("val", "test")) -> list[tuple[str, list[int], int]]:
-    """(trace id, prompt ids, recorded output length) of the trace's requests in `splits` (val +
-    test: never trained on), in trace order."""
-    from trail.predictor.bins import split_of
-
-    out = []
-    with gzip.open(trace, "rt") as f:
-        next(f)
-        for line in f:
-            r = json.loads(line)
-            if split_of(r["id"]) in splits and len(r["prompt_ids"]) <= max_prompt:
-                out.append((r["id"], r["prompt_ids"], len(r["output_ids"])))
-    return out
-
-
-def workload_indices(pool_size: int, n: int, rate: float | None, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """(pool indices, arrival times, how many indices repeat an earlier one): a seeded
-    permutation of the pool, continued by further permutations when n exceeds it (each request at
-    most ceil(n / pool) times); Poisson arrivals at `rate` req/s, or all at t = 0 when rate is
-    None. For n <= pool_size the draws equal the first serving runs' (serve_run1 / serve_run2)."""
-    rng = np.random.default_rng(seed)
-    idx = rng.permutation(pool_size)[:n]
-    while len(idx) < n:
-        idx = np.concatenate([idx, rng.permutation(pool_size)[: n - len(idx)]])
-    arrivals = np.zeros(n) if rate is None else np.cumsum(rng.exponential(1.0 / rate, n))
-    return idx, arrivals, max(0, n - pool_size)
-
-
-def workload(pool, n: int, rate: float | None, seed: int, recorded: dict | None = None) -> tuple[list[ReplayRequest], dict]:
-    """n requests of `pool` (see workload_indices) as ReplayRequests, and what identifies them
-    (trace ids, arrivals, reused count). `recorded`: trace id -> per-step predictions to feed."""
-    idx, arrivals, reused = workload_indices(len(pool), n, rate, seed)
-    reqs = [ReplayRequest(pool[i][1], pool[i][2], float(t),
-                          None if recorded is None else recorded[pool[i][0]]) for i, t in zip(idx, arrivals)]
-    return reqs, {"request_ids": [pool[i][0] for i in idx], "arrivals": [round(float(t), 6) for t in arrivals],
-                  "reused": reused}
-
-
-def load_recorded(path: Path = RECORDED) -> tuple[dict, dict, str]:
-    """trace id -> per-step predicted remaining (float32), trace id -> prompt-time total, and a
-    label naming the source."""
-    d = np.load(path)
-    meta = json.loads(str(d["meta"]))
-    cu = d["cu"]
-    pred = {str(k): d["pred"][cu[i]: cu[i + 1]].astype(np.float32) for i, k in enumerate(d["ids"])}
-    prompt = {str(k): float(v) for k, v in zip(d["ids"], d["prompt_pred"])}
-    return pred, prompt, f"recorded from {meta['model']} (layer {meta['layer']}, {meta['prompt_predictor']}) in {path.name}"
-
-
-def queue_growth(arrival: np.ndarray, ttft: np.ndarray, latency: np.ndarray) -> float:
-    """Growth of the queueing delay over a Poisson run, in mean service times: mean TTFT of the
-    last quarter of arrivals minus the first quarter's, over mean (latency - TTFT)."""
-    order = np.argsort(arrival, kind="stable")
-    q = max(1, len(order) // 4)
-    service = float(np.mean(latency - ttft))
-    return float(ttft[order[-q:]].mean() - ttft[order[:q]].mean()) / max(service, 1e-9)
-
-
 def saturation_search(probe: Callable[[float], dict], start: float, growth: float = 0.25, step: float = 1.3,
                       bisect: int = 2, max_probes: int = 5) -> dict:
     """Highest sustained rate: probe(rate) -> {'growth': ...}; up by `step` from `start` while
@@ -209,21 +143,6 @@ def load_parts(model_source: str, device: str):
     return model, probe, spec.layer, prompt_predictor_fn(shipped / "prompt_boe", model, None)
 
 
-def engine_config(regime: str, policy: str, options: dict | None, *, max_batch: int, kv_requests: float,
-                  host_blocks: int, mean_total: float, num_requests: int, prefill_tokens_per_s: float | None = None):
-    """The EngineConfig of a (regime, policy) engine. ample: KV for max_batch requests of
-    max_model_len (the batch cap binds, memory never); kv: a GPU pool for `kv_requests` requests
-    of `mean_total` tokens + `host_blocks` host blocks (bench/sim_vs_real.py simulates the same)."""
-    from trail.engine_config import EngineConfig
-
-    kw = dict(num_gpu_blocks=max_batch * 1024 // 16, num_host_blocks=0)
-    if regime == "kv":
-        kw = dict(num_gpu_blocks=int(kv_requests * mean_total / 16), num_host_blocks=host_blocks)
-    return EngineConfig(policy=policy, policy_options=dict(options or {}), max_batch=max_batch,
-                        max_slots=max(1024, num_requests), max_model_len=1024,
-                        prefill_tokens_per_s=prefill_tokens_per_s, **kw)
-
-
 class Engines:
     """One engine per (regime, policy), built on first use and reused across cells (a run leaves
     it idle: every block and slot back, checked); each run starts with fresh telemetry."""
@@ -242,6 +161,7 @@ class Engines:
 
     def get(self, regime: str, name: str):
         from trail.engine import LLMEngine
+        from trail.predictions import RecordedPredictions
 
         key = (regime, name)
         engine = self.cache.get(key) if self.reuse else None
@@ -251,10 +171,12 @@ class Engines:
                 gc.collect()                     # the previous engine and its KV pool go first
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
-            policy, options = POLICIES[name]
+            policy, options = VARIANTS[name]
             engine = LLMEngine(self.model, None, self.config(regime, policy, dict(options)), probe=self.probe,
                                probe_layer=self.layer, probe_max_new=512, prompt_predictor=self.predictor,
-                               eos_token_ids=[2])
+                               eos_token_ids=[2],
+                               # --recorded-predictions: the requests' recorded values replace the probe's
+                               predictions=RecordedPredictions() if self.args.recorded_predictions else None)
             self.prefill_rate = engine.prefill_tokens_per_s
             self.cache[key] = engine
         else:
@@ -307,8 +229,6 @@ def parse_saturation(value: str) -> dict | None:
 
 
 def main(argv=None) -> int:
-    import sys
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "merge":
         return merge_main(argv[1:])
@@ -325,7 +245,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-batch", type=int, default=48)
     ap.add_argument("--kv-requests", type=float, default=24, help="kv regime: GPU pool for this many average requests")
     ap.add_argument("--host-blocks", type=int, default=128)
-    ap.add_argument("--trace", default=str(TRACE), help="the workload's trace (.jsonl.gz; default the probe's first trace)")
+    ap.add_argument("--trace", default=str(TRACE), help="the workload's trace (.jsonl.gz; default: val + test of the previous probe's trace)")
     ap.add_argument("--splits", default="val,test", help="which splits of the trace make the pool (never train)")
     ap.add_argument("--max-output", type=int, default=512, help="use only requests with recorded lengths up to this")
     ap.add_argument("--max-prompt", type=int, default=512, help="use only requests with prompts up to this many tokens")

@@ -25,9 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if not __package__:      # run as `python bench/serve_diagnose.py`: import bench.* from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import sim_vs_real as svr  # noqa: E402
+from bench import sim_vs_real as svr  # noqa: E402
+from bench.common import ROOT, VARIANTS, held_out_pool, queue_growth, run_engine_config, workload_indices  # noqa: E402
 from trail import sim  # noqa: E402
 
 logger = logging.getLogger("serve_diagnose")
@@ -37,14 +39,13 @@ def sustained_saturation(pool, run, regime, model, spec, n=300, seeds=(2000,), l
                          growth=0.25, policy="fcfs") -> float:
     """Highest Poisson rate at which `policy`'s queueing delay does not grow by more than
     `growth` mean service times from the first to the last quarter of arrivals (serve.py's
-    criterion, serve.queue_growth; bisection on a log scale; mean over seeds)."""
-    import serve
+    criterion, bench.common.queue_growth; bisection on a log scale; mean over seeds)."""
 
     def ok(rate, seed):
-        idx, arr = svr.workload_indices(len(pool["ids"]), n, rate, seed)
+        idx, arr, _ = workload_indices(len(pool["ids"]), n, rate, seed)
         tr = svr.sim_trace(pool, idx, arr)
-        r = sim.simulate(tr, svr.serve_engine_config(regime, pool, run, policy), spec, model)
-        return serve.queue_growth(r.arrival, r.first_token - r.arrival, r.finish - r.arrival) <= growth
+        r = sim.simulate(tr, run_engine_config(regime, pool, run, policy), spec, model)
+        return queue_growth(r.arrival, r.first_token - r.arrival, r.finish - r.arrival) <= growth
 
     out = []
     for seed in seeds:
@@ -57,21 +58,21 @@ def sustained_saturation(pool, run, regime, model, spec, n=300, seeds=(2000,), l
 
 
 def all_at_once_rate(pool, run, regime, model, spec, n=150, seed=1000) -> float:
-    idx, arr = svr.workload_indices(len(pool["ids"]), n, None, seed)
-    r = sim.simulate(svr.sim_trace(pool, idx, arr), svr.serve_engine_config(regime, pool, run, "fcfs"), spec, model)
+    idx, arr, _ = workload_indices(len(pool["ids"]), n, None, seed)
+    r = sim.simulate(svr.sim_trace(pool, idx, arr), run_engine_config(regime, pool, run, "fcfs"), spec, model)
     return n / float(r.finish.max())
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", default=str(svr.ROOT / "bench/results/h100_2026-11-27/serve_run2"))
-    ap.add_argument("--out", default=str(svr.ROOT / "bench/results/serve_analysis"))
+    ap.add_argument("--run", default=str(ROOT / "bench/results/h100_2026-11-27/serve_run2"))
+    ap.add_argument("--out", default=str(ROOT / "bench/results/serve_analysis"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     run_dir, out = Path(args.run), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     run = json.loads((run_dir / "serve.json").read_text())
-    pool = svr.held_out_pool(max_prompt=int(run.get("max_prompt", 512)), max_output=int(run.get("max_output", 512)))
+    pool = held_out_pool(max_prompt=int(run.get("max_prompt", 512)), max_output=int(run.get("max_output", 512)))
     spec = svr.smollm2_kv_spec()
     model = svr.run_step_model(run_dir, run, pool, spec)
     res: dict = {"run": str(run_dir), "step_model": model.__dict__}
@@ -175,11 +176,11 @@ def main(argv=None) -> int:
     decomp = {}
     for label, m in (("as_run", model), ("mixed_5ms_cheap_prefill", mixed_5ms_cheap)):
         sus = big[f"{label} sustained_req_s"]
-        idx, arr = svr.workload_indices(len(pool["ids"]), 500, 1.1 * sus, 0)
+        idx, arr, _ = workload_indices(len(pool["ids"]), 500, 1.1 * sus, 0)
         tr = svr.sim_trace(pool, idx, arr)
         for name in ("fcfs", "trail", "trail_c0", "oracle"):
-            pol, opts = svr.serve_policies()[name]
-            r = sim.simulate(tr, svr.serve_engine_config("ample", pool, run, pol, opts), spec, m)
+            pol, opts = VARIANTS[name]
+            r = sim.simulate(tr, run_engine_config("ample", pool, run, pol, opts), spec, m)
             decomp[f"{label} {name}"] = r.waiting()
     res["latency_decomposition_1.1x_seed0"] = decomp
     (out / "diagnose.json").write_text(json.dumps(res, indent=1))
@@ -230,7 +231,7 @@ def report(res: dict) -> str:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--report"]:     # re-render diagnose.md from diagnose.json
-        d = Path(sys.argv[2] if len(sys.argv) > 2 else svr.ROOT / "bench/results/serve_analysis")
+        d = Path(sys.argv[2] if len(sys.argv) > 2 else ROOT / "bench/results/serve_analysis")
         (d / "diagnose.md").write_text(report(json.loads((d / "diagnose.json").read_text())))
     else:
         raise SystemExit(main())

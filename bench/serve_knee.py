@@ -8,6 +8,11 @@ trail (c 0.8) / trail c=0 / sjf_prompt / oracle vs fcfs at 1.0x / 1.1x / 1.2x of
 
     python bench/serve_knee.py [--out DIR]                       # -> DIR/knee.json (loads 1.0-1.2)
     python bench/serve_knee.py --period-only --loads 1.3,1.4,1.5  # (renamed knee_high_load.json)
+
+The runs' serve.json and serve_steps.npz are raw data no longer in the tree: restore them first
+(bench/results/MANIFEST.md names the commit), e.g.
+    git show C:bench/results/h100_2026-11-27/serve_run3/serve_steps.npz > .../serve_run3/serve_steps.npz
+or pass other run folders with --runs.
 """
 from __future__ import annotations
 
@@ -18,13 +23,15 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import serve_diagnose as sd  # noqa: E402
-import sim_vs_real as svr  # noqa: E402
+if not __package__:      # run as `python bench/serve_knee.py`: import bench.* from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import serve_diagnose as sd  # noqa: E402
+from bench import sim_vs_real as svr  # noqa: E402
+from bench.common import ROOT, held_out_pool  # noqa: E402
 from trail import sim  # noqa: E402
 from trail.telemetry import STEP_FIELDS  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 RUNS = [ROOT / "bench/results/h100_2026-11-27/serve_run3", ROOT / "bench/results/h100_2026-11-27/serve_run4"]
 
 
@@ -83,17 +90,22 @@ def main(argv=None) -> int:
     ap.add_argument("--counts", default="500,2000")
     ap.add_argument("--loads", default="1.0,1.1,1.2", help="x the run's saturation rate (82.8 req/s)")
     ap.add_argument("--period-only", action="store_true", help="only the period-fit model")
+    ap.add_argument("--runs", default=",".join(map(str, RUNS)), help="run folders (serve.json + serve_steps.npz)")
     args = ap.parse_args(argv)
-    run = json.loads((RUNS[0] / "serve.json").read_text())
-    pool = svr.held_out_pool()
+    runs = [Path(r) for r in args.runs.split(",")]
+    missing = [str(r / f) for r in runs for f in ("serve.json", "serve_steps.npz") if not (r / f).is_file()]
+    if missing:
+        raise SystemExit(f"missing {', '.join(missing)}: restore them from git (bench/results/MANIFEST.md)")
+    run = json.loads((runs[0] / "serve.json").read_text())
+    pool = held_out_pool()
     spec = svr.smollm2_kv_spec()
-    cells = all_steps()
+    cells = all_steps(runs)
     models = {"host+gap fit (sim_vs_real)": svr.fit_step_model(np.concatenate(cells), source="runs 3-4 host+gap fit"),
               "period fit": period_fit(cells)}
     if args.period_only:
         models.pop("host+gap fit (sim_vs_real)")
     sat_real = float(run["saturation_req_s_ample"])
-    res = {"real_saturation_req_s": sat_real, "stalls": stall_table(), "models": {}, "grid": []}
+    res = {"real_saturation_req_s": sat_real, "stalls": stall_table(runs), "models": {}, "grid": []}
     for label, model in models.items():
         sus = sd.sustained_saturation(pool, run, "ample", model, spec, seeds=(2000, 2001, 2002))
         res["models"][label] = {"model": model.__dict__, "sim_sustained_req_s": sus}

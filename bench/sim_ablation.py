@@ -11,16 +11,20 @@ import argparse
 import itertools
 import json
 import logging
+import sys
 from pathlib import Path
 
-import sim_sweeps as S
-from trail import sim
-from trail.scheduler_types import TRAIL_PAPER
+if not __package__:      # run as `python bench/sim_ablation.py`: import bench.* from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import sim_sweeps as S  # noqa: E402
+from bench.common import sim_policies  # noqa: E402
+from trail import sim  # noqa: E402
 
 VARIANTS = {
-    "fcfs": {"policy": "fcfs"}, "oracle": {"policy": "oracle"},
+    **sim_policies(["fcfs", "oracle"]),
     "trail (defaults)": {"policy": "trail"},
-    "trail_paper": dict(policy="trail", **TRAIL_PAPER),
+    **sim_policies(["trail_paper"]),
     "admit_reserve=0": {"policy": "trail", "admit_reserve": 0.0},
     "admit_reserve=0.5": {"policy": "trail", "admit_reserve": 0.5},
     "admit_reserve=1": {"policy": "trail", "admit_reserve": 1.0},

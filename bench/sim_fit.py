@@ -1,5 +1,6 @@
 """Fits the simulator's step-time model (trail.sim.StepTimeModel) and writes
-bench/results/sim/step_fit.json with the data, the constants and the residuals.
+python/trail/data/sim/step_fit.json (package data: trail.sim.default_step_model reads it) with the
+data, the constants and the residuals.
 
 Until the fast-step benchmark exists the fit uses the figures in DESIGN.md "Measured facts" for a
 Llama-3-8B-shaped decode on an H100 (bf16, ctx 512):
@@ -15,12 +16,18 @@ reported beside the fit, not used.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
-OUT = Path(__file__).resolve().parent / "results" / "sim" / "step_fit.json"
-FORWARD = Path(__file__).resolve().parent / "results" / "h100_2026-11-25" / "forward.json"
+if not __package__:      # run as `python bench/sim_fit.py`: import bench.* from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import PACKAGE_SIM_DATA, ROOT  # noqa: E402
+
+OUT = PACKAGE_SIM_DATA / "step_fit.json"
+FORWARD = ROOT / "bench" / "results" / "h100_2026-11-25" / "forward.json"     # a committed summary
 
 
 def main() -> None:

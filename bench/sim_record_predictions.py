@@ -3,7 +3,10 @@ simulator: teacher-forced SmolLM2 forwards (layer-L states at every output posit
 filter (`probe_reference` via filter_adapter) at every g, and the prompt-time totals of the
 shipped bag-of-embeddings prompt predictor (what `sjf_prompt` and trail's pre-prefill order use).
 
-    python bench/sim_record_predictions.py [--splits test,val] [--out bench/results/sim/recorded_predictions.npz]
+    python bench/sim_record_predictions.py [--splits test,val] [--out python/trail/data/sim/recorded_predictions.npz]
+
+(defaults: the val + test requests of tests/data/trace_smollm2_val_test.jsonl.gz, written over the
+package's recorded predictions, trail.sim.DEFAULT_RECORDED)
 
 Output (npz): ids, split, prompt_len, output_len, hit_cap, prompt_pred (boe expected total),
 cu (int64 [N+1]), pred (float16 [sum L]: predicted remaining at g = 0..L-1 of each request, g = 0
@@ -13,28 +16,34 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from trail.predictor import bins as B
-from trail.predictor import hf_backend
-from trail.predictor.embed import embed_dense
-from trail.predictor.filter_adapter import probe_params, run_filter
-from trail.predictor.probe_file import load_probe, shipped_probe_dir
-from trail.predictor.prompt_predictors import PromptPredictor
-from trail.predictor.recorded import save_recorded
-from trail.predictor.trace import read_trace
+if not __package__:      # run as `python bench/sim_record_predictions.py`: bench.* from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import PACKAGE_SIM_DATA, TRACE  # noqa: E402
+from trail.predictor import bins as B  # noqa: E402
+from trail.predictor import hf_backend  # noqa: E402
+from trail.predictor.embed import embed_dense  # noqa: E402
+from trail.predictor.filter_adapter import probe_params, run_filter  # noqa: E402
+from trail.predictor.probe_file import load_probe, shipped_probe_dir  # noqa: E402
+from trail.predictor.prompt_predictors import PromptPredictor  # noqa: E402
+from trail.predictor.recorded import save_recorded  # noqa: E402
+from trail.predictor.trace import read_trace  # noqa: E402
 
 MODEL = "SmolLM2-135M-Instruct"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--trace", default="bench/results/predictor/trace.jsonl.gz")
+    ap.add_argument("--trace", default=str(TRACE))
     ap.add_argument("--splits", default="test,val")
     ap.add_argument("--limit", type=int, default=None)
-    ap.add_argument("--out", default="bench/results/sim/recorded_predictions.npz")
+    ap.add_argument("--out", default=str(PACKAGE_SIM_DATA / "recorded_predictions.npz"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
     torch.set_num_threads(2)

@@ -1,8 +1,8 @@
 """Simulator sweeps (issue 12): latency / TTFT vs load per policy, c, aging (p99 / mean trade-off)
 and a burst, in two memory regimes, on the recorded length distribution with per-step
-predictions recorded from the shipped probe (bench/results/sim/recorded_predictions.npz: the 377
-requests the probe never trained on, resampled with replacement). Writes sweep.json, tables.md
-and PNG plots to bench/results/sim/.
+predictions recorded from the previous probe (trail/data/sim/recorded_predictions.npz: the 377
+requests the probe never trained on, resampled with replacement). Writes sweep.json (raw, not
+committed), tables.md and PNG plots to bench/results/sim/.
 
     python bench/sim_sweeps.py [--n 2000] [--seeds 0,1,2] [--jobs 2] [--quick]
 """
@@ -13,6 +13,7 @@ import itertools
 import json
 import logging
 import math
+import sys
 import time
 from multiprocessing import Pool
 from pathlib import Path
@@ -20,13 +21,16 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from trail import sim
-from trail.scheduler_types import TRAIL_PAPER
+if not __package__:      # run as `python bench/sim_sweeps.py`: import bench.* from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-OUT = Path(__file__).resolve().parent / "results" / "sim"
+from bench.common import ROOT, sim_policies  # noqa: E402
+from trail import sim  # noqa: E402
+from trail.scheduler_types import POLICIES as SCHEDULER_POLICIES  # noqa: E402
+
+OUT = ROOT / "bench" / "results" / "sim"
 LOADS = [0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2]
-POLICIES = {"fcfs": {"policy": "fcfs"}, "sjf_prompt": {"policy": "sjf_prompt"}, "trail": {"policy": "trail"},
-            "oracle": {"policy": "oracle"}, "trail_paper": dict(policy="trail", **TRAIL_PAPER)}
+POLICIES = sim_policies([*SCHEDULER_POLICIES, "trail_paper"])     # name -> {"policy": ..., options}
 C_VALUES = [0.0, 0.5, 0.8, 1.0]
 AGING = [0.0, 2.5, 5.0, 10.0, 20.0, 40.0]
 

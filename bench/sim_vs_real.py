@@ -1,6 +1,6 @@
 """The simulator's prediction of a serving run (bench/serve.py): the same requests (trace ids,
 lengths, arrivals), the same engine limits and policies, the shipped probe's predictions recorded
-on the same requests (bench/results/sim/recorded_predictions.npz), and a two-class step-time model
+on the same requests (trail/data/sim/recorded_predictions.npz), and a two-class step-time model
 (decode-only steps replay a CUDA graph; steps with a prefill row run eagerly).
 
     python bench/sim_vs_real.py RUN_DIR [RUN_DIR ...] [--out DIR] [--step-model FILE]
@@ -13,7 +13,8 @@ engine's per-step telemetry (serve_steps.npz) from which the step-time model is 
 prefill cost per token is calibrated so that the simulated fcfs all-at-once run takes the run's
 measured saturation makespan. Writes sim_vs_real.json and sim_vs_real.md: per cell and policy the
 real and simulated mean latency, TTFT, ratio to fcfs, preemptions, and the simulated mixed-step
-count and time share.
+count and time share. The pool, its draws, the policy variants and the engines' memory regimes are
+bench/common.py's, the ones bench/serve.py serves.
 """
 from __future__ import annotations
 
@@ -28,43 +29,23 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from trail import sim
-from trail.engine_config import EngineConfig
-from trail.kv_cache_spec import KVCacheSpec
-from trail.telemetry import STEP_FIELDS
+if not __package__:      # run as `python bench/sim_vs_real.py`: import bench.* from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import ROOT, VARIANTS, held_out_pool, run_engine_config, workload_indices  # noqa: E402
+from trail import sim  # noqa: E402
+from trail.engine_config import EngineConfig  # noqa: E402
+from trail.kv_cache_spec import KVCacheSpec  # noqa: E402
+from trail.telemetry import STEP_FIELDS  # noqa: E402
 
 logger = logging.getLogger("sim_vs_real")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))   # bench/serve.py
+# a committed summary of the engine step benchmark (bench/suite/model_engine_step.py)
 ENGINE_STEP_BENCH = ROOT / "bench" / "results" / "h100_2026-11-27" / "engine_step_graphs.json"
 
 
 # ------------------------------------------------------------------------------------------------
 # The requests of a serving run
 # ------------------------------------------------------------------------------------------------
-def held_out_pool(max_prompt: int = 512, max_output: int = 512, recorded: str | Path = sim.DEFAULT_RECORDED) -> dict:
-    """The pool bench/serve.py draws from (held-out trace requests, prompt <= max_prompt, output <=
-    max_output, in trace order) with the recorded predictions of each: ids, prompt_len,
-    output_len, prompt_pred, and pred[i] (float32 per-step predicted remaining)."""
-    d = np.load(recorded)
-    keep = (d["prompt_len"] <= max_prompt) & (d["output_len"] <= max_output)
-    cu = d["cu"]
-    rows = np.flatnonzero(keep)
-    return {"ids": [str(x) for x in d["ids"][rows]], "prompt_len": d["prompt_len"][rows].astype(np.int64),
-            "output_len": d["output_len"][rows].astype(np.int64),
-            "prompt_pred": d["prompt_pred"][rows].astype(np.float64),
-            "pred": [d["pred"][cu[i]: cu[i + 1]].astype(np.float32) for i in rows],
-            "max_new_tokens": int(json.loads(str(d["meta"]))["max_new_tokens"])}
-
-
-def workload_indices(pool_size: int, n: int, rate: float | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Which pool entries and arrival times bench/serve.py uses for (n, rate, seed)."""
-    import serve
-
-    idx, arrivals, _ = serve.workload_indices(pool_size, n, rate, seed)
-    return idx, arrivals
-
-
 def sim_trace(pool: Mapping, idx: Sequence[int], arrivals: np.ndarray, max_new: int = 512,
               predictions: Sequence[np.ndarray] | None = None) -> sim.SimTrace:
     """A SimTrace of pool entries `idx` at `arrivals` with their recorded predictions
@@ -91,16 +72,6 @@ def smollm2_kv_spec(block_size: int = 16) -> KVCacheSpec:
 
     c = preset("smollm2-135m")
     return KVCacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, dtype=torch.bfloat16, block_size=block_size)
-
-
-def serve_engine_config(regime: str, pool: Mapping, run: Mapping, policy: str = "fcfs", options=None) -> EngineConfig:
-    """The EngineConfig bench/serve.py builds for `regime` (its JSON gives the sizes)."""
-    import serve
-
-    mean_total = float(run.get("mean_total_tokens") or np.mean(pool["prompt_len"] + pool["output_len"]))
-    return serve.engine_config(regime, policy, options, max_batch=int(run.get("max_batch", 48)),
-                               kv_requests=float(run.get("kv_requests", 24)), host_blocks=int(run.get("host_blocks", 128)),
-                               mean_total=mean_total, num_requests=int(run.get("num_requests", 150)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -202,32 +173,26 @@ def calibrate_prefill(model: sim.StepTimeModel, trace: sim.SimTrace, engine: Eng
 # ------------------------------------------------------------------------------------------------
 # Cells
 # ------------------------------------------------------------------------------------------------
-def serve_policies() -> dict:
-    import serve  # bench/serve.py: its policy table
-
-    return serve.POLICIES
-
-
 def cell_requests(run: Mapping, cell: Mapping, pool: Mapping) -> tuple[np.ndarray, np.ndarray]:
     """(pool indices, arrivals) of a cell: as recorded by the newer serve.py, else re-drawn."""
     if "request_ids" in cell:
         where = {k: i for i, k in enumerate(pool["ids"])}
         return np.array([where[k] for k in cell["request_ids"]]), np.asarray(cell["arrivals"], np.float64)
-    return workload_indices(len(pool["ids"]), int(run["num_requests"]), cell.get("rate_req_s"), int(cell["seed"]))
+    return workload_indices(len(pool["ids"]), int(run["num_requests"]), cell.get("rate_req_s"), int(cell["seed"]))[:2]
 
 
 def simulate_cell(run: Mapping, cell: Mapping, pool: Mapping, model: sim.StepTimeModel, spec: KVCacheSpec,
                   policies: Sequence[str] | None = None, overrides: Mapping[str, Mapping] | None = None,
                   n_override: int | None = None, extra: Mapping[str, tuple] | None = None) -> dict:
     """{policy: sim metrics + step summary} for one cell of a serving run. `overrides`: policy
-    name -> options replacing serve.POLICIES' (a what-if); `extra`: more names -> (policy,
+    name -> options replacing bench.common.VARIANTS' (a what-if); `extra`: more names -> (policy,
     options)."""
-    table = dict(serve_policies())
+    table = dict(VARIANTS)
     table.update(extra or {})
     if n_override is None:
         idx, arr = cell_requests(run, cell, pool)
     else:
-        idx, arr = workload_indices(len(pool["ids"]), n_override, cell.get("rate_req_s"), int(cell["seed"]))
+        idx, arr, _ = workload_indices(len(pool["ids"]), n_override, cell.get("rate_req_s"), int(cell["seed"]))
     tr = sim_trace(pool, idx, arr)
     out = {}
     for name in policies or list(cell["policies"]):
@@ -235,7 +200,7 @@ def simulate_cell(run: Mapping, cell: Mapping, pool: Mapping, model: sim.StepTim
         opts = dict(opts)
         if overrides and name in overrides:
             opts.update(overrides[name])
-        eng = serve_engine_config(cell["regime"], pool, run, policy, opts)
+        eng = run_engine_config(cell["regime"], pool, run, policy, opts)
         r = sim.simulate(tr, eng, spec, model, record_steps=True)
         m = r.metrics()
         m.update(r.step_summary())
@@ -282,8 +247,8 @@ def run_step_model(run_dir: Path, run: Mapping, pool: Mapping, spec: KVCacheSpec
     sat = run.get("saturation_req_s_ample")
     if sat:
         n = int(run["num_requests"])
-        idx, arr = workload_indices(len(pool["ids"]), n, None, 1000)
-        model = calibrate_prefill(model, sim_trace(pool, idx, arr), serve_engine_config("ample", pool, run), spec, n / sat)
+        idx, arr, _ = workload_indices(len(pool["ids"]), n, None, 1000)
+        model = calibrate_prefill(model, sim_trace(pool, idx, arr), run_engine_config("ample", pool, run), spec, n / sat)
     return model
 
 

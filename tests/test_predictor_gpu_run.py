@@ -1,27 +1,22 @@
 """bench/predictor_gpu_run.py end to end on CPU with a tiny set (8 prompts x 16 tokens, 2 layers,
 tiny grids): every phase runs, the results are packed as the GPU run packs them, and a second run
 with the same work folder resumes the trace and still packs when the budget is spent."""
-import importlib.util
 import json
 import tarfile
 from pathlib import Path
 
+import bench.predictor_gpu_run as mod
 from trail.predictor import bins as B
 from trail.predictor import prompts as P
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("predictor_gpu_run", ROOT / "bench" / "predictor_gpu_run.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+# 8 short prompts cut from tests/data/prompts_sharegpt_alpaca.jsonl.gz (the first that _tiny_prompts
+# picks there; tests/data/README.md)
+SAMPLE = Path(__file__).resolve().parent / "data" / "prompts_sample.jsonl"
 
 
 def _tiny_prompts(path):
-    """Per source two train, one val and one test prompt (short texts) from the carried file."""
-    allp = P.read_prompt_file(ROOT / "bench" / "results" / "predictor" / "prompts_sharegpt_alpaca.jsonl.gz")
+    """Per source two train, one val and one test prompt (short texts) from the sample."""
+    allp = P.read_prompt_file(SAMPLE)
     want = {(s, k): n for s in ("sharegpt", "alpaca") for k, n in (("train", 2), ("val", 1), ("test", 1))}
     out = []
     for p in allp:
@@ -35,7 +30,6 @@ def _tiny_prompts(path):
 
 
 def test_gpu_run_script_on_cpu(smollm2_dir, tmp_path):
-    mod = _script()
     _tiny_prompts(tmp_path / "p.jsonl.gz")
     out, work = tmp_path / "out", tmp_path / "work"
     common = ["--out", str(out), "--work", str(work), "--prompts", str(tmp_path / "p.jsonl.gz"), "--num", "4",
@@ -94,7 +88,6 @@ def test_trace_parts_round_trip(tmp_path, monkeypatch):
     """A trace over the size limit is split into valid partial traces; --trace joins them again."""
     from trail.predictor.trace import TraceRecord, TraceWriter, read_trace
 
-    mod = _script()
     src = tmp_path / "trace.jsonl"
     with TraceWriter(src, {"model": "m", "max_new_tokens": 64}) as w:
         for i in range(300):

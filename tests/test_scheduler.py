@@ -454,11 +454,7 @@ def test_native_and_reference_agree(data):
 
 
 def test_heapq_baseline_agrees_with_native():
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "micro"))
-    from heapq_scheduler import HeapqScheduler
+    from bench.micro.heapq_scheduler import HeapqScheduler
 
     for seed in range(4):
         cfg = SchedulerConfig(policy="trail", max_slots=256, max_batch=16, max_tokens_per_step=64,

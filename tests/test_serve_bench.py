@@ -1,35 +1,21 @@
 """bench/serve.py end to end on a tiny random model (CPU, seconds): a burst cell in the kv regime
 under each policy, the saturation search, sections + merge, the recorded-predictions mode; and
 bench/sim_vs_real.py on the run it wrote (step model fitted from its telemetry)."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-
-def _load(name):
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+import bench.serve as serve
+import bench.sim_vs_real as svr
+from bench import common
 
 
 TINY = ["--model", "random:tiny", "--device", "cpu", "--max-batch", "3", "--kv-requests", "24",
         "--host-blocks", "8", "--max-output", "20", "--max-prompt", "64", "--warmup", "1", "--policies", "fcfs,trail,oracle"]
 
 
-@pytest.fixture(scope="module")
-def serve():
-    return _load("serve")
-
-
-def test_serve_benchmark_runs_a_cell(tmp_path, serve):
+def test_serve_benchmark_runs_a_cell(tmp_path):
     rc = serve.main(["--out", str(tmp_path), "--num-requests", "6", "--loads", "burst", "--regimes", "kv",
                      "--seeds", "0", "--saturation", "kv=5", *TINY])
     assert rc == 0
@@ -44,22 +30,22 @@ def test_serve_benchmark_runs_a_cell(tmp_path, serve):
     assert "kv" in (tmp_path / "serve.summary.txt").read_text()
 
 
-def test_workload_reuses_prompts_beyond_the_pool(serve):
-    idx, arr, reused = serve.workload_indices(10, 25, 2.0, 3)
+def test_workload_reuses_prompts_beyond_the_pool():
+    idx, arr, reused = common.workload_indices(10, 25, 2.0, 3)
     assert reused == 15 and len(idx) == 25 and np.bincount(idx, minlength=10).max() == 3
     assert sorted(idx[:10].tolist()) == list(range(10)) and (np.diff(arr) > 0).all()
-    small, _, r0 = serve.workload_indices(10, 4, None, 3)   # n <= pool: the first runs' draw
+    small, _, r0 = common.workload_indices(10, 4, None, 3)   # n <= pool: the first runs' draw
     assert r0 == 0 and small.tolist() == np.random.default_rng(3).permutation(10)[:4].tolist()
 
 
-def test_saturation_search_brackets_the_knee(serve):
+def test_saturation_search_brackets_the_knee():
     knee = 7.3
     found = serve.saturation_search(lambda r: {"growth": 0.0 if r <= knee else 2.0}, start=3.0, bisect=3)
     assert found["rate"] <= knee and found["bracket"][1] > knee and found["rate"] > knee / 1.3
-    assert serve.queue_growth(np.arange(8.0), np.array([0, 0, 1, 1, 1, 1, 3, 3.0]), np.full(8, 5.0)) > 0
+    assert common.queue_growth(np.arange(8.0), np.array([0, 0, 1, 1, 1, 1, 3, 3.0]), np.full(8, 5.0)) > 0
 
 
-def test_sections_search_merge_and_recorded_mode(tmp_path, serve):
+def test_sections_search_merge_and_recorded_mode(tmp_path):
     common = ["--num-requests", "5", "--loads", "1.0,burst", "--regimes", "ample", "--seeds", "0", "--sat-requests", "6",
               "--sat-start", "20", "--recorded-predictions", *TINY]
     assert serve.main(["--out", str(tmp_path / "s1"), "--section", "1/2", "--sat-max-probes", "2", *common]) == 0
@@ -77,7 +63,6 @@ def test_sections_search_merge_and_recorded_mode(tmp_path, serve):
     assert (tmp_path / "m" / "serve_ample.png").is_file()
 
     # the simulator's prediction of the same run, its step model fitted from the run's telemetry
-    svr = _load("sim_vs_real")
     assert svr.main([str(tmp_path / "s1"), "--out", str(tmp_path / "svr")]) == 0
     (res,) = json.loads((tmp_path / "svr" / "sim_vs_real.json").read_text())
     assert {r["policy"] for r in res["rows"]} == {"fcfs", "trail", "oracle"}
@@ -85,7 +70,6 @@ def test_sections_search_merge_and_recorded_mode(tmp_path, serve):
 
 
 def test_fit_step_model_recovers_two_classes():
-    svr = _load("sim_vs_real")
     from trail.telemetry import STEP_FIELDS
 
     rng = np.random.default_rng(0)
@@ -161,18 +145,20 @@ def test_sim_two_class_step_model_by_hand():
     assert sim.simulate(tr, eng, spec, one).finish.tolist() == [3.0, 5.0]
 
 
-def test_serving_pools_are_held_out_from_the_shipped_probe(serve):
+def test_serving_pools_are_held_out_from_the_shipped_probe():
     """The shipped probe's training + validation ids (probe.json, hashed) exclude every request of
-    the pool `--trace <its trace> --splits test` serves, and the default pool's requests are val or
-    test there (the split is a hash of the id, so it is the same in both traces)."""
+    the pool `--trace <its trace's test split> --splits test` serves, which its recorded predictions
+    cover, and the default pool's requests are val or test there (the split is a hash of the id, so
+    it is the same in both traces)."""
     from trail.predictor import bins as B
     from trail.predictor.probe_file import load_spec, shipped_probe_dir
 
     seen = B.decode_id_set(load_spec(shipped_probe_dir("SmolLM2-135M-Instruct") / "probe").training["seen_ids"])
-    trace = BENCH / "results" / "predictor" / "gpu_run_2026-11-27b" / "trace.jsonl.gz"
-    pool = serve.held_out_requests(512, trace, ["test"])
-    assert len(pool) > 900 and not any(B.id_hash32(rid) in seen for rid, _, _ in pool)
-    default = serve.held_out_requests(512)
+    pool = common.held_out_requests(512, common.SHIPPED_PROBE_TRACE, ["test"])
+    assert len(pool) == 984 and not any(B.id_hash32(rid) in seen for rid, _, _ in pool)
+    recorded, prompt_pred, label = common.load_recorded(common.SHIPPED_PROBE_RECORDED)
+    assert all(rid in recorded and rid in prompt_pred for rid, _, _ in pool) and "layer" in label
+    default = common.held_out_requests(512)
     assert len(default) == 367 and {B.split_of(rid) for rid, _, _ in default} == {"val", "test"}
     with pytest.raises(SystemExit, match="choose among train, val, test"):
         serve.main(["--out", "/tmp/unused", "--splits", "test,holdout", *TINY])

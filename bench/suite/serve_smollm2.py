@@ -9,9 +9,9 @@ import shlex
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the repository root: bench.*
 
-import serve  # noqa: E402
+from bench import serve  # noqa: E402
 
 if __name__ == "__main__":
     args = sys.argv[1:] + shlex.split(os.environ.get("TRAIL_SERVE_ARGS", ""))
