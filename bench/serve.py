@@ -138,7 +138,7 @@ def load_parts(model_source: str, device: str):
             pass
         return model, probe, layer, None
     probe, spec = load_probe_params(shipped / "probe", expect_d=model.config.hidden_size)
-    from trail.engine import prompt_predictor_fn
+    from trail.engine_loading import prompt_predictor_fn
 
     return model, probe, spec.layer, prompt_predictor_fn(shipped / "prompt_boe", model, None)
 

@@ -48,7 +48,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import trail
     from trail.assets import smollm2_hf_dir
     from trail.compare import compare, run_interleaved
-    from trail.engine import LLMEngine, generation_eos_ids, prompt_predictor_fn
+    from trail.engine import LLMEngine
+    from trail.engine_loading import generation_eos_ids, prompt_predictor_fn
     from trail.engine_config import EngineConfig
     from trail.models.loader import load_hf, load_tokenizer
     from trail.predictor.probe_file import load_probe_params, shipped_probe_dir

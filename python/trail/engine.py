@@ -34,43 +34,26 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from trail.batch import BatchPlan
-from trail.detokenize import IncrementalText, push_many
+from trail.detokenize import IncrementalText
 from trail.engine_config import EngineConfig
-from trail.engine_loading import PromptPredictorFn, load_engine_parts
+from trail.engine_loading import PromptPredictorFn, free_device_bytes, load_engine_parts, measure_prefill_rate
+from trail.engine_output import account_plan, record_step, request_output, stream_text
+from trail.faults import EngineDeadError, is_sticky_device_error
 from trail.graph_buckets import graph_batch_sizes, mixed_token_sizes
 from trail.kv_cache import KVCache, KVCacheSpec
 from trail.model_runner import ModelRunner
 from trail.predictions import ProbePredictions
 from trail.request import FinishReason, Request, RequestMetrics, RequestOutput, SamplingParams
-from trail.scheduler import PREEMPT, SCHED, Mode
-from trail.serving_core import ServingCore, borrowed_blocks
+from trail.request_checks import check_request
+from trail.scheduler import SCHED
+from trail.serving_core import ServingCore
 from trail.slot_table import SlotTable
-from trail.step_clock import HostBuffers, InFlight, PhaseClock
+from trail.step_clock import HostBuffers, InFlight, PhaseClock, collect_device_time, record_event
 from trail.telemetry import Telemetry
 from trail_kernels import row_flags
 from trail_kernels.probe import ProbeParams, ProbeState
 
 logger = logging.getLogger(__name__)
-_MODE_NAME = {Mode.KEEP: "keep", Mode.SWAP: "swap", Mode.RECOMPUTE: "recompute"}
-
-
-class EngineDeadError(RuntimeError):
-    """The device failed in a way no step can recover from; `outputs` are the final outputs of
-    the requests it ended (FinishReason.ERROR)."""
-    outputs: list = []
-
-
-def is_sticky_device_error(exc: BaseException) -> bool:
-    """A CUDA error that poisons the context (an illegal access, a device-side assert): every
-    later call fails too. A device OOM is not sticky."""
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return False
-    accel = getattr(torch, "AcceleratorError", None)
-    if accel is not None and isinstance(exc, accel):
-        return True
-    msg = str(exc)
-    return ("CUDA error" in msg or "device-side assert" in msg) and "out of memory" not in msg
 
 
 class LLMEngine:
@@ -120,7 +103,7 @@ class LLMEngine:
         # ---- memory: one config -> KV layout + scheduler config; the core owns both ----
         self.kv_spec = KVCacheSpec(mcfg.num_layers, mcfg.num_kv_heads, mcfg.head_dim, dtype=self.dtype,
                                    block_size=config.block_size)
-        self.layout = config.kv_layout(self.kv_spec, self._free_device_bytes(mcfg.vocab_size))
+        self.layout = config.kv_layout(self.kv_spec, free_device_bytes(self.device, config, mcfg.vocab_size))
         self.kv = KVCache(self.kv_spec, self.layout.num_gpu_blocks, config.max_slots,
                           self.layout.max_blocks_per_request, self.device,
                           num_host_blocks=self.layout.num_host_blocks)
@@ -138,7 +121,7 @@ class LLMEngine:
         self.prompt_predictor = prompt_predictor
         self._default_prediction = (float(probe.bin_values @ probe.log_prior.exp()) if probe is not None else 0.0)
         self._compute_stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-        rate = config.prefill_tokens_per_s or self._measure_prefill_rate()   # the recompute cost
+        rate = config.prefill_tokens_per_s or measure_prefill_rate(self.runner, self.kv, config)  # the recompute cost
         self.prefill_tokens_per_s = rate
         self.scheduler_config = config.scheduler_config(self.kv_spec, self.layout, 1.0 / rate)
         self.core = ServingCore(self.scheduler_config, self.kv, compute_stream=self._compute_stream)
@@ -178,29 +161,6 @@ class LLMEngine:
         parts = load_engine_parts(source, probe=probe, prompt_predictor=prompt_predictor, device=device, dtype=dtype)
         return cls(config=config, seed=seed, **parts)
 
-    def _free_device_bytes(self, vocab: int) -> int | None:
-        if self.device.type != "cuda" or self.config.num_gpu_blocks is not None:
-            return None
-        free, total = torch.cuda.mem_get_info(self.device)
-        reserve = self.config.max_slots * (vocab + 4 * self.config.max_model_len // self.config.block_size)
-        return max(0, int(total * self.config.gpu_memory_utilization) - (total - free) - reserve)
-
-    def _measure_prefill_rate(self) -> float:
-        """Tokens per second of one prefill (the recompute cost), timed on a warm model."""
-        n = min(256, self.config.max_tokens_per_step, self.config.max_model_len)
-        ids = np.random.default_rng(0).integers(0, self.model.config.vocab_size, n)
-        plan = BatchPlan(np.array([0]), np.array([row_flags.PREFILL | row_flags.FIRST_CHUNK]), np.array([0]),
-                         np.array([n]), ids)
-        times = []
-        with borrowed_blocks(self.kv, 0, n):
-            for _ in range(2):
-                t = time.perf_counter()
-                self.runner.forward(self.runner.prepare_plan(plan))
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                times.append(time.perf_counter() - t)
-        return n / min(times)
-
     # ---- requests ------------------------------------------------------------------------------
     def now(self) -> float:
         """Seconds since the engine started (the clock of arrivals, metrics and the scheduler)."""
@@ -220,32 +180,8 @@ class LLMEngine:
                           DeprecationWarning, stacklevel=2)
             params = replace(params, replay_length=replay_length)
         self._check_alive()
-        text = None
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("a text prompt needs a tokenizer; pass token ids")
-            text = prompt
-            ids = [int(t) for t in self.tokenizer(prompt, add_special_tokens=False)["input_ids"]]
-        else:
-            ids = [int(t) for t in prompt]
-        vocab = self.model.config.vocab_size
-        if not ids:
-            raise ValueError("empty prompt")
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise ValueError(f"prompt token ids must lie in [0, {vocab})")
-        limit = self.config.max_model_len
-        if len(ids) + params.max_new_tokens > limit:
-            raise ValueError(f"prompt of {len(ids)} tokens + max_new_tokens={params.max_new_tokens} exceeds "
-                             f"max_model_len={limit}")
-        if params.stop and (self.tokenizer is None or not params.detokenize):
-            raise ValueError(f"SamplingParams.stop={params.stop!r} needs text: an engine with a tokenizer and "
-                             f"detokenize=True")
-        if params.replay_length is not None:
-            true_length = params.replay_length
-        if true_length is not None and not (isinstance(true_length, int) and true_length >= 1):
-            raise ValueError(f"true_length must be an integer >= 1, got {true_length!r}")
-        if self.config.policy == "oracle" and true_length is None:
-            raise ValueError("the oracle policy needs each request's true_length")
+        ids, text, true_length = check_request(prompt, params, true_length, self.tokenizer,
+                                               self.model.config.vocab_size, self.config)
         rid = self._next_id if request_id is None else int(request_id)
         if rid in self._requests:
             raise ValueError(f"request id {rid} is already in use")
@@ -347,17 +283,17 @@ class LLMEngine:
         for the device."""
         clock = PhaseClock(self.device if self.profile_phases else None)
         now = self.now()
-        self._collect_device_time()
+        self._pending_timing = collect_device_time(self.telemetry, self._pending_timing)
         plan = self.core.schedule(self.predictions.values, self.slots.gen_host, now)
         clock.mark("schedule")
-        self._account(plan, now)
+        account_plan(plan, self.slots.req, now)
         rows = plan.rows
         if self.config.overlap and self._in_flight is not None and len(rows):
             rows = self.slots.drop_finishing(rows)
         if len(rows) == 0:
             logger.debug("step %d: nothing runnable (stop reason %d)", self._step_index, plan.stop_reason)
             return None
-        t_dev = self._record_event()
+        t_dev = record_event(self.device)
         out = self.runner.execute(self.slots.batch_plan(rows, self._step_index), clock)
         host = self._host_buffers[self._step_index % 2]     # the step in flight owns the other one
         preds = None
@@ -369,30 +305,10 @@ class LLMEngine:
         tokens.copy_(out.next_tokens[:n], non_blocking=True)
         sampled_rows = rows[out.sampled]
         self.slots.mark_in_flight(sampled_rows, self._step_index)
-        step = InFlight(self._step_index, now, plan, rows, sampled_rows, tokens, preds, t_dev, self._record_event(),
+        step = InFlight(self._step_index, now, plan, rows, sampled_rows, tokens, preds, t_dev, record_event(self.device),
                         clock)
         self._step_index += 1
         return step
-
-    def _account(self, plan, now: float) -> None:
-        """Per-request metrics of the applied plan: preemptions, swapped blocks, recomputed
-        tokens, first scheduling."""
-        req = self.slots.req
-        cols = [PREEMPT.SLOT, PREEMPT.MODE, PREEMPT.FORCED, PREEMPT.BLOCKS]
-        for slot, mode, forced, blocks in plan.preempted[:, cols].tolist():
-            m = req[slot].metrics
-            m.preemptions[_MODE_NAME[Mode(mode)]] += 1
-            m.forced_preemptions += forced
-            if mode == Mode.SWAP:
-                m.swapped_out_blocks += blocks
-        rows = plan.rows
-        marked = rows[((rows[:, SCHED.FLAGS] & row_flags.RECOMPUTE) != 0) | (rows[:, SCHED.CTX_START] == 0)]
-        for slot, n, flags in marked[:, [SCHED.SLOT, SCHED.TOKENS, SCHED.FLAGS]].tolist():
-            m = req[slot].metrics
-            if flags & row_flags.RECOMPUTE:
-                m.recomputed_tokens += n
-            elif m.first_scheduled is None:
-                m.first_scheduled = now
 
     def _complete(self, step: InFlight) -> list[RequestOutput]:
         """The one sync (the step's tokens; its predictions were copied before them on the same
@@ -407,26 +323,12 @@ class LLMEngine:
         try:
             self.predictions.refresh(preds)
             clock.mark("postprocess")
-            self._record_step(step)
+            self._pending_timing = record_step(self.telemetry, step, self.kv_spec.bytes_per_block,
+                                               self.profile_phases)
         except BaseException:
             self._aborted += outputs          # delivered by the next step(): no request is lost
             raise
         return outputs
-
-    def _record_step(self, step: InFlight) -> None:
-        clock, rows, plan = step.clock, step.rows, step.plan
-        recompute = (rows[:, SCHED.FLAGS] & row_flags.RECOMPUTE) != 0
-        prefill = rows[:, SCHED.KIND] == 1
-        bpb = self.kv_spec.bytes_per_block
-        self.telemetry.add_step(
-            step.index, step.now, len(rows), int(rows[:, SCHED.TOKENS].sum()), int(rows[prefill, SCHED.TOKENS].sum()),
-            int((~prefill).sum()), plan.count(Mode.KEEP), plan.count(Mode.SWAP), plan.count(Mode.RECOMPUTE),
-            plan.num_forced, plan.swap_out_blocks * bpb, plan.swap_in_blocks * bpb,
-            int(rows[recompute, SCHED.TOKENS].sum()), clock.total() - clock.get("sync"), clock.get("sync"), math.nan)
-        if step.t_dev is not None:
-            self._pending_timing = (step.t_dev, step.end, len(self.telemetry.steps) - 1)
-        if self.profile_phases:
-            self.telemetry.phases.append(clock.report(len(rows), int(rows[:, SCHED.TOKENS].sum())))
 
     def _postprocess(self, rows: np.ndarray, tokens: np.ndarray, readout: np.ndarray | None) -> list[RequestOutput]:
         """`rows`: the step's sampling rows, `tokens` their tokens, `readout` the probe's by slot.
@@ -435,9 +337,11 @@ class LLMEngine:
         if not live.all():
             rows, tokens = rows[live], tokens[live]
         slots = rows[:, SCHED.SLOT]
-        fed, eos, length = self.slots.commit(slots, tokens)
         predicted = (rows[:, SCHED.FLAGS] & row_flags.RECOMPUTE) == 0
-        values = self.predictions.observe(slots, fed, predicted, readout)
+        values = self.predictions.observe(slots, self.slots.gen[slots].astype(np.int64), predicted, readout)
+        # from the commit to the last append below nothing can fail: the host's tokens and the
+        # requests' output lists advance together (a rollback requeues over the former)
+        fed, eos, length = self.slots.commit(slots, tokens)
         now = self.now()
         reqs = [self.slots.req[s] for s in slots.tolist()]
         custom = self.slots.custom_stop[slots]
@@ -454,11 +358,11 @@ class LLMEngine:
                 reasons[i] = FinishReason.STOP
             elif length[i]:
                 reasons[i] = FinishReason.LENGTH
-        self._stream_text(reqs, tokens, reasons)
+        stream_text(reqs, tokens, reasons)
         outputs, finished = [], []
         for req, reason in zip(reqs, reasons):
             if reason is None:
-                outputs.append(self._output(req))
+                outputs.append(request_output(req))
             else:
                 req.finish_reason = reason
                 finished.append(req)
@@ -466,44 +370,6 @@ class LLMEngine:
             self.core.release([r.serial for r in finished], [r.slot for r in finished])
             outputs += [self._finish(r, r.finish_reason) for r in finished]
         return outputs
-
-    def _stream_text(self, reqs: list[Request], tokens: np.ndarray, reasons: list) -> None:
-        """The step's text, one batched decode: a stop string ends its request; a request that ends
-        otherwise flushes its held-back tail. A request whose decoding fails ends with ERROR."""
-        idx = [i for i, r in enumerate(reqs) if r.stream is not None]
-        if not idx:
-            return
-        streams = [reqs[i].stream for i in idx]
-        new = [[int(tokens[i])] for i in idx]
-        try:
-            results = push_many(streams, new)
-        except Exception:           # find the request(s) at fault, one at a time
-            results = []
-            for st, ids in zip(streams, new):
-                try:
-                    results.append(st.push(ids))
-                except Exception as exc:
-                    results.append(exc)
-        for i, res in zip(idx, results):
-            req = reqs[i]
-            if isinstance(res, Exception):
-                req.error = f"text decoding failed: {type(res).__name__}: {res}"
-                logger.warning("request %d ends with an error: %s", req.id, req.error)
-                reasons[i] = FinishReason.ERROR
-                continue
-            delta, stopped = res
-            if stopped and reasons[i] is None:
-                reasons[i] = FinishReason.STOP
-            if reasons[i] is not None and not stopped:
-                delta += req.stream.finish()
-            req.text += delta
-
-    def _output(self, req: Request) -> RequestOutput:
-        new_ids = req.output_ids[req.sent_tokens:]
-        delta = req.text[req.sent_chars:]
-        req.sent_tokens, req.sent_chars = len(req.output_ids), len(req.text)
-        return RequestOutput(req.id, new_ids, delta, list(req.output_ids), req.text, req.finished,
-                             req.finish_reason, req.metrics, req.prompt_ids, req.error)
 
     def _finish(self, req: Request, reason: FinishReason) -> RequestOutput:
         """Marks `req` finished and unbinds its slot (its scheduler entry and blocks are already
@@ -514,7 +380,7 @@ class LLMEngine:
         self.predictions.unbind(req.slot)
         del self._requests[req.id]
         self.telemetry.add_request(req.id, len(req.prompt_ids), len(req.output_ids), reason.value, req.metrics)
-        return self._output(req)
+        return request_output(req)
 
     # ---- faults ----------------------------------------------------------------------------------
     def _roll_back(self, exc: BaseException) -> None:
@@ -545,23 +411,6 @@ class LLMEngine:
         on the same stream, so they are in too)."""
         if step.end is not None:
             step.end.synchronize()
-
-    def _record_event(self):
-        if self.device.type != "cuda":
-            return None
-        ev = torch.cuda.Event(enable_timing=True)
-        ev.record()
-        return ev
-
-    def _collect_device_time(self) -> None:
-        if self._pending_timing is None:
-            return
-        start, end, index = self._pending_timing
-        self._pending_timing = None
-        if index < len(self.telemetry.steps):
-            row = list(self.telemetry.steps[index])
-            row[-1] = start.elapsed_time(end) / 1e3
-            self.telemetry.steps[index] = tuple(row)
 
     # ---- whole batches -------------------------------------------------------------------------
     def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -86,3 +87,34 @@ def generation_eos_ids(source, tokenizer) -> list[int]:
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     return sorted(ids)
+
+
+def free_device_bytes(device: torch.device, config, vocab: int) -> int | None:
+    """What the KV pool may take on a CUDA device (None elsewhere, or when num_gpu_blocks is given):
+    gpu_memory_utilization of the device less what is in use and the runner's per-slot buffers."""
+    if device.type != "cuda" or config.num_gpu_blocks is not None:
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    reserve = config.max_slots * (vocab + 4 * config.max_model_len // config.block_size)
+    return max(0, int(total * config.gpu_memory_utilization) - (total - free) - reserve)
+
+def measure_prefill_rate(runner, kv, config) -> float:
+    """Tokens per second of one prefill (the recompute cost), timed on a warm model, in blocks
+    borrowed from the (still empty) KV cache."""
+    from trail.batch import BatchPlan
+    from trail.serving_core import borrowed_blocks
+    from trail_kernels import row_flags
+
+    n = min(256, config.max_tokens_per_step, config.max_model_len)
+    ids = np.random.default_rng(0).integers(0, runner.config.vocab_size, n)
+    plan = BatchPlan(np.array([0]), np.array([row_flags.PREFILL | row_flags.FIRST_CHUNK]), np.array([0]),
+                     np.array([n]), ids)
+    times = []
+    with borrowed_blocks(kv, 0, n):
+        for _ in range(2):
+            t = time.perf_counter()
+            runner.forward(runner.prepare_plan(plan))
+            if kv.device.type == "cuda":
+                torch.cuda.synchronize(kv.device)
+            times.append(time.perf_counter() - t)
+    return n / min(times)

@@ -14,7 +14,7 @@ class FinishReason(str, Enum):
     STOP = "stop"        # EOS, a stop token id or a stop string
     LENGTH = "length"    # max_new_tokens reached
     ABORT = "abort"      # abort(id)
-    ERROR = "error"      # a fault this request caused (its text decoding, its stop rules) or a dead device
+    ERROR = "error"      # a fault this request caused (its text decoding failed) or a dead device
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class SamplingParams:
     which ignores only the EOS ids); `stop` strings end it when they appear in the text (the
     returned text stops before them; streamed text never runs past a stop string's start).
     `detokenize`: produce text (False: token ids only, no decoding cost).
-    `replay_length`: stop after exactly this many tokens, EOS and stop rules ignored (a benchmark
+    `replay_length`: stop after exactly this many tokens, EOS ignored (a benchmark
     replaying recorded output lengths, so every policy does the same work); the predictor and the
     scheduler still see `max_new_tokens` as the cap, so the replayed length never leaks into
     predictions."""

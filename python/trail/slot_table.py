@@ -7,7 +7,8 @@ aborted request can never be taken for the next request in its slot) and the tok
     table.bind(slot, serial, request, prompt_ids, max_new, stop_len, ignore_eos, custom_stop)
     plan = table.batch_plan(rows)          # the plan's rows -> the runner's BatchPlan
     table.mark_in_flight(sampled_rows, step)
-    live = table.commit(rows, tokens)      # the step's tokens appended (rows of live requests)
+    rows = rows[table.live(rows)]          # requests that still hold their slot
+    fed, eos, length = table.commit(rows[:, SCHED.SLOT], tokens)   # the step's tokens appended
     table.unbind(slot)
 
 Host truth of a request's output is `tokens[slot, prompt_len:seq_len]` and `gen[slot]` (outputs

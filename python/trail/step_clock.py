@@ -75,3 +75,25 @@ class PhaseClock:
         for (_, a), (name, b) in zip(self.events, self.events[1:]):
             out[f"device_{name}_s"] = a.elapsed_time(b) / 1e3
         return out
+
+
+def record_event(device: torch.device):
+    """A timing event on the current CUDA stream (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    ev = torch.cuda.Event(enable_timing=True)
+    ev.record()
+    return ev
+
+
+def collect_device_time(telemetry, pending: tuple | None) -> None:
+    """Fills the device time of a completed step's telemetry row from its events (start, end,
+    row index), read after a later sync so no sync of its own. Returns None (nothing pending)."""
+    if pending is None:
+        return None
+    start, end, index = pending
+    if index < len(telemetry.steps):
+        row = list(telemetry.steps[index])
+        row[-1] = start.elapsed_time(end) / 1e3
+        telemetry.steps[index] = tuple(row)
+    return None

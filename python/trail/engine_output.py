@@ -1,0 +1,97 @@
+"""What an engine step hands back: per-request metrics from the applied plan (preemptions, swapped
+blocks, recomputed tokens), the step's text (one batched incremental decode; stop strings; a
+request whose decoding fails ends with FinishReason.ERROR), the `RequestOutput`s, and the step's
+row in the telemetry. Called by `trail.engine.LLMEngine` only."""
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+
+from trail.detokenize import push_many
+from trail.request import FinishReason, Request, RequestOutput
+from trail.scheduler import PREEMPT, SCHED, Mode
+from trail_kernels import row_flags
+
+logger = logging.getLogger(__name__)
+_MODE_NAME = {Mode.KEEP: "keep", Mode.SWAP: "swap", Mode.RECOMPUTE: "recompute"}
+
+
+def account_plan(plan, slot_requests: list, now: float) -> None:
+    """Per-request metrics of the applied plan: preemptions, swapped blocks, recomputed
+    tokens, first scheduling."""
+    req = slot_requests
+    cols = [PREEMPT.SLOT, PREEMPT.MODE, PREEMPT.FORCED, PREEMPT.BLOCKS]
+    for slot, mode, forced, blocks in plan.preempted[:, cols].tolist():
+        m = req[slot].metrics
+        m.preemptions[_MODE_NAME[Mode(mode)]] += 1
+        m.forced_preemptions += forced
+        if mode == Mode.SWAP:
+            m.swapped_out_blocks += blocks
+    rows = plan.rows
+    marked = rows[((rows[:, SCHED.FLAGS] & row_flags.RECOMPUTE) != 0) | (rows[:, SCHED.CTX_START] == 0)]
+    for slot, n, flags in marked[:, [SCHED.SLOT, SCHED.TOKENS, SCHED.FLAGS]].tolist():
+        m = req[slot].metrics
+        if flags & row_flags.RECOMPUTE:
+            m.recomputed_tokens += n
+        elif m.first_scheduled is None:
+            m.first_scheduled = now
+
+
+def record_step(telemetry, step, bytes_per_block: int, profile: bool) -> tuple | None:
+    """The step's row in `telemetry` (and its phase times when profiling); returns the pending
+    device-time events (start, end, row index) or None."""
+    clock, rows, plan = step.clock, step.rows, step.plan
+    recompute = (rows[:, SCHED.FLAGS] & row_flags.RECOMPUTE) != 0
+    prefill = rows[:, SCHED.KIND] == 1
+    bpb = bytes_per_block
+    telemetry.add_step(
+        step.index, step.now, len(rows), int(rows[:, SCHED.TOKENS].sum()), int(rows[prefill, SCHED.TOKENS].sum()),
+        int((~prefill).sum()), plan.count(Mode.KEEP), plan.count(Mode.SWAP), plan.count(Mode.RECOMPUTE),
+        plan.num_forced, plan.swap_out_blocks * bpb, plan.swap_in_blocks * bpb,
+        int(rows[recompute, SCHED.TOKENS].sum()), clock.total() - clock.get("sync"), clock.get("sync"), math.nan)
+    if profile:
+        telemetry.phases.append(clock.report(len(rows), int(rows[:, SCHED.TOKENS].sum())))
+    return None if step.t_dev is None else (step.t_dev, step.end, len(telemetry.steps) - 1)
+
+
+def stream_text(reqs: list[Request], tokens: np.ndarray, reasons: list) -> None:
+    """The step's text, one batched decode: a stop string ends its request; a request that ends
+    otherwise flushes its held-back tail. A request whose decoding fails ends with ERROR."""
+    idx = [i for i, r in enumerate(reqs) if r.stream is not None]
+    if not idx:
+        return
+    streams = [reqs[i].stream for i in idx]
+    new = [[int(tokens[i])] for i in idx]
+    try:
+        results = push_many(streams, new)
+    except Exception:           # find the request(s) at fault, one at a time
+        results = []
+        for st, ids in zip(streams, new):
+            try:
+                results.append(st.push(ids))
+            except Exception as exc:
+                results.append(exc)
+    for i, res in zip(idx, results):
+        req = reqs[i]
+        if isinstance(res, Exception):
+            req.error = f"text decoding failed: {type(res).__name__}: {res}"
+            logger.warning("request %d ends with an error: %s", req.id, req.error)
+            reasons[i] = FinishReason.ERROR
+            continue
+        delta, stopped = res
+        if stopped and reasons[i] is None:
+            reasons[i] = FinishReason.STOP
+        if reasons[i] is not None and not stopped:
+            delta += req.stream.finish()
+        req.text += delta
+
+
+def request_output(req: Request) -> RequestOutput:
+    """What the user gets now: the tokens and text since the last output, and everything so far."""
+    new_ids = req.output_ids[req.sent_tokens:]
+    delta = req.text[req.sent_chars:]
+    req.sent_tokens, req.sent_chars = len(req.output_ids), len(req.text)
+    return RequestOutput(req.id, new_ids, delta, list(req.output_ids), req.text, req.finished,
+                         req.finish_reason, req.metrics, req.prompt_ids, req.error)
