@@ -2,6 +2,7 @@
 
 - Without CUDA, TRITON_INTERPRET=1 is set before anything imports Triton, so kernel tests can run
   the Triton path on CPU (small grids only: ~1 ms per program instance).
+- TRAIL_CHECK_LEDGER=1: serving cores check the block ledger against every plan.
 - `gpu`-marked tests are skipped without CUDA.
 - `smollm2_dir`: the real SmolLM2-135M-Instruct weights as a cached safetensors folder, converted
   from the GGUF once per machine (not once per test).
@@ -12,6 +13,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# every serving core in the tests checks, after each step, that each scheduled slot maps exactly
+# its plan row's BLOCKS (trail.serving_core.ServingCore.check)
+os.environ.setdefault("TRAIL_CHECK_LEDGER", "1")
 
 import pytest  # noqa: E402
 
