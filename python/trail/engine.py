@@ -15,12 +15,10 @@ One step is one straight walk (docs/DESIGN.md "The step"):
                released through the core
 With `EngineConfig.overlap` the step launched by one `step()` call is completed by the next.
 
-A step is atomic: if anything fails between schedule and postprocess (an error in any phase, a
-device OOM, Ctrl-C), every request that holds KV goes back to waiting and is prefilled again
-over what the host confirmed (`ServingCore.requeue`), so no request is lost, duplicated or
-silently wrong; the exception then propagates. A fault of one request (its text decoding) ends
-only that request (FinishReason.ERROR). A sticky device error ends every request and the engine.
-"""
+A step is atomic: if any phase fails (an error, a device OOM, Ctrl-C), every request holding KV
+goes back to waiting, to be prefilled again over what the host confirmed (`ServingCore.requeue`),
+and the exception propagates. A request whose text decoding fails ends alone (FinishReason.ERROR);
+a sticky device error ends every request and the engine (trail.faults)."""
 from __future__ import annotations
 
 import logging
