@@ -19,10 +19,7 @@ LIBRARY = (ROOT / "python" / "trail", ROOT / "trail_kernels")
 
 # Mentions waiting for their owner's edit: (file, the exact line). Empty this once the comment in
 # scheduler_types.py points at the simulator's tables without the bench/results path.
-KNOWN_MENTIONS = {
-    ("python/trail/scheduler_types.py",
-     "# theirs (the oracle is trail with true lengths), chosen by the simulator sweeps (bench/results/sim/)."),
-}
+KNOWN_MENTIONS: set = set()
 
 
 @pytest.fixture(scope="module")

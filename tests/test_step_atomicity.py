@@ -232,3 +232,36 @@ def test_gpu_a_fault_is_rolled_back_with_overlap_and_graphs(phase):
     engine = _engine(model_probe, overlap=True, eager=False)
     tokens, faults = _serve(engine, _arm(*target, exc))
     assert faults == 1 and tokens == clean_tokens
+
+
+def test_a_request_whose_text_decoding_fails_ends_alone(cpu_model, smollm2_dir):
+    """A fault one request causes (its text decoding) ends that request with FinishReason.ERROR
+    and a message; the others run on with the tokens of a clean run (real SmolLM2 tokenizer)."""
+    from trail.models.loader import load_tokenizer
+
+    tok = load_tokenizer(smollm2_dir)
+    prompts, _ = _workload()
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+
+    def serve(sabotage: bool):
+        model, probe = cpu_model
+        engine = LLMEngine(model, tok, _engine(cpu_model, True).config, probe=probe, probe_layer=1,
+                           eos_token_ids=[7])
+        for i in range(3):
+            engine.add_request(prompts[i], params, request_id=i)
+        if sabotage:
+            def broken(jobs):
+                raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
+            engine._requests[1].stream._decode = broken
+        finals = {}
+        while engine.has_unfinished():
+            finals.update((o.request_id, o) for o in engine.step() if o.finished)
+        engine.check_idle()
+        return finals
+
+    clean_run, faulty = serve(False), serve(True)
+    assert faulty[1].finish_reason == FinishReason.ERROR and "text decoding failed" in faulty[1].error
+    assert len(faulty[1].token_ids) == 1
+    for i in (0, 2):
+        assert faulty[i].finish_reason == FinishReason.LENGTH and faulty[i].error is None
+        assert faulty[i].token_ids == clean_run[i].token_ids and faulty[i].text == clean_run[i].text

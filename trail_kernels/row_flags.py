@@ -2,7 +2,7 @@
 csrc/scheduler/scheduler.h mirrors these values), the model runner reads them to decide which rows
 sample, and the probe kernel reads them to pool, update or skip a row.
 
-    0                        a decode row (one token; samples)
+    SAMPLE alone             a decode row (one token; samples)
     PREFILL                  a prompt chunk (or a chunk of a recompute)
     FIRST_CHUNK              the chunk starts at position 0 (the slot's pooled prompt sum restarts)
     LAST_CHUNK               the chunk reaches the prefill target (the probe reads the prompt mean)

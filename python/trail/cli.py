@@ -7,6 +7,8 @@ import logging
 import math
 import sys
 
+from trail.policies import POLICIES
+
 
 def cmd_info(args: argparse.Namespace) -> int:
     import torch
@@ -146,8 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=_positive_int, default=4, help="running requests per step")
     p.add_argument("--max-new-tokens", type=_positive_int, default=512,
                    help="the cap the predictors and scheduler see (outputs stop at their recorded length)")
-    p.add_argument("--policies", nargs="+", default=["fcfs", "sjf_prompt", "trail", "oracle"],
-                   choices=["fcfs", "sjf_prompt", "trail", "oracle"])
+    p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     p.add_argument("--seed", type=int, default=0, help="shuffles the arrival order")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.set_defaults(func=cmd_demo)

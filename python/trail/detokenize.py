@@ -197,10 +197,16 @@ def push_many(streams: Sequence[IncrementalText], new_ids: Sequence[Sequence[int
             out.append(("", st.stopped))
             continue
         sid = st._ids
+        before = len(sid)
         sid.extend(ids if type(ids) is list else [int(t) for t in ids])
         p, r = st._prefix, st._read
         jobs = [sid[p:], sid[r:]] if st._prefix_text is not None else [sid[p:r], sid[p:], sid[r:]]
-        out.append(st._advance(st._decode(jobs)))
+        try:
+            texts = st._decode(jobs)
+        except BaseException:
+            del sid[before:]            # the stream is as before the call: a retry is safe
+            raise
+        out.append(st._advance(texts))
     return out
 
 

@@ -57,34 +57,25 @@ def record_step(telemetry, step, bytes_per_block: int, profile: bool) -> tuple |
 
 
 def stream_text(reqs: list[Request], tokens: np.ndarray, reasons: list) -> None:
-    """The step's text, one batched decode: a stop string ends its request; a request that ends
-    otherwise flushes its held-back tail. A request whose decoding fails ends with ERROR."""
+    """The step's text, decoded incrementally per request: a stop string ends its request; a
+    request that ends otherwise flushes its held-back tail. A request whose decoding fails ends
+    with ERROR (its text so far is kept); the others are untouched."""
     idx = [i for i, r in enumerate(reqs) if r.stream is not None]
     if not idx:
         return
-    streams = [reqs[i].stream for i in idx]
-    new = [[int(tokens[i])] for i in idx]
-    try:
-        results = push_many(streams, new)
-    except Exception:           # find the request(s) at fault, one at a time
-        results = []
-        for st, ids in zip(streams, new):
-            try:
-                results.append(st.push(ids))
-            except Exception as exc:
-                results.append(exc)
-    for i, res in zip(idx, results):
+    for i in idx:                # one stream at a time, so a failure stays with its request
         req = reqs[i]
-        if isinstance(res, Exception):
-            req.error = f"text decoding failed: {type(res).__name__}: {res}"
+        try:
+            delta, stopped = push_many([req.stream], [[int(tokens[i])]])[0]
+            if stopped and reasons[i] is None:
+                reasons[i] = FinishReason.STOP
+            if reasons[i] is not None and not stopped:
+                delta += req.stream.finish()
+        except Exception as exc:
+            req.error = f"text decoding failed: {type(exc).__name__}: {exc}"
             logger.warning("request %d ends with an error: %s", req.id, req.error)
             reasons[i] = FinishReason.ERROR
             continue
-        delta, stopped = res
-        if stopped and reasons[i] is None:
-            reasons[i] = FinishReason.STOP
-        if reasons[i] is not None and not stopped:
-            delta += req.stream.finish()
         req.text += delta
 
 

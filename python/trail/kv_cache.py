@@ -23,7 +23,7 @@ Ordering (what corrupts data when wrong):
   their free list only once the copy's event has completed (`reclaim()`, a query, no wait), or,
   with `reclaim(stream=s)`, at once, after making `s` wait for the copy on the GPU (valid when all
   later writes to those blocks are on `s`).
-- Blocks freed by `free` / `drop` are reusable at once: later work on the compute stream is
+- Blocks freed by `free` are reusable at once: later work on the compute stream is
   ordered after the reads, and swap-ins wait for the compute stream (above). Except a slot whose
   swap-in copy has not completed yet: its blocks are pending on that copy.
 - A swapped-in request's blocks must not be read before `wait(event)` on the reading stream.

@@ -5,9 +5,10 @@ Data flow: the engine `add`s a request (gets its slot), then every step passes t
 predicted remaining lengths (float32 [max_slots]) and generated counts (int32 [max_slots]) as CPU
 tensors (the pinned buffers the GPU copied into), and the free GPU / host KV blocks. `step` returns
 the batch as two int64 tensors, read by column (`SCHED` / `PREEMPT` below), with no per-request
-Python work. The engine applies the preempted rows first (in order: keep / swap out / free), then
-the scheduled rows (swap in where `resume == SWAP_IN`, allocate up to `blocks`, run `tokens`
-tokens from position `ctx_start`), then reports finished requests with `finish`.
+Python work. `trail.serving_core.ServingCore` applies the preempted rows first (in order: keep /
+swap out / free), then the scheduled rows (swap in where `resume == SWAP_IN`, grow the slot to
+`blocks`), the runner runs `tokens` tokens from position `ctx_start`, and finished or aborted
+requests leave through `cancel_many`; `requeue_many` sends the requests of a lost step back.
 
 Slots are assigned by the scheduler at `add` (a LIFO free list: 0, 1, 2, ... at first, the most
 recently freed slot next) and freed by `finish` / `cancel`.
@@ -22,8 +23,8 @@ held with a per-request bound (evict_kv_weight, max_forced_evictions), forced-ev
 resumed first (resume_forced_first), no policy swap / recompute under memory pressure
 (memory_preemption), a preemption margin in tokens and aging.
 
-`ReferenceScheduler` (scheduler_reference.py) is a pure-Python implementation of the same step
-with the same API, used by the tests.
+`ReferenceScheduler` (tests/scheduler_reference.py) is a pure-Python implementation of the same
+step with the same API, the tests' oracle.
 """
 from __future__ import annotations
 

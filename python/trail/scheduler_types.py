@@ -1,5 +1,5 @@
 """Types shared by the native scheduler (scheduler.py) and its pure-Python reference
-(scheduler_reference.py): request states, plan columns, the config and the step output. Both
+(tests/scheduler_reference.py): request states, plan columns, the config and the step output. Both
 import this module; neither imports the other at module level."""
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-POLICIES = ("fcfs", "sjf_prompt", "trail", "oracle")
+from trail.policies import POLICIES  # noqa: E402  (the one table)
 # Per-policy defaults of the fields left None. fcfs / sjf_prompt run to completion unless memory
 # forces an eviction (like vLLM and S3/SSJF) and use none of the options; trail and oracle share
-# theirs (the oracle is trail with true lengths), chosen by the simulator sweeps (bench/results/sim/).
+# theirs (the oracle is trail with true lengths), chosen by the simulator sweeps (bench/sim_sweeps.py).
 # trail (TRAIL's rule, c = 0.8, plus): margin 32 tokens, aging 10 tokens/s (p99 <= 1.5x fcfs up to
 # 1.1x saturation at the fitted step times; it scales with the step time), admission reserve 0.3 x
 # predicted remaining, forced victims by predicted remaining - KV held with at most 1 forced
