@@ -161,3 +161,21 @@ class BlockAllocator:
         for b in range(self.num_blocks):
             assert (b in seen) != (self._refs[b] > 0), f"{self.kind} block {b} is lost or double-held"
 
+
+class LedgerCounts:
+    """What the serving core reads of a block ledger (`KVCache`, `HostBlockLedger`): free GPU and
+    host blocks and each slot's mapped blocks. Needs `gpu_allocator`, `host_allocator` and an int64
+    `_num_mapped[max_slots]`."""
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.gpu_allocator.num_free
+
+    @property
+    def num_free_host_blocks(self) -> int:
+        return self.host_allocator.num_free
+
+    def mapped_blocks(self, slots):
+        """Blocks mapped in each slot's table (host truth), int64, for vectorised checks."""
+        return self._num_mapped[slots]
+

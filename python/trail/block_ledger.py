@@ -8,27 +8,16 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from trail.block_allocator import COMPLETED, BlockAllocator, Event
+from trail.block_allocator import COMPLETED, BlockAllocator, Event, LedgerCounts
 from trail.kv_cache import SwappedKV
 
 
-class HostBlockLedger:
+class HostBlockLedger(LedgerCounts):
     def __init__(self, num_gpu_blocks: int, num_host_blocks: int, max_slots: int):
         self.gpu_allocator = BlockAllocator(num_gpu_blocks, "gpu")
         self.host_allocator = BlockAllocator(num_host_blocks, "host")
         self._tables: list[list[int]] = [[] for _ in range(max_slots)]
         self._num_mapped = np.zeros(max_slots, np.int64)
-
-    @property
-    def num_free_blocks(self) -> int:
-        return self.gpu_allocator.num_free
-
-    @property
-    def num_free_host_blocks(self) -> int:
-        return self.host_allocator.num_free
-
-    def mapped_blocks(self, slots: np.ndarray) -> np.ndarray:
-        return self._num_mapped[slots]
 
     def grow_to(self, slots: np.ndarray, num_blocks: np.ndarray) -> int:
         slots = np.asarray(slots, np.int64)

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from trail._native import ops
-from trail.block_allocator import COMPLETED, BlockAllocator, Event
+from trail.block_allocator import COMPLETED, BlockAllocator, Event, LedgerCounts
 from trail.kv_cache_spec import KVCacheSpec
 from trail.kv_swap import host_buffer
 
@@ -61,7 +61,7 @@ class SwappedKV:
         return len(self.host_blocks)
 
 
-class KVCache:
+class KVCache(LedgerCounts):
     """The pool, the block tables, the GPU block allocator, and the host swap space."""
 
     def __init__(self, spec: KVCacheSpec, num_blocks: int, max_slots: int,
@@ -138,22 +138,11 @@ class KVCache:
             raise IndexError(f"layer {layer} out of range [0, {self.spec.num_layers})")
         return self.pool[:, layer]
 
-    # ---- queries ----
-    @property
-    def num_free_blocks(self) -> int:
-        return self.gpu_allocator.num_free
-
-    @property
-    def num_free_host_blocks(self) -> int:
-        return self.host_allocator.num_free
+    # ---- queries (free counts, mapped_blocks: LedgerCounts) ----
 
     def blocks_of(self, slot: int) -> list[int]:
         self._check_slot(slot)
         return list(self._tables[slot])
-
-    def mapped_blocks(self, slots: np.ndarray) -> np.ndarray:
-        """Blocks mapped in each slot's table (host truth), int64, for vectorised checks."""
-        return self._num_mapped[slots]
 
     def blocks_needed(self, demands: Mapping[int, int]) -> int:
         """New GPU blocks `allocate(demands)` would take."""
