@@ -47,7 +47,7 @@ def _engine(model_probe, overlap: bool, eager: bool = True) -> LLMEngine:
     # host space and a slow recompute make them swaps (c = 5: the policy preempts too)
     config = EngineConfig(policy="trail", max_batch=4, max_slots=32, max_model_len=28, block_size=4,
                           num_gpu_blocks=7, num_host_blocks=32, prefill_tokens_per_s=1.0, overlap=overlap,
-                          enforce_eager=eager, policy_options=dict(TRAIL_PAPER, c=5.0))
+                          enforce_eager=eager, cuda_graph_tokens=(16, 48), policy_options=dict(TRAIL_PAPER, c=5.0))
     return LLMEngine(model, None, config, probe=probe, probe_layer=1, eos_token_ids=[7])
 
 
