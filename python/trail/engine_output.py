@@ -10,7 +10,7 @@ import math
 import numpy as np
 
 from trail.detokenize import push_many
-from trail.request import FinishReason, Request, RequestOutput
+from trail.request import FinishReason, Request, RequestOutput, TokenPrefix
 from trail.scheduler import PREEMPT, SCHED, Mode
 from trail_kernels import row_flags
 
@@ -84,5 +84,6 @@ def request_output(req: Request) -> RequestOutput:
     new_ids = req.output_ids[req.sent_tokens:]
     delta = req.text[req.sent_chars:]
     req.sent_tokens, req.sent_chars = len(req.output_ids), len(req.text)
-    return RequestOutput(req.id, new_ids, delta, list(req.output_ids), req.text, req.finished,
+    ids = list(req.output_ids) if req.finished else TokenPrefix(req.output_ids, len(req.output_ids))
+    return RequestOutput(req.id, new_ids, delta, ids, req.text, req.finished,
                          req.finish_reason, req.metrics, req.prompt_ids, req.error)

@@ -149,14 +149,52 @@ class Request:
         return self.finish_reason is not None
 
 
+class TokenPrefix(Sequence):
+    """The first `n` tokens of a request's growing output list, as a read-only sequence: built in
+    O(1) each step (the engine never copies a request's tokens per step); it compares equal to a
+    list or tuple of the same ids; `list(...)` makes a copy. Appends after `n` never show."""
+    __slots__ = ("_ids", "_n")
+
+    def __init__(self, ids: list[int], n: int):
+        self._ids, self._n = ids, n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self._ids[:self._n][i]
+        if not -self._n <= i < self._n:
+            raise IndexError("token index out of range")
+        return self._ids[i % self._n]
+
+    def __iter__(self):
+        return iter(self._ids[:self._n])
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, (list, tuple, TokenPrefix)):
+            return len(other) == self._n and list(self) == list(other)
+        return NotImplemented
+
+    def __add__(self, other):
+        return list(self) + list(other)
+
+    def __radd__(self, other):
+        return list(other) + list(self)
+
+    def __repr__(self) -> str:
+        return repr(list(self))
+
+
 @dataclass
 class RequestOutput:
-    """One step's news about one request. `token_ids` / `text` are everything so far;
-    `new_token_ids` / `text_delta` what this step added."""
+    """One step's news about one request. `token_ids` / `text` are everything so far (a streaming
+    output's `token_ids` is a `TokenPrefix` view, the final output's a list); `new_token_ids` /
+    `text_delta` what this step added: the deltas concatenate to the final ids and text."""
     request_id: int
     new_token_ids: list[int]
     text_delta: str
-    token_ids: list[int]
+    token_ids: Sequence[int]
     text: str
     finished: bool
     finish_reason: FinishReason | None
