@@ -241,7 +241,7 @@ class LLMEngine:
         return self.core.scheduler
 
     def has_unfinished(self) -> bool:
-        return bool(self._requests) or bool(self._aborted) or self._in_flight is not None
+        return bool(self._requests or self._aborted) or self._in_flight is not None
 
     @property
     def num_unfinished(self) -> int:
@@ -286,8 +286,7 @@ class LLMEngine:
         clock.mark("schedule")
         account_plan(plan, self.slots.req, now)
         rows = plan.rows
-        if self.config.overlap and self._in_flight is not None and len(rows):
-            rows = self.slots.drop_finishing(rows)
+        rows = self.slots.drop_finishing(rows) if self.config.overlap and self._in_flight is not None else rows
         if len(rows) == 0:
             logger.debug("step %d: nothing runnable (stop reason %d)", self._step_index, plan.stop_reason)
             return None
@@ -329,8 +328,8 @@ class LLMEngine:
         return outputs
 
     def _postprocess(self, rows: np.ndarray, tokens: np.ndarray, readout: np.ndarray | None) -> list[RequestOutput]:
-        """`rows`: the step's sampling rows, `tokens` their tokens, `readout` the probe's by slot.
-        Rows of requests that finished or were aborted since the step launched are dropped."""
+        """The step's sampling rows and tokens, the probe's readout by slot (rows of requests that
+        ended since the step launched are dropped): per-row Python only for appends and finishes."""
         live = self.slots.live(rows)
         if not live.all():
             rows, tokens = rows[live], tokens[live]
@@ -342,17 +341,20 @@ class LLMEngine:
         fed, eos, length = self.slots.commit(slots, tokens)
         now = self.now()
         reqs = [self.slots.req[s] for s in slots.tolist()]
-        custom = self.slots.custom_stop[slots]
-        reasons: list[FinishReason | None] = [None] * len(reqs)
-        for i, (req, tok) in enumerate(zip(reqs, tokens.tolist())):
+        toks = tokens.tolist()
+        for req, tok in zip(reqs, toks):
             req.output_ids.append(tok)
             m = req.metrics
             m.token_times.append(now)
             if m.first_token is None:
                 m.first_token = now
-            if values is not None and predicted[i]:
-                m.predictions.append((int(fed[i]), float(values[i])))
-            if eos[i] or (custom[i] and tok in req.params.stop_token_ids):
+        if values is not None:
+            for i, g, v in zip(np.flatnonzero(predicted).tolist(), fed[predicted].tolist(), values[predicted].tolist()):
+                reqs[i].metrics.predictions.append((g, v))
+        reasons: list[FinishReason | None] = [None] * len(reqs)
+        custom = self.slots.custom_stop[slots]
+        for i in np.flatnonzero(eos | length | custom).tolist():     # rows that may finish
+            if eos[i] or (custom[i] and toks[i] in reqs[i].params.stop_token_ids):
                 reasons[i] = FinishReason.STOP
             elif length[i]:
                 reasons[i] = FinishReason.LENGTH
@@ -403,7 +405,6 @@ class LLMEngine:
             req.error = self._dead
             self._aborted.append(self._finish(req, FinishReason.ERROR))
 
-    # ---- timing ----------------------------------------------------------------------------------
     def _sync(self, step: InFlight) -> None:
         """The step's one host-device sync: its tokens (the predictions were copied before them
         on the same stream, so they are in too)."""

@@ -82,6 +82,8 @@ class SlotTable:
     def drop_finishing(self, rows: np.ndarray) -> np.ndarray:
         """Sampling rows of requests whose token in flight is their last (they reach their length
         when that step completes; only with overlap) are not run."""
+        if not len(rows):
+            return rows
         slots = rows[:, SCHED.SLOT]
         finishing = ((self.pending[slots] == rows[:, SCHED.ID]) & (self.gen[slots] + 1 >= self.stop_len[slots])
                      & ((rows[:, SCHED.FLAGS] & row_flags.SAMPLE) != 0))
