@@ -118,6 +118,8 @@ def serve(policy: str, max_batch: int = 2, max_new_tokens: int | list[int] = 48,
         if finished:
             scheduler.finish_many(finished)
         step += 1
+    for r in reqs.values():
+        r["text"] = tok.decode(r["out"], skip_special_tokens=True)
     return {"requests": reqs, "decisions": decisions, "steps": step}
 
 
@@ -133,7 +135,7 @@ def main() -> None:
     for rid, r in result["requests"].items():
         lat = r["done"] - rid * 2
         print(f"  request {rid}: {len(r['out']):>3} tokens, latency {lat:>3} steps, first prediction "
-              f"{r['preds'][0][1]:6.1f}, text {PROMPTS[rid][:30]!r}")
+              f"{r['preds'][0][1]:6.1f}\n    prompt: {PROMPTS[rid]!r}\n    answer: {r['text']!r}")
     print(f"mean latency {np.mean([r['done'] - rid * 2 for rid, r in result['requests'].items()]):.1f} steps")
 
 

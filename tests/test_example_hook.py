@@ -27,7 +27,8 @@ def test_example_schedules_a_transformers_model_by_predicted_length(example):
                          **dict(TRAIL_PAPER, c=5.0))
     assert fcfs["decisions"]["keep"] == 0 and ours["decisions"]["keep"] > 0
     for rid, r in ours["requests"].items():
-        assert r["out"] == fcfs["requests"][rid]["out"]
+        assert r["out"] == fcfs["requests"][rid]["out"] and r["text"] == fcfs["requests"][rid]["text"]
+        assert r["text"].strip(), rid                                      # the answer is text, decoded
         assert r["done"] is not None and 1 <= len(r["out"]) <= r["cap"]
         assert all(0 <= p <= r["cap"] - g + 1e-3 for g, p in r["preds"])    # capped readout, one per token
     # the short late arrivals finish sooner under trail

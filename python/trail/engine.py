@@ -24,8 +24,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import warnings
-from dataclasses import replace
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -42,7 +40,7 @@ from trail.kv_cache import KVCache, KVCacheSpec
 from trail.model_runner import ModelRunner
 from trail.predictions import ProbePredictions
 from trail.request import FinishReason, Request, RequestMetrics, RequestOutput, SamplingParams
-from trail.request_checks import check_request
+from trail.request_checks import check_request, deprecated_replay
 from trail.scheduler import SCHED
 from trail.serving_core import ServingCore
 from trail.slot_table import SlotTable
@@ -164,22 +162,22 @@ class LLMEngine:
         """Seconds since the engine started (the clock of arrivals, metrics and the scheduler)."""
         return self._clock() - self._t0
 
-    def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None, *,
+    def add_request(self, prompt: str | Sequence[int] | Sequence[dict], params: SamplingParams | None = None, *,
                     request_id: int | None = None, arrival: float | None = None,
-                    true_length: int | None = None, replay_length: int | None = None) -> int:
-        """Queues a request; returns its id. Everything is validated here (a bad request raises
+                    true_length: int | None = None, replay_length: int | None = None, chat: bool = False) -> int:
+        """Queues a request; returns its id. `prompt`: text (tokenized as is), token ids, or a list
+        of {"role", "content"} messages; `chat=True`: text or messages go through the model's chat
+        template (what an instruct model expects). Everything is validated here (a bad request raises
         ValueError and changes nothing). `true_length`: the real output length, known only to the
         oracle policy. `replay_length`: deprecated, use `SamplingParams(replay_length=...)`."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
         if replay_length is not None:
-            warnings.warn("add_request(replay_length=) is deprecated; use SamplingParams(replay_length=...)",
-                          DeprecationWarning, stacklevel=2)
-            params = replace(params, replay_length=replay_length)
+            params = deprecated_replay(params, replay_length, "add_request(replay_length=)")
         self._check_alive()
         ids, text, true_length = check_request(prompt, params, true_length, self.tokenizer,
-                                               self.model.config.vocab_size, self.config)
+                                               self.model.config.vocab_size, self.config, chat)
         rid = self._next_id if request_id is None else int(request_id)
         if rid in self._requests:
             raise ValueError(f"request id {rid} is already in use")
@@ -414,18 +412,16 @@ class LLMEngine:
     # ---- whole batches -------------------------------------------------------------------------
     def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None,
                  *, progress: bool = True, true_lengths: Sequence[int] | None = None,
-                 replay_lengths: Sequence[int] | None = None) -> list[RequestOutput]:
-        """Runs `prompts` to completion; returns their final outputs in prompt order
-        (`true_lengths`: per prompt, see `add_request`; `replay_lengths`: deprecated, use
+                 replay_lengths: Sequence[int] | None = None, chat: bool = False) -> list[RequestOutput]:
+        """Runs `prompts` to completion; returns their final outputs in prompt order (`chat`,
+        `true_lengths`: see `add_request`; `replay_lengths`: deprecated, use
         `SamplingParams(replay_length=...)` per prompt)."""
         plist = list(params) if isinstance(params, (list, tuple)) else [params or SamplingParams()] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
         if replay_lengths is not None:
-            warnings.warn("generate(replay_lengths=) is deprecated; use SamplingParams(replay_length=...)",
-                          DeprecationWarning, stacklevel=2)
-            plist = [replace(p, replay_length=n) for p, n in zip(plist, replay_lengths)]
-        ids = [self.add_request(p, sp, true_length=None if true_lengths is None else true_lengths[i])
+            plist = [deprecated_replay(p, n, "generate(replay_lengths=)") for p, n in zip(plist, replay_lengths)]
+        ids = [self.add_request(p, sp, true_length=None if true_lengths is None else true_lengths[i], chat=chat)
                for i, (p, sp) in enumerate(zip(prompts, plist))]
         want, final = set(ids), {}
         with tqdm(total=len(ids), disable=not progress, desc=f"generate ({self.config.policy})", unit="req") as bar:

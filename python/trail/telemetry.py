@@ -5,10 +5,11 @@ with an online MAE so a user sees whether the shipped probe fits their traffic).
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from trail.jsonio import write_json
 
 STEP_FIELDS = ("step", "t", "rows", "tokens", "prefill_tokens", "decode_rows", "keep", "swap", "recompute",
                "forced", "swap_out_bytes", "swap_in_bytes", "recomputed_tokens", "host_s", "sync_wait_s",
@@ -57,7 +58,4 @@ class Telemetry:
                 "requests": self.requests, "phases": self.phases}
 
     def export_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.as_dict()))
-        return path
+        return write_json(path, self.as_dict())       # strict: NaN (no prediction, no device time) -> null

@@ -7,13 +7,13 @@ A probe directory holds `probe.{safetensors,json}` (layer probe), `prompt_boe.*`
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 
 import torch
 
+from trail.jsonio import write_json
 from trail.predictor import embed as E
 from trail.predictor import eval_probe, plots
 from trail.predictor import prompt_predictors as PP
@@ -51,7 +51,7 @@ def train_all(feats: E.SampledFeatures, trace: Trace, lm, out_dir: str | os.Path
         trained = sweep_layers(feats, feats.layers, edges, scfg, lm.model_id, max_new, device, progress)
         maes = {k: v[1].validation["mae_samples"] for k, v in trained.items()}
         layer = min(maes, key=maes.get)
-        (out / "sweep.json").write_text(json.dumps({"val_mae_samples": maes, "chosen": layer}, indent=1))
+        write_json(out / "sweep.json", {"val_mae_samples": maes, "chosen": layer}, indent=1)
         plots.mae_vs_layer(maes, out / "mae_vs_layer.png", f"{lm.model_id}: probe validation MAE")
         mlp, spec = trained[layer]
         summary["sweep"] = maes
@@ -86,7 +86,7 @@ def train_all(feats: E.SampledFeatures, trace: Trace, lm, out_dir: str | os.Path
     save_probe(out / "probe", mlp, spec)
 
     summary["prompt_predictors"] = train_prompt_predictors(trace, lm, out, edges, cfg, device, minilm, progress)
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    write_json(out / "train_summary.json", summary, indent=1, default=str)
     return summary
 
 
@@ -171,7 +171,7 @@ def evaluate_dir(trace: Trace, probe_dir: str | os.PathLike, lm, out_dir: str | 
                        "max_new_tokens": spec.max_new_tokens, "prompt_predictor": init, "probe": str(probe_path),
                        "selection": how})
         res["recorded_npz"] = str(record_npz)
-    (out / "eval.json").write_text(json.dumps(res, indent=1))
+    write_json(out / "eval.json", res, indent=1)
     table = eval_probe.format_table(res)
     (out / "eval.summary.txt").write_text(table + "\n")
     plots.mae_vs_generated(res["curves"]["mae"], res["curves"]["bucket"], out / "mae_vs_generated.png",
