@@ -211,6 +211,8 @@ def load_tokenizer(source: str | Path):
     from transformers import AutoTokenizer
 
     path = Path(source)
+    # no tokenization-space clean-up: it is not prefix-stable (streamed text would differ from a
+    # full decode) and transformers ignores it for BPE tokenizers anyway, with a warning per decode
     if path.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return AutoTokenizer.from_pretrained(str(path))
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, clean_up_tokenization_spaces=False)
+    return AutoTokenizer.from_pretrained(str(path), clean_up_tokenization_spaces=False)
