@@ -265,3 +265,29 @@ def test_a_request_whose_text_decoding_fails_ends_alone(cpu_model, smollm2_dir):
     for i in (0, 2):
         assert faulty[i].finish_reason == FinishReason.LENGTH and faulty[i].error is None
         assert faulty[i].token_ids == clean_run[i].token_ids and faulty[i].text == clean_run[i].text
+
+
+def test_generate_queues_all_prompts_or_none(cpu_model):
+    """generate() with a bad prompt among good ones queues none of them (before: the good ones
+    before it stayed queued and were served later, their outputs dropped)."""
+    engine = _engine(cpu_model, overlap=True)
+    prompts, _ = _workload()
+    with pytest.raises(ValueError, match="prompt token ids"):
+        engine.generate([prompts[0], prompts[1], [10**9]], SamplingParams(max_new_tokens=4), progress=False)
+    assert not engine.has_unfinished() and engine.scheduler.num_active == 0
+    engine.check_idle()
+    outs = engine.generate(prompts[:2], SamplingParams(max_new_tokens=4, ignore_eos=True), progress=False)
+    assert [len(o.token_ids) for o in outs] == [4, 4]
+
+
+def test_the_constructor_checks_the_probe_against_the_model(cpu_model):
+    model, _ = cpu_model
+    narrow = ProbeParams.random(model.config.hidden_size // 2, 16, 8, max_len=64,
+                                generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="width"):
+        LLMEngine(model, None, EngineConfig(policy="trail", max_model_len=28, block_size=4, num_gpu_blocks=16,
+                                            prefill_tokens_per_s=1.0), probe=narrow, probe_layer=1)
+    _, probe = cpu_model
+    with pytest.raises(ValueError, match="probe_layer"):
+        LLMEngine(model, None, EngineConfig(policy="trail", max_model_len=28, block_size=4, num_gpu_blocks=16,
+                                            prefill_tokens_per_s=1.0), probe=probe, probe_layer=99)

@@ -22,7 +22,6 @@ a sticky device error ends every request and the engine (trail.faults)."""
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Callable, Iterable, Sequence
 
@@ -38,7 +37,7 @@ from trail.faults import EngineDeadError, is_sticky_device_error
 from trail.graph_buckets import graph_batch_sizes, mixed_token_sizes
 from trail.kv_cache import KVCache, KVCacheSpec
 from trail.model_runner import ModelRunner
-from trail.predictions import ProbePredictions
+from trail.predictions import ProbePredictions, prompt_prediction
 from trail.request import FinishReason, Request, RequestMetrics, RequestOutput, SamplingParams
 from trail.request_checks import check_request, deprecated_replay
 from trail.scheduler import SCHED
@@ -82,8 +81,12 @@ class LLMEngine:
             raise ValueError("the trail policy needs a length probe (probe=..., probe_layer=...)")
         if config.policy == "sjf_prompt" and prompt_predictor is None:
             raise ValueError("the sjf_prompt policy needs a prompt predictor")
-        if probe is not None and (probe_layer is None or not 0 <= probe_layer < mcfg.num_layers):
+        if probe is not None and (probe_layer is None or not 0 <= probe_layer < mcfg.num_layers
+                                  or isinstance(probe_layer, bool)):
             raise ValueError(f"probe_layer must be a layer index in [0, {mcfg.num_layers}), got {probe_layer!r}")
+        if probe is not None and probe.hidden_size != mcfg.hidden_size:
+            raise ValueError(f"probe: reads hidden states of width {probe.hidden_size}, the model's are "
+                             f"{mcfg.hidden_size} wide (a probe trained for another model?)")
         if config.max_model_len > mcfg.max_position_embeddings:
             raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's "
                              f"max_position_embeddings={mcfg.max_position_embeddings}")
@@ -182,7 +185,7 @@ class LLMEngine:
         if rid in self._requests:
             raise ValueError(f"request id {rid} is already in use")
         arrival = self.now() if arrival is None else float(arrival)
-        prediction = self._prompt_prediction(ids, params.max_new_tokens)
+        prediction = prompt_prediction(self.prompt_predictor, ids, params.max_new_tokens, self._default_prediction)
         self._warn_probe_range(params.max_new_tokens)
         stream = None
         if self.tokenizer is not None and params.detokenize:
@@ -202,16 +205,6 @@ class LLMEngine:
         self.predictions.bind(slot, rid, prediction)
         self.runner.set_sampling(slot, params)
         return rid
-
-    def _prompt_prediction(self, ids: Sequence[int], max_new: int) -> float:
-        if self.prompt_predictor is not None:
-            value = float(np.asarray(self.prompt_predictor([ids])).reshape(-1)[0])
-            if not math.isfinite(value) or value < 0:
-                logger.warning("prompt predictor returned %r; using the prior mean", value)
-                value = self._default_prediction
-        else:
-            value = self._default_prediction
-        return min(value, float(max_new))
 
     def _warn_probe_range(self, max_new: int) -> None:
         if self.probe is None or self.probe_max_new is None or max_new <= self.probe_max_new or self._warned_probe_range:
@@ -421,8 +414,18 @@ class LLMEngine:
             raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
         if replay_lengths is not None:
             plist = [deprecated_replay(p, n, "generate(replay_lengths=)") for p, n in zip(plist, replay_lengths)]
-        ids = [self.add_request(p, sp, true_length=None if true_lengths is None else true_lengths[i], chat=chat)
-               for i, (p, sp) in enumerate(zip(prompts, plist))]
+        ids = []
+        try:
+            for i, (p, sp) in enumerate(zip(prompts, plist)):
+                ids.append(self.add_request(p, sp, true_length=None if true_lengths is None else true_lengths[i],
+                                            chat=chat))
+        except BaseException:          # all or nothing: the prompts queued before a bad one leave again
+            for rid in ids:
+                req = self._requests.pop(rid)
+                self.core.release([req.serial], [req.slot])
+                self.slots.unbind(req.slot)
+                self.predictions.unbind(req.slot)
+            raise
         want, final = set(ids), {}
         with tqdm(total=len(ids), disable=not progress, desc=f"generate ({self.config.policy})", unit="req") as bar:
             while want - final.keys():

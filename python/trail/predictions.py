@@ -9,11 +9,14 @@ telemetry) and `refresh(readout)` (what the scheduler reads next: `values`, floa
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 class ProbePredictions:
@@ -97,3 +100,19 @@ class RecordedPredictions(ProbePredictions):
         super().refresh(readout)
         held = np.flatnonzero(~np.isnan(self._current))
         self.values.numpy()[held] = self._current[held]
+
+
+def prompt_prediction(predictor, ids, max_new: int, default: float) -> float:
+    """The expected total output of one prompt from a prompt predictor (prompt ids -> one value
+    per prompt), capped at max_new; `default` without a predictor or when it returns a value that
+    is not finite and >= 0 (logged). A predictor that returns other than one value is an error."""
+    if predictor is None:
+        return min(default, float(max_new))
+    got = np.asarray(predictor([ids]), dtype=np.float64).reshape(-1)
+    if got.size != 1:
+        raise ValueError(f"prompt_predictor returned {got.size} values for one prompt (want 1): {got[:4]!r}")
+    value = float(got[0])
+    if not math.isfinite(value) or value < 0:
+        logger.warning("prompt predictor returned %r; using the prior mean", value)
+        value = default
+    return min(value, float(max_new))
