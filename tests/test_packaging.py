@@ -73,7 +73,7 @@ def test_package_data_loads_without_the_repository(installed):
 
 
 def test_trail_sim_runs_without_the_repository(installed):
-    r = _python(installed, "-m", "trail.cli", "sim", "--n", "40", "--seeds", "0", "--policies", "fcfs,trail",
+    r = _python(installed, "-m", "trail.cli", "sim", "--n", "40", "--seeds", "1", "--policies", "fcfs,trail",
                 "--regime", "kv")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "saturation" in r.stdout and re.search(r"^trail\s", r.stdout, re.M), r.stdout

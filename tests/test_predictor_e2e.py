@@ -243,7 +243,9 @@ def test_eval_probe_reuses_features_and_picks_unseen_requests(pipeline_run, tmp_
     assert json.loads((tmp_path / "e" / "eval.json").read_text())["requests"] == 3
 
 
-def test_eval_probe_bad_probe_path_fails_before_the_model_loads(pipeline_run, tmp_path, monkeypatch):
+def test_eval_probe_bad_probe_path_fails_before_the_model_loads(pipeline_run, tmp_path, monkeypatch, capsys):
+    """Bad --probe / --features are argument errors (exit code 2, one line naming the argument), found
+    at parse time, before any model loads."""
     from trail.predictor import cli_verbs
 
     d, _ = pipeline_run
@@ -252,13 +254,11 @@ def test_eval_probe_bad_probe_path_fails_before_the_model_loads(pipeline_run, tm
         raise AssertionError("the model was loaded before the --probe path was checked")
 
     monkeypatch.setattr(cli_verbs, "_load_lm", no_model)
-    with pytest.raises(FileNotFoundError, match="no probe directory or probe file"):
-        run_verb(["eval-probe", str(d / "trace.jsonl"), "--probe", str(tmp_path / "nope"), "--out", str(tmp_path)])
-    with pytest.raises(FileNotFoundError, match="has no probe.json"):
-        run_verb(["eval-probe", str(d / "trace.jsonl"), "--probe", str(tmp_path), "--out", str(tmp_path)])
-    with pytest.raises(ValueError, match="eval-probe needs the layer probe"):
-        run_verb(["eval-probe", str(d / "trace.jsonl"), "--probe", str(d / "probe" / "prompt_boe.json"),
-                  "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="features"):
-        run_verb(["eval-probe", str(d / "trace.jsonl"), "--probe", str(d / "probe"), "--out", str(tmp_path),
-                  "--features", str(tmp_path / "missing.safetensors")])
+    for extra, says in [(["--probe", tmp_path / "nope"], "nope"),
+                        (["--probe", tmp_path], "probe.json"),
+                        (["--probe", d / "probe" / "prompt_boe.json"], "eval-probe needs the layer probe"),
+                        (["--probe", d / "probe", "--features", tmp_path / "missing.safetensors"],
+                         "argument --features: no such file")]:
+        with pytest.raises(SystemExit) as exc:
+            run_verb(["eval-probe", str(d / "trace.jsonl"), "--out", str(tmp_path), *map(str, extra)])
+        assert exc.value.code == 2 and says in capsys.readouterr().err

@@ -123,7 +123,7 @@ def test_judge_verb(tmp_path, capsys):
     npz = save_recorded(tmp_path / "r.npz", recs, cu, pred, torch.tensor(lens).float(), {"max_new_tokens": 256})
     parser = argparse.ArgumentParser()
     add_subcommands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["judge", str(npz), "--loads", "1.0", "--seeds", "0", "-n", "200",
+    args = parser.parse_args(["judge", str(npz), "--loads", "1.0", "--seeds", "1", "-n", "200",
                               "--out", str(tmp_path / "j.json")])
     assert args.func(args) == 0
     assert "| 1 | trail |" in capsys.readouterr().out

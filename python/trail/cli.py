@@ -1,13 +1,41 @@
-"""The `trail` command. Library code never imports this module; it is the one place that prints."""
+"""The `trail` command line: the parser of every subcommand, the argument types they share, and
+`main`. Library code never imports this module; it is the one place that prints.
+
+Building the parser imports no torch (nor trail._C, nor the predictor package), so `trail --help`
+and `trail VERB --help` answer at once; each command imports what it needs when it runs. Every
+option's value is checked at parse time by a `type=` function (trail.cli_args) that raises
+`argparse.ArgumentTypeError`, so a bad value is one line on stderr (`trail sim: error: argument
+--load: must be a number > 0, got '0'`) and exit code 2, never a traceback; what can only be
+checked later (a file's contents, options that conflict) raises `UsageError`, which `main` prints
+the same way.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
 import math
+import os
 import sys
 
+from trail.cli_args import Parser, UsageError
+from trail.cli_args import positive_int as _positive_int  # noqa: F401  (the demo's options)
 from trail.policies import POLICIES
+
+DESCRIPTION = """\
+trail: LLM serving that schedules requests by their predicted remaining output length
+(shortest-predicted-remaining-first with limited preemption), and the tools around it: a
+simulator to compare scheduling policies before deploying, and the pipeline that trains the
+output-length predictor for your own model and prompts.
+
+Run `trail COMMAND --help` for a command's options (each with its default)."""
+
+EPILOG = """\
+start with:
+  trail demo                          the four policies on the real SmolLM2-135M-Instruct (CPU: minutes)
+  trail sim --regime kv --load 1.1    the same comparison in the simulator, 2000 requests x 3 seeds
+predictor pipeline (your own model):
+  trail collect -> trail embed -> trail train-probe -> trail eval-probe --record -> trail judge"""
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -126,21 +154,43 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
-    return value
+def _predictor_verbs():
+    """trail.predictor.cli_verbs without trail.predictor's __init__, which imports torch (its probe
+    files): the module itself imports nothing heavy, and the package loads as usual when a verb runs."""
+    import importlib
+    import importlib.machinery
+    import importlib.util
+
+    name = "trail.predictor.cli_verbs"
+    if "trail.predictor" in sys.modules:        # already paid for: the plain import
+        return importlib.import_module(name)
+    if name not in sys.modules:
+        import trail
+
+        folders = [os.path.join(folder, "predictor") for folder in trail.__path__]
+        spec = importlib.machinery.PathFinder.find_spec(name, folders)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="trail", description=__doc__)
+    import trail
+
+    parser = Parser(prog="trail", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("info", help="the loaded native build and kernel dispatch")
+    parser.add_argument("--version", action="version", version=f"trail {trail.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
+    p = sub.add_parser("info", help="the loaded native build (cpu or cuda), torch versions and kernel dispatch",
+                       description="Print, as JSON, the native build of trail._C that loaded (cpu or cuda,\n"
+                                   "compiler flags, the torch it was built against and the one it runs with),\n"
+                                   "whether CUDA is available, and which kernels run (TRAIL_KERNELS: triton or\n"
+                                   "the torch reference).")
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("demo", help="fcfs vs sjf_prompt vs trail vs oracle on the real SmolLM2-135M-Instruct "
                                     "(CPU is fine: ~2-3 minutes)")
@@ -153,10 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.set_defaults(func=cmd_demo)
     from trail import sim_cli
-    from trail.predictor.cli_verbs import add_subcommands
 
     sim_cli.register(sub)
-    add_subcommands(sub)
+    _predictor_verbs().add_subcommands(sub)
     return parser
 
 
@@ -165,7 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"trail {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

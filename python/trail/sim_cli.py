@@ -1,5 +1,6 @@
-"""`trail sim`: the discrete-event simulator (trail.sim) from the command line. Wire it into
-cli.py with `sim_cli.register(subparsers)`; the verb's handler is `sim_cli.run(args) -> int`."""
+"""`trail sim`: the discrete-event simulator (trail.sim) from the command line. cli.py wires it in
+with `sim_cli.register(subparsers)`; the verb's handler is `sim_cli.run(args) -> int`. Registering
+imports no torch (the simulator loads when the command runs)."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +8,9 @@ import json
 import math
 from pathlib import Path
 
-from trail.scheduler_types import POLICIES
+from trail.cli_args import (UsageError, add_seed_arguments, existing_file, nonneg_float, nonneg_int,
+                            output_file, policy_list, positive_float, positive_int, seeds_of)
+from trail.policies import POLICIES
 
 DESCRIPTION = """\
 Simulate serving under each policy with the real policy step (trail._C) and a fitted step-time
@@ -29,73 +32,126 @@ t = base + per_decode * rows + per_prefill_token * prefill tokens + per_ctx_toke
 + swapped bytes / PCIe, constants from --step-fit (default trail/data/sim/step_fit.json, shipped with
 the package, fitted to DESIGN.md's H100 figures until the fast-step benchmark exists).
 
+Seeds: --seeds N runs seeds 0..N-1 (default 3: 0, 1, 2); --seed-list 0,3,7 runs exactly those.
+Each seed draws its own requests and arrival times; every policy runs on the same ones. The +- after
+mean/fcfs is the spread over seeds, so it needs 2 or more.
+
+Too small to say anything: the order requests run in matters only once they queue. At --load 1.0
+the oracle gains under 10% over fcfs (recorded trace: 0-5% below 1000 requests, 5-11% at 2000), at
+1.1 it gains 15-35% from 1000 requests on; under 10% 'oracle frac' is n/a (a fraction of so small a
+gain is noise) and a note after the table says why. --load 1.1, a larger --n or --arrivals burst
+make the order matter.
+
 Policy options (SchedulerConfig fields) for trail and oracle: --opt name=value, repeatable, e.g.
 --opt c=0.5 --opt aging_rate=0 --opt admit_reserve=0.3 --opt memory_preemption=false.
 Validation hook: --dump-input FILE writes the first seed's trace + limits + step model as JSON;
 --input FILE simulates such a file (its own policy and limits) instead.
 
 Examples:
-  trail sim --regime kv --load 1.0 --n 2000 --seeds 0,1,2
-  trail sim --regime ample --load 1.1 --predictions noisy:0.5 --opt margin=0
+  trail sim --regime kv --load 1.1                  # 2000 requests x seeds 0, 1, 2
+  trail sim --regime kv --load 1.0 --n 4000 --seeds 5
+  trail sim --regime ample --load 1.1 --predictions noisy:0.5 --opt margin=0 --seed-list 7
   trail sim --input run.json --json out.json
 """
 
 
+def _predictions(text: str) -> str:
+    kind, _, sd = text.partition(":")
+    if text in ("recorded", "exact") or (kind == "noisy" and _is_sd(sd)):
+        return text
+    raise argparse.ArgumentTypeError(f"must be recorded, exact or noisy:<sd> (sd a number >= 0, e.g. noisy:0.5), "
+                                     f"got {text!r}")
+
+
+def _is_sd(text: str) -> bool:
+    try:
+        return math.isfinite(float(text)) and float(text) >= 0
+    except ValueError:
+        return False
+
+
+def _scheduler_option(text: str) -> tuple[str, object]:
+    """--opt NAME=VALUE: NAME a SchedulerConfig field that policy_options may set, VALUE of its type.
+    (Imports the config, hence torch, only when --opt is given; ranges are checked in `run`.)"""
+    name, eq, value = text.partition("=")
+    name, value = name.strip(), value.strip()
+    if not eq or not name or not value:
+        raise argparse.ArgumentTypeError(f"must be NAME=VALUE (e.g. c=0.5), got {text!r}")
+    from dataclasses import fields
+
+    from trail.engine_config import _DERIVED
+    from trail.scheduler_types import SchedulerConfig
+
+    kinds = {f.name: str(f.type) for f in fields(SchedulerConfig) if f.name not in _DERIVED}
+    if name not in kinds:
+        raise argparse.ArgumentTypeError(f"unknown option {name!r} in {text!r}; known: {', '.join(sorted(kinds))}")
+    kind = kinds[name]
+    if "bool" in kind:
+        if value.lower() not in ("true", "false"):
+            raise argparse.ArgumentTypeError(f"{name} must be true or false, got {value!r}")
+        return name, value.lower() == "true"
+    try:
+        number = int(value) if "int" in kind else float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name} must be {'an integer' if 'int' in kind else 'a number'}, "
+                                         f"got {value!r}") from None
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"{name} must be finite, got {value!r}")
+    return name, number
+
+
 def register(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("sim", help="simulate serving under each policy (discrete-event, real policy step)",
-                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser("sim", help="compare the policies in the simulator (discrete-event, the real policy "
+                                          "step) on recorded requests", description=DESCRIPTION)
     w = p.add_argument_group("workload")
-    w.add_argument("--n", type=int, default=2000, help="requests per run (default 2000)")
-    w.add_argument("--seeds", default="0,1,2", help="arrival / sampling seeds, comma separated (default 0,1,2)")
+    w.add_argument("--n", type=positive_int, default=2000, help="requests per run")
+    add_seed_arguments(w, count=3)
     rate = w.add_mutually_exclusive_group()
-    rate.add_argument("--load", type=float, default=1.0, help="arrival rate as a multiple of saturation (default 1.0)")
-    rate.add_argument("--rate", type=float, default=None, help="arrival rate in requests per second")
+    rate.add_argument("--load", type=positive_float, default=1.0,
+                      help="arrival rate as a multiple of the saturation rate fcfs reaches")
+    rate.add_argument("--rate", type=positive_float, default=None,
+                      help="arrival rate in requests per second (instead of --load)")
     w.add_argument("--arrivals", choices=("poisson", "burst"), default="poisson",
-                   help="poisson, or burst: half the requests in bursts of --burst at once (default poisson)")
-    w.add_argument("--burst", type=int, default=200, help="requests per burst (default 200)")
-    w.add_argument("--predictions", default="recorded", help="recorded | exact | noisy:<sd> (default recorded)")
-    w.add_argument("--recorded", default=None,
-                   help="recorded predictions .npz (default: the package's trail/data/sim/recorded_predictions.npz)")
+                   help="poisson, or burst: half the requests in bursts of --burst at once")
+    w.add_argument("--burst", type=positive_int, default=200, help="requests per burst (--arrivals burst)")
+    w.add_argument("--predictions", type=_predictions, default="recorded", metavar="{recorded,exact,noisy:SD}",
+                   help="the probe's recorded per-step predictions, the exact remaining lengths, or exact times "
+                        "a lognormal factor per request (sd SD)")
+    w.add_argument("--recorded", type=existing_file, default=None, metavar="NPZ",
+                   help="recorded predictions .npz, e.g. from `trail eval-probe --record` (default: the package's "
+                        "trail/data/sim/recorded_predictions.npz)")
     e = p.add_argument_group("engine")
-    e.add_argument("--regime", choices=("ample", "kv"), default="ample", help="memory regime (default ample)")
-    e.add_argument("--max-batch", type=int, default=48, help="running requests per step (default 48)")
-    e.add_argument("--max-tokens-per-step", type=int, default=2048, help="tokens per step (default 2048)")
-    e.add_argument("--block-size", type=int, default=16, help="KV block size in tokens (default 16)")
-    e.add_argument("--kv-requests", type=float, default=24.0,
-                   help="kv regime: GPU pool for this many average requests (default 24)")
-    e.add_argument("--host-blocks", type=int, default=128, help="kv regime: host swap blocks (default 128)")
-    e.add_argument("--num-gpu-blocks", type=int, default=None, help="override the GPU pool (blocks)")
-    e.add_argument("--num-host-blocks", type=int, default=None, help="override the host pool (blocks)")
-    e.add_argument("--step-fit", default=None,
+    e.add_argument("--regime", choices=("ample", "kv"), default="ample",
+                   help="ample: the batch cap binds; kv: a small KV pool binds (memory preemption)")
+    e.add_argument("--max-batch", type=positive_int, default=48, help="running requests per step")
+    e.add_argument("--max-tokens-per-step", type=positive_int, default=2048,
+                   help="tokens per step (prefill chunks + decodes); >= --max-batch")
+    e.add_argument("--block-size", type=positive_int, default=16, help="KV block size in tokens")
+    e.add_argument("--kv-requests", type=positive_float, default=24.0,
+                   help="kv regime: the GPU pool holds this many average requests")
+    e.add_argument("--host-blocks", type=nonneg_int, default=128, help="kv regime: host swap blocks")
+    e.add_argument("--num-gpu-blocks", type=positive_int, default=None,
+                   help="override the GPU pool in blocks (default: from --regime)")
+    e.add_argument("--num-host-blocks", type=nonneg_int, default=None,
+                   help="override the host pool in blocks (default: from --regime)")
+    e.add_argument("--step-fit", type=existing_file, default=None, metavar="JSON",
                    help="step-time model JSON (default: the package's trail/data/sim/step_fit.json)")
-    e.add_argument("--noise-sd", type=float, default=0.0, help="lognormal step-time noise sd (default 0)")
+    e.add_argument("--noise-sd", type=nonneg_float, default=0.0, help="lognormal step-time noise sd")
     s = p.add_argument_group("policies and output")
-    s.add_argument("--policies", default=",".join(POLICIES),
-                   help=f"comma separated (default {','.join(POLICIES)})")
-    s.add_argument("--opt", action="append", default=[], metavar="NAME=VALUE",
-                   help="SchedulerConfig option for trail and oracle (repeatable)")
-    s.add_argument("--input", default=None, help="simulate one SimInput JSON file instead")
-    s.add_argument("--dump-input", default=None, help="write the first seed's SimInput JSON (trail policy) here")
-    s.add_argument("--json", default=None, help="write the metrics and comparison as JSON here")
+    s.add_argument("--policies", type=policy_list, default=list(POLICIES), metavar="P,P,...",
+                   help=f"comma separated, from {', '.join(POLICIES)} (default: all)")
+    s.add_argument("--opt", type=_scheduler_option, action="append", default=[], metavar="NAME=VALUE",
+                   help="a SchedulerConfig option for trail and oracle, repeatable (e.g. c=0.5, aging_rate=0, "
+                        "memory_preemption=false)")
+    s.add_argument("--input", type=existing_file, default=None, metavar="JSON",
+                   help="simulate this SimInput file (from --dump-input) with its own policy and limits; the "
+                        "workload and engine options are then ignored")
+    s.add_argument("--dump-input", type=output_file, default=None, metavar="JSON",
+                   help="write the first seed's SimInput (trail policy) here")
+    s.add_argument("--json", type=output_file, default=None, metavar="JSON",
+                   help="write the metrics and the comparison here")
     p.set_defaults(func=run)
     return p
-
-
-def _parse_opts(items) -> dict:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"--opt expects NAME=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        low = v.strip().lower()
-        if low in ("true", "false"):
-            out[k] = low == "true"
-        else:
-            try:
-                out[k] = int(v)
-            except ValueError:
-                out[k] = float(v)
-    return out
 
 
 def _print_table(cmp: dict) -> None:
@@ -112,39 +168,101 @@ def _print_table(cmp: dict) -> None:
               f"{d['recomputed_tokens']:10.0f}")
 
 
+def _notes(results: dict, n: int, seeds: list, opts: dict) -> list[str]:
+    """One line per reason the table says less than it seems to (too small a run, a missing baseline)."""
+    import numpy as np
+
+    notes = []
+    fc, orc = results.get("fcfs"), results.get("oracle")
+    means = [[r["mean_latency"] for r in runs] for runs in results.values()]
+    if len(means) > 1 and all(np.allclose(m, means[0], rtol=1e-9, atol=0) for m in means[1:]):
+        ttft = float(np.mean([r["mean_ttft"] for runs in results.values() for r in runs]))
+        notes.append(f"every policy gave the same latencies: requests hardly waited (mean TTFT {ttft:.2f} s), so "
+                     f"the order they ran in never mattered; raise --load (e.g. 1.1) or --n, or use --arrivals burst")
+    if fc and orc:
+        gains = [1.0 - o["mean_latency"] / f["mean_latency"] for f, o in zip(fc, orc)]
+        counted = sum(g >= 0.1 for g in gains)
+        shown = (f"{', '.join(f'{100 * g:.0f}%' for g in gains)} "
+                 f"(seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})")
+        if counted == 0:
+            why = f"runs of {n} requests end before queues build; " if n < 1000 else ""
+            notes.append(f"'oracle frac' is n/a: the oracle cuts fcfs's mean latency by only {shown}, and a fraction "
+                         f"of a gain under 10% is noise; {why}try --load 1.1, a larger --n or --arrivals burst")
+        elif counted < len(gains):
+            notes.append(f"'oracle frac' averages {counted} of {len(gains)} seeds: the oracle cuts fcfs's mean "
+                         f"latency by {shown}, and seeds under 10% are left out")
+    else:
+        missing = " and ".join(p for p in ("fcfs", "oracle") if p not in results)
+        notes.append(f"'oracle frac' is n/a: it needs fcfs and oracle in --policies ({missing} missing)")
+    if not fc:
+        notes.append("mean/fcfs and p99/fcfs are nan: add fcfs to --policies")
+    if "sjf_prompt" not in results:
+        notes.append("/sjf is nan: add sjf_prompt to --policies")
+    if len(seeds) == 1:
+        notes.append("one seed: the +- after mean/fcfs is the spread over seeds, 0 with one; use --seeds 3 or more")
+    if n < 100:
+        notes.append(f"--n {n}: p99 of fewer than 100 requests is the slowest request's latency")
+    if opts and not {"trail", "oracle"} & set(results):
+        notes.append(f"--opt {', '.join(opts)} ignored: options apply to trail and oracle only")
+    return notes
+
+
 def run(args) -> int:
+    from dataclasses import replace
+
     from trail import sim
 
     if args.input:
-        inp = sim.SimInput.from_json(json.loads(Path(args.input).read_text()))
+        try:
+            inp = sim.SimInput.from_json(json.loads(Path(args.input).read_text()))
+        except Exception as exc:    # whatever reading it raised: the file is not a SimInput
+            raise UsageError(f"argument --input: {args.input} is not a SimInput JSON (write one with --dump-input): "
+                             f"{type(exc).__name__}: {exc}") from None
         res = sim.simulate(inp.trace, inp.engine, inp.spec, inp.step_model, noise_sd=inp.noise_sd)
         m = res.metrics()
         print(json.dumps(m, indent=1))
         if args.json:
             Path(args.json).write_text(json.dumps(m, indent=1))
         return 0
-    pool = sim.load_recorded(args.recorded) if args.recorded else sim.load_recorded()
-    sm = sim.StepTimeModel.from_json(args.step_fit) if args.step_fit else sim.default_step_model()
+    try:
+        pool = sim.load_recorded(args.recorded) if args.recorded else sim.load_recorded()
+    except Exception as exc:        # whatever reading it raised: not a recorded-predictions file
+        if not args.recorded:
+            raise                   # the package's own file: a broken install, not a usage error
+        raise UsageError(f"argument --recorded: cannot read {args.recorded}: {type(exc).__name__}: {exc}") from None
+    try:
+        sm = sim.StepTimeModel.from_json(args.step_fit) if args.step_fit else sim.default_step_model()
+    except Exception as exc:        # whatever reading it raised: not a step-time fit
+        if not args.step_fit:
+            raise
+        raise UsageError(f"argument --step-fit: cannot read {args.step_fit}: {type(exc).__name__}: {exc}") from None
     spec = sim.llama3_8b_kv_spec(args.block_size)
-    eng = sim.regime_engine(args.regime, pool, max_batch=args.max_batch, block_size=args.block_size,
-                            kv_requests=args.kv_requests, host_blocks=args.host_blocks,
-                            max_tokens_per_step=args.max_tokens_per_step)
-    from dataclasses import replace
-
-    if args.num_gpu_blocks is not None:
-        eng = replace(eng, num_gpu_blocks=args.num_gpu_blocks)
-    if args.num_host_blocks is not None:
-        eng = replace(eng, num_host_blocks=args.num_host_blocks)
-    seeds = [int(s) for s in args.seeds.split(",")]
-    opts = _parse_opts(args.opt)
+    opts = dict(args.opt)
+    seeds = seeds_of(args)
+    try:
+        eng = sim.regime_engine(args.regime, pool, max_batch=args.max_batch, block_size=args.block_size,
+                                kv_requests=args.kv_requests, host_blocks=args.host_blocks,
+                                max_tokens_per_step=args.max_tokens_per_step)
+        if args.num_gpu_blocks is not None:
+            eng = replace(eng, num_gpu_blocks=args.num_gpu_blocks)
+        if args.num_host_blocks is not None:
+            eng = replace(eng, num_host_blocks=args.num_host_blocks)
+        eng.scheduler_config(spec, eng.kv_layout(spec), recompute_s_per_token=sm.per_prefill_token_s)
+    except ValueError as exc:
+        raise UsageError(f"the engine limits do not fit together: {exc}") from None
+    for name in [p for p in ("trail", "oracle") if opts and p in args.policies]:   # checked before any run
+        try:
+            e = eng.with_policy(name, **opts)
+            e.scheduler_config(spec, e.kv_layout(spec), recompute_s_per_token=sm.per_prefill_token_s)
+        except ValueError as exc:
+            raise UsageError(f"argument --opt: {exc}") from None
     sat = sim.saturation_rate(pool, eng, spec, sm, n=min(args.n, 2000))
     rate = args.rate if args.rate is not None else args.load * sat
     print(f"{args.regime} regime: {eng.num_gpu_blocks} GPU / {eng.num_host_blocks} host blocks of {eng.block_size}, "
           f"max batch {eng.max_batch}; saturation {sat:.2f} req/s; rate {rate:.2f} req/s ({rate / sat:.2f}x); "
-          f"{args.n} requests x {len(seeds)} seeds; predictions {args.predictions}; step model: {sm.source}")
-    policies = {}
-    for name in args.policies.split(","):
-        policies[name] = dict(policy=name, **(opts if name in ("trail", "oracle") else {}))
+          f"{args.n} requests x {len(seeds)} seed{'s' if len(seeds) > 1 else ''} ({','.join(map(str, seeds))}); "
+          f"predictions {args.predictions}; step model: {sm.source}")
+    policies = {name: dict(policy=name, **(opts if name in ("trail", "oracle") else {})) for name in args.policies}
 
     def arrivals(n, seed):
         if args.arrivals == "burst":
@@ -160,19 +278,21 @@ def run(args) -> int:
                                n=args.n, noise_sd=args.noise_sd)
     cmp = sim.compare(results)
     _print_table(cmp)
+    for line in _notes(results, args.n, seeds, opts):
+        print(f"note: {line}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"saturation_rps": sat, "rate_rps": rate, "compare": cmp,
-                                               "runs": results}, indent=1, default=float))
+        Path(args.json).write_text(json.dumps({"saturation_rps": sat, "rate_rps": rate, "seeds": seeds,
+                                               "compare": cmp, "runs": results}, indent=1, default=float))
     return 0
 
 
 def main(argv=None) -> int:
-    """Standalone entry (python -m trail.sim_cli) until cli.py wires the verb."""
-    parser = argparse.ArgumentParser(prog="trail")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    register(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    """`python -m trail.sim_cli ARGS` = `trail sim ARGS`."""
+    import sys
+
+    from trail.cli import main as cli_main
+
+    return cli_main(["sim", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
