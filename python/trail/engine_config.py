@@ -17,11 +17,26 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
 from trail.kv_cache_spec import KVCacheSpec
-from trail.scheduler_types import POLICIES, SchedulerConfig
+from trail.sampling import _is_int, _is_real
+from trail.scheduler_types import POLICIES, POLICY_DEFAULTS, SchedulerConfig, check_field
 
 # Fields of SchedulerConfig that EngineConfig owns (derived, never set through policy_options).
 _DERIVED = ("policy", "max_slots", "max_batch", "max_tokens_per_step", "max_prefill_chunk", "block_size",
             "num_gpu_blocks", "num_host_blocks", "bytes_per_token", "pcie_gbps", "recompute_s_per_token")
+
+# EngineConfig's own fields: (name, lo, hi) of the integers, (name, lo, strict, hi) of the numbers
+# (the native scheduler's bounds: int32 counts, block and token counts below 2**53).
+_INT_FIELDS = (("max_batch", 1, 2**31 - 1), ("max_slots", 1, 2**31 - 1), ("max_tokens_per_step", 1, 2**31 - 1),
+               ("max_prefill_chunk", 1, 2**31 - 1), ("max_model_len", 1, 2**31 - 1), ("block_size", 1, 2**31 - 1),
+               ("num_gpu_blocks", 1, 2**53), ("num_host_blocks", 0, 2**53))
+_FLOAT_FIELDS = (("gpu_memory_utilization", 0.0, True, 1.0), ("kv_cache_gib", 0.0, False, None),
+                 ("swap_space_gib", 0.0, False, None), ("pcie_gbps", 0.0, True, None),
+                 ("prefill_tokens_per_s", 0.0, True, None))
+_OPTIONAL = ("max_prefill_chunk", "num_gpu_blocks", "num_host_blocks", "prefill_tokens_per_s")
+
+
+def _got(value) -> str:
+    return f"got {value!r} ({type(value).__name__})"
 
 
 @dataclass(frozen=True)
@@ -78,46 +93,57 @@ class EngineConfig:
     overlap: bool = True
 
     def __post_init__(self):
-        if self.policy not in POLICIES:
+        """Validates every field: types strict (ints are int, never bool or float; numbers are int
+        or float, never bool or str; flags are bool), each error naming the field, its value and
+        the allowed range (ValueError)."""
+        if not (isinstance(self.policy, str) and self.policy in POLICIES):
             raise ValueError(f"EngineConfig.policy must be one of {POLICIES}, got {self.policy!r}")
+        if not isinstance(self.policy_options, Mapping):
+            raise ValueError(f"EngineConfig.policy_options must be a mapping of SchedulerConfig options, got "
+                             f"{self.policy_options!r} ({type(self.policy_options).__name__})")
         known = {f.name for f in fields(SchedulerConfig)}
-        for key in self.policy_options:
+        for key, value in self.policy_options.items():
             if key in _DERIVED:
                 raise ValueError(f"EngineConfig.policy_options: {key!r} is derived from the engine config; "
                                  f"set it on EngineConfig instead")
             if key not in known:
                 raise ValueError(f"EngineConfig.policy_options: unknown option {key!r}; known: "
                                  f"{sorted(known - set(_DERIVED))}")
-        positive = ("max_batch", "max_slots", "max_tokens_per_step", "max_model_len", "block_size")
-        for name in positive:
+            if value is None and key in POLICY_DEFAULTS[self.policy]:
+                continue                      # None: the policy's default
+            check_field(key, value, "EngineConfig.policy_options: ")
+        for name, lo, hi in _INT_FIELDS:
             value = getattr(self, name)
-            if not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"EngineConfig.{name} must be an integer >= 1, got {value!r}")
+            if value is None and name in _OPTIONAL:
+                continue
+            if not (_is_int(value) and lo <= value <= hi):
+                raise ValueError(f"EngineConfig.{name} must be {'None or ' if name in _OPTIONAL else ''}an integer "
+                                 f"(not bool or float) in [{lo}, {'2**53' if hi == 2**53 else hi}], {_got(value)}")
         if self.max_slots < self.max_batch:
             raise ValueError(f"EngineConfig.max_slots ({self.max_slots}) must be >= max_batch ({self.max_batch})")
-        for name in ("num_gpu_blocks", "num_host_blocks", "max_prefill_chunk"):
+        for name, lo, strict, hi in _FLOAT_FIELDS:
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, int) and value >= (1 if name != "num_host_blocks" else 0)):
-                raise ValueError(f"EngineConfig.{name} must be a positive integer or None, got {value!r}")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"EngineConfig.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        for name in ("kv_cache_gib", "swap_space_gib", "pcie_gbps"):
+            if value is None and name in _OPTIONAL:
+                continue
+            if not (_is_real(value) and math.isfinite(value) and (value > lo if strict else value >= lo)
+                    and (hi is None or value <= hi)):
+                rng = f"({lo:g}, {hi:g}]" if hi is not None else f"{'>' if strict else '>='} {lo:g}"
+                raise ValueError(f"EngineConfig.{name} must be {'None or ' if name in _OPTIONAL else ''}a finite "
+                                 f"number (int or float) {'in ' if hi is not None else ''}{rng}, {_got(value)}")
+        for name in ("enforce_eager", "overlap"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"EngineConfig.{name} must be a bool (True or False), {_got(getattr(self, name))}")
+        mixed = f"[max_batch + 2 = {self.max_batch + 2}, 2**31) (a mixed graph has max_batch + 1 rows)"
+        for name, rng, lo, hi in (("cuda_graph_sizes", f"[1, max_batch={self.max_batch}]", 1, self.max_batch),
+                                  ("cuda_graph_tokens", mixed, self.max_batch + 2, 2**31 - 1)):
             value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0) or (name == "pcie_gbps" and value == 0):
-                raise ValueError(f"EngineConfig.{name} must be finite and {'> 0' if name == 'pcie_gbps' else '>= 0'}, "
-                                 f"got {value}")
-        if self.prefill_tokens_per_s is not None and not (math.isfinite(self.prefill_tokens_per_s)
-                                                          and self.prefill_tokens_per_s > 0):
-            raise ValueError(f"EngineConfig.prefill_tokens_per_s must be finite and > 0, got {self.prefill_tokens_per_s}")
-
-        if self.cuda_graph_sizes is not None and not (
-                all(isinstance(b, int) and 1 <= b <= self.max_batch for b in self.cuda_graph_sizes)):
-            raise ValueError(f"EngineConfig.cuda_graph_sizes must be integers in [1, max_batch={self.max_batch}], "
-                             f"got {self.cuda_graph_sizes!r}")
-        if self.cuda_graph_tokens is not None and not (
-                all(isinstance(t, int) and t > self.max_batch + 1 for t in self.cuda_graph_tokens)):
-            raise ValueError(f"EngineConfig.cuda_graph_tokens must be integers > max_batch + 1 = {self.max_batch + 1} "
-                             f"(a mixed graph has max_batch + 1 rows), got {self.cuda_graph_tokens!r}")
+            if value is None:
+                continue
+            if not isinstance(value, (tuple, list)):
+                raise ValueError(f"EngineConfig.{name} must be None or a tuple of integers in {rng}, {_got(value)}")
+            for i, b in enumerate(value):
+                if not (_is_int(b) and lo <= b <= hi):
+                    raise ValueError(f"EngineConfig.{name}[{i}] must be an integer in {rng}, {_got(b)}")
 
     def with_policy(self, policy: str, **policy_options) -> "EngineConfig":
         """The same limits and memory under another policy (options replace the old ones)."""

@@ -43,7 +43,7 @@ import torch
 from trail._native import ops
 from trail.block_allocator import COMPLETED, BlockAllocator, Event, LedgerCounts
 from trail.kv_cache_spec import KVCacheSpec
-from trail.kv_swap import host_buffer
+from trail.kv_swap import host_buffer, physical_memory_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,13 @@ class KVCache(LedgerCounts):
                 f"max_blocks_per_request={max_blocks_per_request}")
         if num_host_blocks < 0:
             raise ValueError(f"num_host_blocks must be >= 0, got {num_host_blocks}")
+        total = physical_memory_bytes()      # the swap space is checked before anything is allocated
+        if total is not None and num_host_blocks * spec.bytes_per_block > total:
+            raise ValueError(
+                f"KV swap space of {num_host_blocks} host blocks x {spec.bytes_per_block} bytes = "
+                f"{num_host_blocks * spec.bytes_per_block / 2**30:.6g} GiB exceeds this machine's physical memory "
+                f"({total / 2**30:.1f} GiB): EngineConfig.swap_space_gib (or num_host_blocks) must be in "
+                f"[0, {total / 2**30:.1f}] GiB, and leave room for everything else")
         self.spec = spec
         self.num_blocks = num_blocks
         self.device = torch.device(device)

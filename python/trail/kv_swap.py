@@ -5,6 +5,7 @@ its swap space and copies on these.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 import torch
@@ -31,15 +32,34 @@ def swap_blocks(src: torch.Tensor, dst: torch.Tensor, pairs, stream: Any = None,
     return ops.kv_swap_blocks(src, dst, pairs, handle, method, kernel_ctas)
 
 
+def physical_memory_bytes() -> int | None:
+    """This machine's physical memory (os.sysconf), None where the platform does not say."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
 def host_buffer(shape: Sequence[int], dtype: torch.dtype, pinned: bool) -> torch.Tensor:
     """A CPU tensor over memory the extension allocated once (cudaHostAlloc when `pinned`: page
     locked and mapped, exactly the size asked for, unlike `pin_memory()`), freed with the
-    tensor."""
+    tensor. More than the machine's physical memory is refused before allocating (ValueError);
+    an allocation that fails anyway is a MemoryError saying how much was asked for."""
     numel = 1
     for s in shape:
         numel *= s
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
     if nbytes == 0:
         return torch.empty(tuple(shape), dtype=dtype)
-    return ops.kv_host_alloc(nbytes, pinned).view(dtype).view(tuple(shape))
+    total = physical_memory_bytes()
+    if total is not None and nbytes > total:
+        raise ValueError(f"host buffer of {nbytes / 2**30:.6g} GiB exceeds this machine's physical memory "
+                         f"({total / 2**30:.1f} GiB)")
+    try:
+        raw = ops.kv_host_alloc(nbytes, pinned)
+    except (MemoryError, RuntimeError) as exc:
+        raise MemoryError(f"could not allocate a {'pinned ' if pinned else ''}host buffer of {nbytes / 2**30:.6g} "
+                          f"GiB (physical memory {'unknown' if total is None else f'{total / 2**30:.1f} GiB'}): "
+                          f"{type(exc).__name__} {exc}") from exc
+    return raw.view(dtype).view(tuple(shape))
 

@@ -4,10 +4,14 @@
 """
 from __future__ import annotations
 
-import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Sequence
+
+from trail.sampling import _is_int, validate_params
+
+MAX_NEW_TOKENS = 2**31 - 1       # an int32 column of the step buffers
 
 
 class FinishReason(str, Enum):
@@ -28,7 +32,11 @@ class SamplingParams:
     `replay_length`: stop after exactly this many tokens, EOS ignored (a benchmark
     replaying recorded output lengths, so every policy does the same work); the predictor and the
     scheduler still see `max_new_tokens` as the cap, so the replayed length never leaks into
-    predictions."""
+    predictions.
+    Ranges (checked at construction, types strict: no bool or str for a number, no float for an
+    integer): temperature 0 or in [1e-6, 1e6], top_p in [1e-6, 1], repetition_penalty in
+    [1e-6, 1e6] (float32 on the device: `trail.sampling.MIN_TEMPERATURE` says why), top_k in
+    [0, 2**31), seed in [0, 2**63), max_new_tokens in [1, 2**31)."""
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
@@ -42,39 +50,50 @@ class SamplingParams:
     replay_length: int | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
+        for name in ("stop_token_ids", "stop"):
+            value = getattr(self, name)
+            if isinstance(value, str) and name == "stop":
+                value = (value,)
+            elif isinstance(value, (str, bytes, bytearray)) or not isinstance(value, Iterable):
+                raise ValueError(f"SamplingParams: {name} must be a sequence of "
+                                 f"{'integers' if name == 'stop_token_ids' else 'strings'}, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
         self.validate()
+        # numpy scalars as the Python numbers they equal exactly (after the checks: no coercion)
+        for name in ("max_new_tokens", "top_k", "seed", "replay_length"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, int(getattr(self, name)))
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
     def validate(self) -> None:
-        """Raises ValueError naming the first bad field."""
+        """Raises ValueError naming the first bad field, its value and the allowed range. Types are
+        strict: integers are int (or numpy integers), never bool or float; numbers are int or
+        float, never bool or str; flags are bool. Temperature, top_p and repetition_penalty are
+        bounded where float32 on the device keeps them finite (`trail.sampling.validate_params`)."""
         def bad(msg):
             raise ValueError(f"SamplingParams: {msg}")
 
-        if not (isinstance(self.max_new_tokens, int) and not isinstance(self.max_new_tokens, bool)
-                and self.max_new_tokens >= 1):
-            bad(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
-                and self.temperature >= 0):
-            bad(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            bad(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not (isinstance(self.top_k, int) and self.top_k >= 0):
-            bad(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not (isinstance(self.repetition_penalty, (int, float)) and math.isfinite(self.repetition_penalty)
-                and self.repetition_penalty > 0):
-            bad(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}")
-        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
-            bad(f"seed must be None or an integer in [0, 2**63), got {self.seed!r}")
-        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
-            bad(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
-        if not all(isinstance(s, str) and s for s in self.stop):
-            bad(f"stop strings must be non-empty strings, got {self.stop!r}")
-        if self.replay_length is not None and not (isinstance(self.replay_length, int)
-                                                   and not isinstance(self.replay_length, bool)
+        def got(value):
+            return f"got {value!r} ({type(value).__name__})"
+
+        if not (_is_int(self.max_new_tokens) and 1 <= self.max_new_tokens <= MAX_NEW_TOKENS):
+            bad(f"max_new_tokens must be an integer in [1, {MAX_NEW_TOKENS}], {got(self.max_new_tokens)}")
+        validate_params(self, "SamplingParams")
+        for i, t in enumerate(self.stop_token_ids):
+            if not (_is_int(t) and t >= 0):
+                bad(f"stop_token_ids[{i}] must be a non-negative integer (a token id), {got(t)}")
+        for i, s in enumerate(self.stop):
+            if not (isinstance(s, str) and s):
+                bad(f"stop[{i}] must be a non-empty string, {got(s)}")
+        for name in ("ignore_eos", "detokenize"):
+            if not isinstance(getattr(self, name), bool):
+                bad(f"{name} must be a bool (True or False), {got(getattr(self, name))}")
+        if self.replay_length is not None and not (_is_int(self.replay_length)
                                                    and 1 <= self.replay_length <= self.max_new_tokens):
             bad(f"replay_length must be None or an integer in [1, max_new_tokens={self.max_new_tokens}], "
-                f"got {self.replay_length!r}")
+                f"{got(self.replay_length)}")
 
     @property
     def greedy(self) -> bool:

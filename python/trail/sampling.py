@@ -20,6 +20,7 @@ its batch. Nothing here reads device memory from the host.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,18 +42,54 @@ class SampleParams:
         validate_params(self)
 
 
-def validate_params(p) -> None:
-    """Checks any object with SampleParams' attributes; raises ValueError naming the bad one."""
-    if not p.temperature >= 0:
-        raise ValueError(f"temperature must be >= 0, got {p.temperature}")
-    if not 0 < p.top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {p.top_p}")
-    if int(p.top_k) != p.top_k or p.top_k < 0:
-        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {p.top_k}")
-    if not p.repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {p.repetition_penalty}")
-    if p.seed is not None and (int(p.seed) != p.seed or p.seed < 0):
-        raise ValueError(f"seed must be a non-negative integer or None, got {p.seed}")
+# Bounds of the values that reach the device: the runner stages temperature, top_p and the
+# repetition penalty as float32 (trail.step_buffers) and computes logits * penalty / temperature
+# there. float32 holds normal numbers in [1.2e-38, 3.4e38]; a value outside it is 0 or inf on the
+# device (temperature=1e-45 gave NaN probabilities, top_p=1e-300 became 0 and stalled the batch).
+# [1e-6, 1e6] keeps a value, its reciprocal and their product with any real logit (|x| << 1e26)
+# finite and normal: temperature 1e-6 already scales a logit gap of 1e-5 to 10 (greedy for every
+# purpose; 0 means greedy exactly), and a top_p below 1e-6 is below the resolution of a float32
+# cumulative probability (~6e-8 relative), so it would keep the top token only, as 1e-6 does.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-6, 1e6
+MIN_TOP_P = 1e-6
+MIN_PENALTY, MAX_PENALTY = 1e-6, 1e6
+MAX_TOP_K = 2**31 - 1            # an int64 column, but any k past the vocabulary means "off"
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+
+
+def validate_params(p, where: str | None = None) -> None:
+    """Checks any object with SampleParams' attributes (temperature, top_p, top_k,
+    repetition_penalty, seed); raises ValueError naming the bad field, its value and the allowed
+    range. Types are strict (no bool for a number, no float for an integer) and the float ranges
+    are the ones that stay finite and normal in float32 on the device (see MIN_TEMPERATURE)."""
+    who = f"{where if where is not None else type(p).__name__}: "
+
+    def bad(name, want):
+        value = getattr(p, name)
+        raise ValueError(f"{who}{name} must be {want}, got {value!r} ({type(value).__name__})")
+
+    t = p.temperature
+    if not (_is_real(t) and (t == 0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE)):
+        bad("temperature", f"0 (greedy) or a number in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] (sampling; "
+                           f"float32 on the device, where a smaller one overflows logits / temperature)")
+    if not (_is_real(p.top_p) and MIN_TOP_P <= p.top_p <= 1):
+        bad("top_p", f"a number in [{MIN_TOP_P:g}, 1] (1 = off; float32 on the device, where a smaller one "
+                     f"rounds to 0)")
+    if not (_is_int(p.top_k) and 0 <= p.top_k <= MAX_TOP_K):
+        bad("top_k", f"an integer in [0, {MAX_TOP_K}] (0 = off)")
+    r = p.repetition_penalty
+    if not (_is_real(r) and MIN_PENALTY <= r <= MAX_PENALTY):
+        bad("repetition_penalty", f"a number in [{MIN_PENALTY:g}, {MAX_PENALTY:g}] (1 = off; float32 on the "
+                                  f"device, where it and its reciprocal must stay finite)")
+    if p.seed is not None and not (_is_int(p.seed) and 0 <= p.seed < 2**63):
+        bad("seed", "None or an integer in [0, 2**63)")
 
 
 GREEDY = SampleParams()

@@ -4,9 +4,12 @@ import this module; neither imports the other at module level."""
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 from dataclasses import asdict, dataclass, replace
 from enum import IntEnum
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -32,6 +35,45 @@ _BASE_DEFAULTS = {"c": 0.0, "margin": 0.0, "aging_rate": 0.0, "admit_reserve": 0
 POLICY_DEFAULTS = {"fcfs": _BASE_DEFAULTS, "sjf_prompt": _BASE_DEFAULTS, "trail": _TRAIL_DEFAULTS,
                    "oracle": _TRAIL_DEFAULTS}
 _DEFAULT_C = {k: v["c"] for k, v in POLICY_DEFAULTS.items()}
+
+
+# The type and range of every SchedulerConfig field but the policy: what the native core accepts
+# (csrc/bindings/scheduler_bindings.cpp: int32 counts, int64 block and token counts below 2**53,
+# finite doubles, booleans as 0 / 1). ("int", lo, hi): an int (numpy integers too), never a bool
+# or a float; ("float", lo, strict): an int or float, never a bool or str, finite, >= lo (> lo if
+# strict; lo None: any finite number); ("bool",): True or False, never 0 / 1 or a string.
+_I31, _I53 = 2**31 - 1, 2**53
+FIELD_RULES = {
+    "max_slots": ("int", 1, _I31), "max_batch": ("int", 1, _I31), "max_tokens_per_step": ("int", 1, _I53),
+    "max_prefill_chunk": ("int", 1, _I53), "block_size": ("int", 1, _I31), "num_gpu_blocks": ("int", 1, _I53),
+    "num_host_blocks": ("int", 0, _I53), "watermark_blocks": ("int", 0, _I53),
+    "c": ("float", 0.0, False), "margin": ("float", None, False), "max_preemptions": ("int", 0, _I31),
+    "aging_rate": ("float", 0.0, False), "allow_keep": ("bool",), "allow_swap": ("bool",),
+    "bytes_per_token": ("float", 0.0, False), "pcie_gbps": ("float", 0.0, True),
+    "recompute_s_per_token": ("float", 0.0, False), "admit_reserve": ("float", 0.0, False),
+    "max_forced_evictions": ("int", 0, _I31), "evict_kv_weight": ("float", 0.0, False),
+    "resume_forced_first": ("bool",), "memory_preemption": ("bool",),
+}
+
+
+def check_field(name: str, value, where: str = "") -> None:
+    """Checks `value` against FIELD_RULES[name] (types strict, nothing coerced); ValueError
+    "<where><name> must be <type and range>, got <value> (<type>)" otherwise."""
+    rule = FIELD_RULES[name]
+    is_bool = isinstance(value, (bool, np.bool_))
+    if rule[0] == "bool":
+        ok, want = isinstance(value, bool), "a bool (True or False)"
+    elif rule[0] == "int":
+        lo, hi = rule[1], rule[2]
+        ok = isinstance(value, numbers.Integral) and not is_bool and lo <= value <= hi
+        want = f"an integer (not bool or float) in [{lo}, {'2**53' if hi == _I53 else hi}]"
+    else:
+        lo, strict = rule[1], rule[2]
+        ok = isinstance(value, numbers.Real) and not is_bool and math.isfinite(value) and (
+            lo is None or (value > lo if strict else value >= lo))
+        want = "a finite number" + ("" if lo is None else f" {'>' if strict else '>='} {lo:g}") + " (int or float)"
+    if not ok:
+        raise ValueError(f"{where}{name} must be {want}, got {value!r} ({type(value).__name__})")
 
 
 class State(IntEnum):
@@ -123,45 +165,28 @@ class SchedulerConfig:
 
     def resolved(self) -> "SchedulerConfig":
         """The same config with policy defaults filled in, validated."""
-        if self.policy not in POLICIES:
+        if not (isinstance(self.policy, str) and self.policy in POLICIES):
             raise ValueError(f"SchedulerConfig.policy must be one of {POLICIES}, got {self.policy!r}")
         dflt = POLICY_DEFAULTS[self.policy]
         filled = {k: dflt[k] if getattr(self, k) is None else getattr(self, k) for k in dflt}
-        filled["c"] = float(filled["c"])
         cfg = replace(
             self, **filled,
             max_prefill_chunk=self.max_tokens_per_step if self.max_prefill_chunk is None else self.max_prefill_chunk,
         )
         cfg._validate()
-        return cfg
+        return replace(cfg, c=float(cfg.c))
 
     def _validate(self) -> None:
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise ValueError(f"scheduler config: {msg}")
 
-        finite = lambda x: x == x and abs(x) != float("inf")  # noqa: E731
-        need(self.max_slots >= 1, f"max_slots must be >= 1, got {self.max_slots}")
-        need(self.max_batch >= 1, f"max_batch must be >= 1, got {self.max_batch}")
+        for name in FIELD_RULES:               # types and ranges, one field at a time
+            check_field(name, getattr(self, name), "scheduler config: ")
         need(self.max_tokens_per_step >= self.max_batch,
              f"max_tokens_per_step ({self.max_tokens_per_step}) must be >= max_batch ({self.max_batch})")
-        need(self.max_prefill_chunk >= 1, "max_prefill_chunk must be >= 1")
-        need(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
-        need(self.watermark_blocks >= 0, "watermark_blocks must be >= 0")
         need(self.num_gpu_blocks > self.watermark_blocks,
              f"num_gpu_blocks ({self.num_gpu_blocks}) must exceed watermark_blocks ({self.watermark_blocks})")
-        need(self.num_host_blocks >= 0, "num_host_blocks must be >= 0")
-        need(finite(self.c) and self.c >= 0, "c must be a finite number >= 0")
-        need(finite(self.margin), "margin must be finite")
-        need(self.max_preemptions >= 0, "max_preemptions must be >= 0")
-        need(finite(self.aging_rate) and self.aging_rate >= 0, "aging_rate must be finite and >= 0")
-        need(finite(self.bytes_per_token) and self.bytes_per_token >= 0, "bytes_per_token must be finite and >= 0")
-        need(finite(self.pcie_gbps) and self.pcie_gbps > 0, "pcie_gbps must be finite and > 0")
-        need(finite(self.recompute_s_per_token) and self.recompute_s_per_token >= 0,
-             "recompute_s_per_token must be finite and >= 0")
-        need(finite(self.admit_reserve) and self.admit_reserve >= 0, "admit_reserve must be finite and >= 0")
-        need(self.max_forced_evictions >= 0, "max_forced_evictions must be >= 0")
-        need(finite(self.evict_kv_weight) and self.evict_kv_weight >= 0, "evict_kv_weight must be finite and >= 0")
 
     def native_config(self) -> dict[str, float]:
         """The resolved config by name, as the native core takes it (numbers as float, booleans

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 
 import torch
@@ -60,36 +62,61 @@ class ProbeSpec:
         return len(self.bin_edges) - 1
 
     def validate(self, where: str = "probe") -> "ProbeSpec":
+        """Checks every field's type and range (nothing coerced: a number is an int or float, never
+        a bool, a string or null); ValueError "<where>: <field> must be ..., got <value>"."""
         def bad(msg):
             raise ValueError(f"{where}: {msg}")
 
-        if self.kind not in KINDS:
-            bad(f"kind {self.kind!r} is not one of {KINDS}")
+        def got(value):
+            return f"got {value!r:.200} ({type(value).__name__})"
+
+        def number(v) -> bool:
+            return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+        def integer(v) -> bool:
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+        if not (isinstance(self.kind, str) and self.kind in KINDS):
+            bad(f"kind must be one of {KINDS}, {got(self.kind)}")
+        if not (isinstance(self.model, str) and self.model):
+            bad(f"model must be a non-empty string (the model id), {got(self.model)}")
+        if not isinstance(self.bin_edges, (list, tuple)):
+            bad(f"bin_edges must be a list of numbers, {got(self.bin_edges)}")
+        for i, e in enumerate(self.bin_edges):
+            if not number(e):
+                bad(f"bin_edges[{i}] must be a number, {got(e)}")
         try:
             self.bin_edges = validate_edges(self.bin_edges)
         except ValueError as exc:
-            bad(str(exc))
+            bad(f"bin_edges: {exc}")
         k = self.num_bins
         for name in ("bin_values", "pi"):
             vals = getattr(self, name)
-            if not isinstance(vals, list) or len(vals) != k:
-                bad(f"{name} must hold {k} values (one per bin), got {vals!r}")
-            if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in vals):
-                bad(f"{name} must be finite numbers: {vals}")
+            if not isinstance(vals, (list, tuple)) or len(vals) != k:
+                bad(f"{name} must hold {k} numbers (one per bin), {got(vals)}")
+            for i, v in enumerate(vals):
+                if not (number(v) and math.isfinite(v) and v >= 0):
+                    bad(f"{name}[{i}] must be a finite number >= 0, {got(v)}")
         if any(p <= 0 for p in self.pi) or abs(sum(self.pi) - 1.0) > 1e-4:
-            bad(f"pi must be positive and sum to 1, sums to {sum(self.pi):.6f}")
-        if not (isinstance(self.d, int) and self.d > 0 and isinstance(self.h, int) and self.h > 0):
-            bad(f"d and h must be positive integers, got d={self.d!r} h={self.h!r}")
-        if self.kind == "layer" and (not isinstance(self.layer, int) or self.layer < 0):
-            bad(f"a layer probe needs a layer index >= 0, got {self.layer!r}")
-        if not (self.alpha > 0 and math.isfinite(self.alpha)):
-            bad(f"alpha must be > 0, got {self.alpha}")
-        if not 0 <= self.eps < 1:
-            bad(f"eps must be in [0, 1), got {self.eps}")
-        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens > 0):
-            bad(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not self.model:
-            bad("model id is empty")
+            bad(f"pi must be positive and sum to 1, got {list(self.pi)} (sum {sum(self.pi):.6f})")
+        for name in ("d", "h"):
+            if not (integer(getattr(self, name)) and getattr(self, name) > 0):
+                bad(f"{name} must be a positive integer, {got(getattr(self, name))}")
+        if self.kind == "layer" and not (integer(self.layer) and self.layer >= 0):
+            bad(f"layer must be a layer index (an integer >= 0) for a layer probe, {got(self.layer)}")
+        if self.layer is not None and not (integer(self.layer) and self.layer >= 0):
+            bad(f"layer must be null or a layer index (an integer >= 0), {got(self.layer)}")
+        if not (number(self.alpha) and math.isfinite(self.alpha) and self.alpha > 0):
+            bad(f"alpha must be a finite number > 0, {got(self.alpha)}")
+        if not (number(self.eps) and 0 <= self.eps < 1):
+            bad(f"eps must be a number in [0, 1), {got(self.eps)}")
+        if not (integer(self.max_new_tokens) and self.max_new_tokens > 0):
+            bad(f"max_new_tokens must be a positive integer, {got(self.max_new_tokens)}")
+        if self.encoder is not None and not isinstance(self.encoder, str):
+            bad(f"encoder must be null or a string, {got(self.encoder)}")
+        for name in ("training", "validation"):
+            if not isinstance(getattr(self, name), dict):
+                bad(f"{name} must be an object (a dict of records), {got(getattr(self, name))}")
         return self
 
 
@@ -114,16 +141,28 @@ def paths(path: str | os.PathLike) -> tuple[Path, Path]:
     return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
 
 
+def resolve_path(path: str | os.PathLike) -> Path:
+    """A probe file as a user names it: NAME, NAME.json or NAME.safetensors, or a folder holding
+    probe.json (its layer probe: `<folder>/probe`). -> NAME. A folder without probe.json is a
+    FileNotFoundError saying what it holds and what is expected."""
+    p = Path(path)
+    if p.is_dir():
+        if not paths(p / "probe")[1].is_file():
+            held = sorted(f.name for f in p.glob("*.json"))
+            raise FileNotFoundError(f"{p}: a folder without probe.json (holds {held or 'no .json files'}); give a "
+                                    f"probe file (NAME, NAME.json or NAME.safetensors) or a folder holding probe.json")
+        p = p / "probe"
+    return p
+
+
 def resolve_layer_probe(path: str | os.PathLike) -> tuple[Path, ProbeSpec]:
     """`--probe` as a user gives it: a probe directory (holding probe.json), or NAME / NAME.json /
     NAME.safetensors of a layer probe. Checks the files exist and the JSON is a valid layer probe,
     without loading any model, so a bad path fails at once with a clear message."""
-    p = Path(path)
-    if p.is_dir():
-        if not paths(p / "probe")[1].is_file():
-            raise FileNotFoundError(f"--probe {p}: directory has no probe.json (a layer probe written by "
-                                    f"`trail train-probe`)")
-        p = p / "probe"
+    try:
+        p = resolve_path(path)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"--probe {exc}") from None
     st, js = paths(p)
     if not js.is_file():
         raise FileNotFoundError(f"--probe {path}: no probe directory or probe file there ({js} not found)")
@@ -149,7 +188,9 @@ def save_probe(path: str | os.PathLike, mlp: ProbeMLP, spec: ProbeSpec) -> tuple
 
 
 def load_spec(path: str | os.PathLike) -> ProbeSpec:
-    _, js = paths(path)
+    """The checked metadata of a probe file (`resolve_path`: NAME, NAME.json, NAME.safetensors or a
+    folder holding probe.json). Every error names the JSON file, the field and its value."""
+    _, js = paths(resolve_path(path))
     if not js.is_file():
         raise FileNotFoundError(f"probe metadata not found: {js}")
     try:
@@ -166,11 +207,15 @@ def load_spec(path: str | os.PathLike) -> ProbeSpec:
     missing = [k for k in required if k not in fields]
     if missing:
         raise ValueError(f"{js}: missing fitted key(s) {missing}; retrain or add them (see `trail train-probe`)")
-    try:
-        spec = ProbeSpec(**fields)
-    except TypeError as exc:
-        raise ValueError(f"{js}: bad fields ({exc})") from None
-    return spec.validate(str(js))
+    known = {f.name for f in dataclass_fields(ProbeSpec)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"{js}: unknown field(s) {unknown}; a probe file holds {sorted(known)}")
+    absent = sorted(f.name for f in dataclass_fields(ProbeSpec)
+                    if f.name not in fields and f.default is MISSING and f.default_factory is MISSING)
+    if absent:
+        raise ValueError(f"{js}: missing field(s) {absent}")
+    return ProbeSpec(**fields).validate(str(js))
 
 
 def load_probe(path: str | os.PathLike, expect_model: str | None = None, expect_d: int | None = None,
@@ -179,6 +224,7 @@ def load_probe(path: str | os.PathLike, expect_model: str | None = None, expect_
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    path = resolve_path(path)
     st, js = paths(path)
     spec = load_spec(path)
     if expect_kind is not None and spec.kind != expect_kind:
@@ -232,4 +278,7 @@ def load_probe_params(path: str | os.PathLike, expect_model: str | None = None, 
                       device: str | torch.device = "cpu"):
     """A layer probe file -> (ProbeParams on `device`, ProbeSpec): what an engine needs."""
     mlp, spec = load_probe(path, expect_model=expect_model, expect_d=expect_d, expect_kind="layer")
-    return probe_params(mlp, spec, device=device), spec
+    try:
+        return probe_params(mlp, spec, device=device), spec
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{paths(resolve_path(path))[1]}: {exc}") from None
