@@ -39,7 +39,7 @@ from trail.kv_cache import KVCache, KVCacheSpec
 from trail.model_runner import ModelRunner
 from trail.predictions import ProbePredictions, prompt_prediction
 from trail.request import FinishReason, Request, RequestMetrics, RequestOutput, SamplingParams
-from trail.request_checks import check_request, deprecated_replay
+from trail.request_checks import check_arrival, check_request, check_request_id, deprecated_replay
 from trail.scheduler import SCHED
 from trail.serving_core import ServingCore
 from trail.slot_table import SlotTable
@@ -181,10 +181,10 @@ class LLMEngine:
         self._check_alive()
         ids, text, true_length = check_request(prompt, params, true_length, self.tokenizer,
                                                self.model.config.vocab_size, self.config, chat)
-        rid = self._next_id if request_id is None else int(request_id)
+        rid = self._next_id if request_id is None else check_request_id(request_id)
         if rid in self._requests:
             raise ValueError(f"request id {rid} is already in use")
-        arrival = self.now() if arrival is None else float(arrival)
+        arrival = self.now() if arrival is None else check_arrival(arrival)
         prediction = prompt_prediction(self.prompt_predictor, ids, params.max_new_tokens, self._default_prediction)
         self._warn_probe_range(params.max_new_tokens)
         stream = None

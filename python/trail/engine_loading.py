@@ -45,7 +45,8 @@ def load_engine_parts(source, *, probe: str | None = "shipped", prompt_predictor
     if prompt_predictor in ("boe", "minilm"):
         # beside a probe given by path (trained together), else the shipped one
         name = f"prompt_{prompt_predictor}"
-        beside = Path(str(probe)).parent if probe not in (None, "shipped") else None
+        beside = None if probe in (None, "shipped") else (Path(str(probe)) if Path(str(probe)).is_dir()
+                                                          else Path(str(probe)).parent)
         found = [d for d in (beside, folder) if d is not None and (d / f"{name}.json").is_file()]
         if found:
             predictor = prompt_predictor_fn(found[0] / name, model, tokenizer)

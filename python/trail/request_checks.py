@@ -7,6 +7,7 @@ a prompt is a str, a sequence of ints (numpy integers too; not bool, float, str 
 of chat messages; a request id is an int in [0, MAX_REQUEST_ID)."""
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import replace
 from typing import Mapping, Sequence
@@ -118,3 +119,11 @@ def deprecated_replay(params: SamplingParams, replay_length: int, where: str) ->
     parameter it became, with a DeprecationWarning at the caller's caller."""
     warnings.warn(f"{where} is deprecated; use SamplingParams(replay_length=...)", DeprecationWarning, stacklevel=3)
     return replace(params, replay_length=replay_length)
+
+
+def check_arrival(arrival) -> float:
+    """An arrival time on the engine's clock: a finite int or float (not bool)."""
+    if isinstance(arrival, bool) or not isinstance(arrival, (int, float)) or not math.isfinite(arrival):
+        raise ValueError(f"arrival must be a finite number of seconds (int or float), got {arrival!r} "
+                         f"({type(arrival).__name__})")
+    return float(arrival)
