@@ -6,8 +6,9 @@ same requests ran under every policy, so each request's latency pairs across pol
 
 Used by `trail demo` (CPU) and the serving benchmark (GPU). `run_policy` serves in real time (open
 loop); `run_interleaved` steps one engine per policy in turn, each on a clock that runs only while
-it steps, so that on a shared machine every policy meets the same background load. Nothing here
-prints.
+it steps, so that on a shared machine every policy meets the same background load. A request's
+recorded output length is replayed capped at the run's max_new_tokens (`replay_length`), so any cap
+works and every policy still does the same work. Nothing here prints (progress bars aside).
 """
 from __future__ import annotations
 
@@ -28,11 +29,18 @@ ORACLE_MIN_GAIN = 0.10
 
 @dataclass(frozen=True)
 class ReplayRequest:
-    """A request with its recorded output length (replayed: stop there, EOS ignored)."""
+    """A request with its recorded output length (replayed: stop there, EOS ignored; a length over
+    the run's max_new_tokens is capped there, see `replay_length`)."""
     prompt_ids: Sequence[int]
     output_len: int
     arrival: float = 0.0          # seconds after the run's start
     recorded_predictions: Sequence[float] | None = None   # fed to the scheduler instead of the probe's
+
+
+def replay_length(request: ReplayRequest, params: SamplingParams) -> int:
+    """The tokens `request` generates under `params`: its recorded length, capped at
+    params.max_new_tokens (a recorded length above the cap would be an invalid replay_length)."""
+    return max(1, min(int(request.output_len), params.max_new_tokens))
 
 
 class EngineClock:
@@ -82,17 +90,19 @@ class _Replay:
                     raise ValueError("requests carry recorded predictions: build the engine with "
                                      "predictions=trail.predictions.RecordedPredictions()")
                 source.record(i, r.recorded_predictions)
-            rid = self.engine.add_request(list(r.prompt_ids), replace(self.params, replay_length=r.output_len),
+            rid = self.engine.add_request(list(r.prompt_ids), replace(self.params, replay_length=replay_length(r, self.params)),
                                           arrival=self.offset + r.arrival, request_id=i)
             self.ids[rid] = i
 
-    def collect(self, outs) -> int:
-        finished = 0
+    def collect(self, outs) -> tuple[int, int]:
+        """Keeps the finished outputs; -> (requests finished, tokens generated) in `outs`."""
+        finished = tokens = 0
         for out in outs:
+            tokens += len(out.new_token_ids)
             if out.finished:
                 self.finals[self.ids[out.request_id]] = out
                 finished += 1
-        return finished
+        return finished, tokens
 
     def result(self, policy: str, makespan: float) -> dict:
         return _run_result(policy, self.engine, [self.finals[i] for i in range(len(self.requests))], makespan)
@@ -101,12 +111,21 @@ class _Replay:
 def run_interleaved(make_engine: Callable[[str, EngineClock], object], policies: Sequence[str],
                     requests: Sequence[ReplayRequest], params: SamplingParams, progress: bool = False) -> dict:
     """Serves the same `requests` under every policy, one step of each engine in turn, each on its
-    own EngineClock (arrivals are on that clock). Returns {policy: run} as `run_policy` does."""
+    own EngineClock (arrivals are on that clock). Returns {policy: run} as `run_policy` does.
+    `progress`: a tqdm bar in generated tokens (all policies together; the total is known because
+    lengths are replayed), with the finished requests beside it, so a slow machine shows life
+    from the first step."""
     from tqdm.auto import tqdm
 
+    policies = list(dict.fromkeys(policies))          # a policy named twice runs once
     clocks = {policy: EngineClock() for policy in policies}
     replays = {policy: _Replay(make_engine(policy, clocks[policy]), requests, params) for policy in policies}
-    with tqdm(total=len(requests) * len(policies), desc="+".join(policies), unit="req", disable=not progress) as bar:
+    total_tokens = sum(replay_length(r, params) for r in requests) * len(policies)
+    total_requests = len(requests) * len(policies)
+    finished = 0
+    with tqdm(total=total_tokens, desc="+".join(policies), unit="tok", disable=not progress, dynamic_ncols=True,
+              mininterval=0.5) as bar:
+        bar.set_postfix_str(f"requests 0/{total_requests}")
         while not all(rp.done for rp in replays.values()):
             for policy, rp in replays.items():
                 if rp.done:
@@ -119,7 +138,11 @@ def run_interleaved(make_engine: Callable[[str, EngineClock], object], policies:
                 clock.start()
                 outs = rp.engine.step()
                 clock.stop()
-                bar.update(rp.collect(outs))
+                done, tokens = rp.collect(outs)
+                if done:
+                    finished += done
+                    bar.set_postfix_str(f"requests {finished}/{total_requests}", refresh=False)
+                bar.update(tokens)
     return {policy: rp.result(policy, clocks[policy].busy) for policy, rp in replays.items()}
 
 
@@ -140,7 +163,7 @@ def run_policy(make_engine: Callable[[str], object], policy: str, requests: Sequ
             if not engine.has_unfinished():
                 time.sleep(max(0.0, min(0.01, rp.next_arrival() - now)))
                 continue
-            bar.update(rp.collect(engine.step()))
+            bar.update(rp.collect(engine.step())[0])
     return rp.result(policy, engine.now() - start)
 
 
