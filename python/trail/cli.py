@@ -58,13 +58,15 @@ _DEMO_MAX_NEW_TOKENS = 4096   # prompt + cap stay within SmolLM2's 8192 position
 
 def _demo_int(low: int, high: int):
     """An argparse type for `trail demo`: an integer in [low, high], else a one-line error."""
+    what = f"a positive integer <= {high}" if low == 1 else f"an integer in [{low}, {high}]"
+
     def parse(text: str) -> int:
         try:
             value = int(text)
         except (TypeError, ValueError):
             value = None
         if value is None or not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be an integer in [{low}, {high}], got {text!r}")
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
         return value
     return parse
 
