@@ -122,8 +122,10 @@ def deprecated_replay(params: SamplingParams, replay_length: int, where: str) ->
 
 
 def check_arrival(arrival) -> float:
-    """An arrival time on the engine's clock: a finite int or float (not bool)."""
-    if isinstance(arrival, bool) or not isinstance(arrival, (int, float)) or not math.isfinite(arrival):
+    """An arrival time on the engine's clock: a finite real number (int, float or a numpy scalar
+    of either; not bool)."""
+    if isinstance(arrival, (bool, np.bool_)) or not isinstance(arrival, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(arrival):
         raise ValueError(f"arrival must be a finite number of seconds (int or float), got {arrival!r} "
                          f"({type(arrival).__name__})")
     return float(arrival)
