@@ -19,7 +19,6 @@ import os
 import sys
 
 from trail.cli_args import Parser, UsageError
-from trail.cli_args import positive_int as _positive_int  # noqa: F401  (the demo's options)
 from trail.policies import POLICIES
 
 DESCRIPTION = """\
@@ -32,7 +31,7 @@ Run `trail COMMAND --help` for a command's options (each with its default)."""
 
 EPILOG = """\
 start with:
-  trail demo                          the four policies on the real SmolLM2-135M-Instruct (CPU: minutes)
+  trail demo                          the four policies on the real SmolLM2-135M-Instruct (CPU: under 2 min)
   trail sim --regime kv --load 1.1    the same comparison in the simulator, 2000 requests x 3 seeds
 predictor pipeline (your own model):
   trail collect -> trail embed -> trail train-probe -> trail eval-probe --record -> trail judge"""
