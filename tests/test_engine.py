@@ -9,17 +9,16 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from tiny_engine_model import tiny_model_probe
 
 from trail.engine import LLMEngine
 from trail.engine_config import EngineConfig
-from trail.models import random_model
 from trail.models.loader import load_hf, load_tokenizer
 from trail.predictions import RecordedPredictions
 from trail.predictor.probe_file import load_probe_params, shipped_probe_dir
 from trail.request import FinishReason, SamplingParams
 from trail.scheduler import State
 from trail.scheduler_types import TRAIL_PAPER
-from trail_kernels.probe_params import ProbeParams
 
 PROMPTS = ["The capital of France is", "A haiku about schedulers:", "Three colours:",
            "A hash table is", "Hello in Spanish is"]
@@ -76,10 +75,7 @@ def test_preemption_keeps_every_request_s_tokens(smollm2_f64, overlap):
 
 @pytest.fixture(scope="module")
 def tiny():
-    model = random_model("tiny", seed=3, std=0.3)
-    probe = ProbeParams.random(model.config.hidden_size, 32, 8, max_len=64, generator=torch.Generator().manual_seed(0),
-                               scale=2.0)
-    return model, probe
+    return tiny_model_probe()
 
 
 def _tiny_engine(tiny, policy="trail", predictions=None, **cfg):

@@ -25,18 +25,17 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
+from tiny_engine_model import tiny_model_probe
 
 from trail.engine import LLMEngine
 from trail.engine_config import EngineConfig
 from trail.kv_cache import KVCache
 from trail.kv_cache_spec import KVCacheSpec
 from trail.model_runner import ModelRunner
-from trail.models import random_model
 from trail.request import FinishReason, SamplingParams
 from trail.scheduler import State
 from trail.scheduler_types import TRAIL_PAPER
 from trail.segments import Segment
-from trail_kernels.probe_params import ProbeParams
 
 EOS = 7
 # a token may differ from the reference's argmax only where the top-2 logit gap is below this: a
@@ -68,11 +67,7 @@ GPU = Size(requests=10_000, min_each=100, max_batch=16, num_gpu_blocks=96, num_h
 
 
 def _model(device: str):
-    model = random_model("tiny", seed=3, std=0.3)
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    probe = ProbeParams.random(model.config.hidden_size, 32, 8, max_len=64,
-                               generator=torch.Generator().manual_seed(0), scale=2.0)
-    return model.to(device=device, dtype=dtype), probe
+    return tiny_model_probe(device, torch.float32 if device == "cpu" else torch.bfloat16)
 
 
 def _engine(model, probe, size: Size) -> LLMEngine:

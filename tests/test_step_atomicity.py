@@ -12,11 +12,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny_engine_model import tiny_model_probe
 
 import trail.model_runner
 from trail.engine import EngineDeadError, LLMEngine
 from trail.engine_config import EngineConfig
-from trail.models import random_model
 from trail.request import FinishReason, SamplingParams
 from trail.scheduler_types import TRAIL_PAPER
 from trail_kernels.probe_params import ProbeParams
@@ -29,11 +29,7 @@ class InjectedFault(RuntimeError):
 
 
 def _model(device: str):
-    model = random_model("tiny", seed=3, std=0.3)
-    dtype = torch.float64 if device == "cpu" else torch.float32
-    probe = ProbeParams.random(model.config.hidden_size, 32, 8, max_len=64,
-                               generator=torch.Generator().manual_seed(0), scale=2.0)
-    return model.to(device=device, dtype=dtype), probe
+    return tiny_model_probe(device, torch.float64 if device == "cpu" else torch.float32)
 
 
 @pytest.fixture(scope="module")

@@ -9,16 +9,15 @@ import math
 import numpy as np
 import pytest
 import torch
+from tiny_engine_model import tiny_model_probe
 
 from trail.engine import LLMEngine
 from trail.engine_config import EngineConfig
-from trail.models import random_model
 from trail.predictor.probe_file import ProbeMLP, ProbeSpec, load_probe_params, load_spec, save_probe
 from trail.request import SamplingParams
 from trail.request_checks import check_request_id
 from trail.sampling import SampleParams
 from trail.scheduler_types import SchedulerConfig
-from trail_kernels.probe_params import ProbeParams
 
 # the queued work: greedy, sampled, and sampled with top_k past the candidate sampler (the exact
 # sampler, where a float32 top_p of 0 used to make every step raise)
@@ -40,10 +39,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny():
-    model = random_model("tiny", seed=3, std=0.3)
-    probe = ProbeParams.random(model.config.hidden_size, 32, 8, max_len=64, generator=torch.Generator().manual_seed(0),
-                               scale=2.0)
-    return model, probe
+    return tiny_model_probe()
 
 
 def _engine(tiny, **cfg):
