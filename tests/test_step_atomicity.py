@@ -56,9 +56,10 @@ def _workload():
 
 def _serve(engine: LLMEngine, arm=None) -> tuple[dict, int]:
     """Runs the workload (one arrival per step, so short requests meet running long ones);
-    returns ({id: token ids}, faults seen)."""
+    returns ({id: token ids}, faults seen). Checks that each request's streamed new tokens add up
+    to its token ids (no output lost or repeated by a fault) and that it has one final output."""
     prompts, lengths = _workload()
-    finals, faults, pending = {}, 0, list(range(N_REQ))
+    finals, faults, pending, streamed = {}, 0, list(range(N_REQ)), {}
     if arm is not None:
         arm(engine)
     steps = 0
@@ -72,7 +73,12 @@ def _serve(engine: LLMEngine, arm=None) -> tuple[dict, int]:
         except (InjectedFault, KeyboardInterrupt, torch.cuda.OutOfMemoryError):
             faults += 1
             continue
-        finals.update((o.request_id, o) for o in outs if o.finished)
+        for o in outs:
+            assert o.request_id not in finals, f"request {o.request_id}: an output after its final one"
+            streamed.setdefault(o.request_id, []).extend(o.new_token_ids)
+            assert streamed[o.request_id] == list(o.token_ids), f"request {o.request_id}: lost or repeated tokens"
+            if o.finished:
+                finals[o.request_id] = o
         steps += 1
         assert steps < 2000, "the engine made no progress"
     engine.check_idle()
@@ -126,6 +132,8 @@ PHASES = {
     "sample": (lambda e: e.runner, "sample", 6),
     "sync": (lambda e: e, "_sync", 6),
     "postprocess": (lambda e: e.slots, "commit", 6),
+    "release": (lambda e: e.core, "release", 2),        # finished requests: reasons set, not released
+    "finish": (lambda e: e, "_finish", 3),              # released, the second of them not finished
 }
 
 

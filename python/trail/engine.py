@@ -39,7 +39,8 @@ from trail.kv_cache import KVCache, KVCacheSpec
 from trail.model_runner import ModelRunner
 from trail.predictions import ProbePredictions, prompt_prediction
 from trail.request import FinishReason, Request, RequestMetrics, RequestOutput, SamplingParams
-from trail.request_checks import check_arrival, check_request, check_request_id, deprecated_replay
+from trail.request_checks import (check_arrival, check_engine_parts, check_request, check_request_id,
+                                  deprecated_replay, eos_lookup)
 from trail.scheduler import SCHED
 from trail.serving_core import ServingCore
 from trail.slot_table import SlotTable
@@ -77,27 +78,8 @@ class LLMEngine:
         self.device, self.dtype = param.device, param.dtype
         self.model, self.tokenizer = model, tokenizer
         mcfg = model.config
-        if config.policy == "trail" and probe is None:
-            raise ValueError("the trail policy needs a length probe (probe=..., probe_layer=...)")
-        if config.policy == "sjf_prompt" and prompt_predictor is None:
-            raise ValueError("the sjf_prompt policy needs a prompt predictor")
-        if probe is not None and (probe_layer is None or not 0 <= probe_layer < mcfg.num_layers
-                                  or isinstance(probe_layer, bool)):
-            raise ValueError(f"probe_layer must be a layer index in [0, {mcfg.num_layers}), got {probe_layer!r}")
-        if probe is not None and probe.hidden_size != mcfg.hidden_size:
-            raise ValueError(f"probe: reads hidden states of width {probe.hidden_size}, the model's are "
-                             f"{mcfg.hidden_size} wide (a probe trained for another model?)")
-        if config.max_model_len > mcfg.max_position_embeddings:
-            raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's "
-                             f"max_position_embeddings={mcfg.max_position_embeddings}")
-        if eos_token_ids is None:
-            eos = getattr(tokenizer, "eos_token_id", None)
-            eos_token_ids = [] if eos is None else [eos]
-        self.eos_ids = np.array(sorted(set(int(e) for e in eos_token_ids)), np.int64)
-        if (self.eos_ids < 0).any():
-            raise ValueError(f"eos_token_ids must be non-negative token ids, got {sorted(eos_token_ids)}")
-        is_eos = np.zeros(max(mcfg.vocab_size, int(self.eos_ids.max(initial=-1)) + 1), bool)
-        is_eos[self.eos_ids] = True           # a lookup per sampled token (np.isin: ~1 us per row)
+        check_engine_parts(config, mcfg, probe, probe_layer, prompt_predictor)
+        self.eos_ids, is_eos = eos_lookup(tokenizer, eos_token_ids, mcfg.vocab_size)
 
         # ---- memory: one config -> KV layout + scheduler config; the core owns both ----
         self.kv_spec = KVCacheSpec(mcfg.num_layers, mcfg.num_kv_heads, mcfg.head_dim, dtype=self.dtype,
@@ -222,8 +204,7 @@ class LLMEngine:
         req = self._requests.get(request_id)
         if req is None or req.finished:
             return False
-        self.core.release([req.serial], [req.slot])
-        self._aborted.append(self._finish(req, FinishReason.ABORT))
+        self._aborted += self._end([req], [FinishReason.ABORT])
         return True
 
     @property
@@ -350,17 +331,23 @@ class LLMEngine:
             elif length[i]:
                 reasons[i] = FinishReason.LENGTH
         stream_text(reqs, tokens, reasons)
-        outputs, finished = [], []
-        for req, reason in zip(reqs, reasons):
-            if reason is None:
-                outputs.append(request_output(req))
-            else:
-                req.finish_reason = reason
-                finished.append(req)
-        if finished:
-            self.core.release([r.serial for r in finished], [r.slot for r in finished])
-            outputs += [self._finish(r, r.finish_reason) for r in finished]
+        outputs = [request_output(req) for req, reason in zip(reqs, reasons) if reason is None]
+        try:
+            ending = [(req, reason) for req, reason in zip(reqs, reasons) if reason is not None]
+            if ending:
+                outputs += self._end(*zip(*ending))
+        except BaseException:
+            self._aborted += outputs          # the outputs made so far are delivered by the next step()
+            raise
         return outputs
+
+    def _end(self, reqs, reasons) -> list[RequestOutput]:
+        """Ends requests: reasons set, released through the core, then finished. A fault part-way
+        leaves requests with a reason set but not finished; `_roll_back` completes them."""
+        for req, reason in zip(reqs, reasons):
+            req.finish_reason = reason
+        self.core.release([r.serial for r in reqs], [r.slot for r in reqs])
+        return [self._finish(r, r.finish_reason) for r in reqs]
 
     def _finish(self, req: Request, reason: FinishReason) -> RequestOutput:
         """Marks `req` finished and unbinds its slot (its scheduler entry and blocks are already
@@ -382,6 +369,7 @@ class LLMEngine:
         self._pending_timing = None
         if not is_sticky_device_error(exc):
             try:
+                self._complete_ending()
                 ids, slots = self.core.holders()
                 self.core.requeue(ids, slots, self.slots.gen[slots], self.now())
                 self.slots.clear_in_flight()
@@ -395,6 +383,14 @@ class LLMEngine:
         for req in list(self._requests.values()):
             req.error = self._dead
             self._aborted.append(self._finish(req, FinishReason.ERROR))
+
+    def _complete_ending(self) -> None:
+        """Finishes the requests a fault caught inside `_end` (reason set, maybe not released)."""
+        ending = [r for r in self._requests.values() if r.finish_reason is not None]
+        known = [r for r in ending if self.core.knows(r.serial)]
+        if known:
+            self.core.release([r.serial for r in known], [r.slot for r in known])
+        self._aborted += [self._finish(r, r.finish_reason) for r in ending]
 
     def _sync(self, step: InFlight) -> None:
         """The step's one host-device sync: its tokens (the predictions were copied before them

@@ -129,3 +129,34 @@ def check_arrival(arrival) -> float:
         raise ValueError(f"arrival must be a finite number of seconds (int or float), got {arrival!r} "
                          f"({type(arrival).__name__})")
     return float(arrival)
+
+
+def check_engine_parts(config, model_config, probe, probe_layer, prompt_predictor) -> None:
+    """The engine constructor's checks of its parts against the model and the policy."""
+    if config.policy == "trail" and probe is None:
+        raise ValueError("the trail policy needs a length probe (probe=..., probe_layer=...)")
+    if config.policy == "sjf_prompt" and prompt_predictor is None:
+        raise ValueError("the sjf_prompt policy needs a prompt predictor")
+    layers = model_config.num_layers
+    if probe is not None and (probe_layer is None or isinstance(probe_layer, bool) or not 0 <= probe_layer < layers):
+        raise ValueError(f"probe_layer must be a layer index in [0, {layers}), got {probe_layer!r}")
+    if probe is not None and probe.hidden_size != model_config.hidden_size:
+        raise ValueError(f"probe: reads hidden states of width {probe.hidden_size}, the model's are "
+                         f"{model_config.hidden_size} wide (a probe trained for another model?)")
+    if config.max_model_len > model_config.max_position_embeddings:
+        raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's "
+                         f"max_position_embeddings={model_config.max_position_embeddings}")
+
+
+def eos_lookup(tokenizer, eos_token_ids, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted stop ids, a bool table by token id): the ids given, else the tokenizer's eos id.
+    The table makes the per-step check one lookup per sampled token (np.isin: ~1 us per row)."""
+    if eos_token_ids is None:
+        eos = getattr(tokenizer, "eos_token_id", None)
+        eos_token_ids = [] if eos is None else [eos]
+    ids = np.array(sorted(set(int(e) for e in eos_token_ids)), np.int64)
+    if (ids < 0).any():
+        raise ValueError(f"eos_token_ids must be non-negative token ids, got {sorted(eos_token_ids)}")
+    table = np.zeros(max(vocab, int(ids.max(initial=-1)) + 1), bool)
+    table[ids] = True
+    return ids, table

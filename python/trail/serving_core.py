@@ -151,6 +151,14 @@ class ServingCore:
         self._free_memory(slots)
         return states
 
+    def knows(self, request_id: int) -> bool:
+        """Whether the scheduler holds `request_id` (added and not yet released)."""
+        try:
+            self.scheduler.state_of(request_id)
+        except KeyError:
+            return False
+        return True
+
     def holders(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids, slots) of the requests that hold KV or are running (what a lost step can touch)."""
         snap = self.scheduler.snapshot().numpy()
