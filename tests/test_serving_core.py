@@ -120,3 +120,26 @@ def test_the_ledger_check_catches_a_slot_that_differs_from_its_row(model):
     engine.kv.grow_to(np.array([slot]), np.array([engine.kv.mapped_blocks(np.array([slot]))[0] + 1]))
     with pytest.raises(LedgerMismatch, match=f"slots \\[{slot}\\]"):
         engine.core.check(np.array([[0, slot, 0, 1, 6, 2, 0, 0, 16]], np.int64))
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
+def test_telemetry_counts_every_preemption_of_every_plan(model, overlap, monkeypatch):
+    """Telemetry's keep / swap / recompute totals equal the preemptions of the plans the core
+    applied, plans that ran nothing included: with overlap, a plan's only rows may belong to
+    requests finishing in the step in flight (this workload has such plans with preemptions)."""
+    plans = []
+    monkeypatch.setattr(ServingCore, "schedule", _recorder(plans))
+    config = EngineConfig(policy="oracle", max_batch=2, max_slots=64, max_model_len=28, block_size=4,
+                          num_gpu_blocks=7, num_host_blocks=16, prefill_tokens_per_s=1e4, overlap=overlap,
+                          enforce_eager=True, policy_options=dict(TRAIL_PAPER))
+    engine = LLMEngine(model, None, config)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(8, 500, int(k)).tolist() for k in rng.integers(3, 12, 30)]
+    out_len = [int(k) for k in rng.integers(1, 17, 30)]
+    engine.generate(prompts, [SamplingParams(max_new_tokens=16, replay_length=n) for n in out_len],
+                    true_lengths=out_len, progress=False)
+    engine.check_idle()
+    preempted = np.concatenate([p for _, p in plans])
+    totals = engine.telemetry.totals()
+    assert len(preempted) > 0
+    assert totals["keep"] + totals["swap"] + totals["recompute"] == len(preempted), (totals, len(preempted))

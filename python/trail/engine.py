@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from trail.detokenize import IncrementalText
 from trail.engine_config import EngineConfig
 from trail.engine_loading import PromptPredictorFn, free_device_bytes, load_engine_parts, measure_prefill_rate
-from trail.engine_output import account_plan, record_step, request_output, stream_text
+from trail.engine_output import account_plan, record_plan_without_rows, record_step, request_output, stream_text
 from trail.faults import EngineDeadError, is_sticky_device_error
 from trail.graph_buckets import graph_batch_sizes, mixed_token_sizes
 from trail.kv_cache import KVCache, KVCacheSpec
@@ -261,6 +261,7 @@ class LLMEngine:
         rows = self.slots.drop_finishing(rows) if self.config.overlap and self._in_flight is not None else rows
         if len(rows) == 0:
             logger.debug("step %d: nothing runnable (stop reason %d)", self._step_index, plan.stop_reason)
+            record_plan_without_rows(self.telemetry, self._step_index, now, plan, self.kv_spec.bytes_per_block)
             return None
         t_dev = record_event(self.device)
         out = self.runner.execute(self.slots.batch_plan(rows, self._step_index), clock)

@@ -45,15 +45,26 @@ def record_step(telemetry, step, bytes_per_block: int, profile: bool) -> tuple |
     clock, rows, plan = step.clock, step.rows, step.plan
     recompute = (rows[:, SCHED.FLAGS] & row_flags.RECOMPUTE) != 0
     prefill = rows[:, SCHED.KIND] == 1
-    bpb = bytes_per_block
     telemetry.add_step(
         step.index, step.now, len(rows), int(rows[:, SCHED.TOKENS].sum()), int(rows[prefill, SCHED.TOKENS].sum()),
-        int((~prefill).sum()), plan.count(Mode.KEEP), plan.count(Mode.SWAP), plan.count(Mode.RECOMPUTE),
-        plan.num_forced, plan.swap_out_blocks * bpb, plan.swap_in_blocks * bpb,
+        int((~prefill).sum()), *_memory_moves(plan, bytes_per_block),
         int(rows[recompute, SCHED.TOKENS].sum()), clock.total() - clock.get("sync"), clock.get("sync"), math.nan)
     if profile:
         telemetry.phases.append(clock.report(len(rows), int(rows[:, SCHED.TOKENS].sum())))
     return None if step.t_dev is None else (step.t_dev, step.end, len(telemetry.steps) - 1)
+
+
+def record_plan_without_rows(telemetry, index: int, now: float, plan, bytes_per_block: int) -> None:
+    """A plan that runs nothing but still moved memory (preemptions, swaps) gets its row too
+    (tagged with the index of the next step that runs), so telemetry's totals count every move."""
+    if len(plan.preempted) or plan.swap_out_blocks or plan.swap_in_blocks:
+        telemetry.add_step(index, now, 0, 0, 0, 0, *_memory_moves(plan, bytes_per_block), 0, 0.0, 0.0, math.nan)
+
+
+def _memory_moves(plan, bpb: int) -> tuple:
+    """keep, swap, recompute, forced preemptions and swap-out / swap-in bytes of a plan."""
+    return (plan.count(Mode.KEEP), plan.count(Mode.SWAP), plan.count(Mode.RECOMPUTE), plan.num_forced,
+            plan.swap_out_blocks * bpb, plan.swap_in_blocks * bpb)
 
 
 def stream_text(reqs: list[Request], tokens: np.ndarray, reasons: list) -> None:
