@@ -118,7 +118,7 @@ def test_help_imports_no_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     counts, heavy = (r.stdout.splitlines() + [""])[:2]
-    assert counts.split()[0] == "8", counts     # info demo sim collect embed train-probe eval-probe judge
+    assert counts.split()[0] == "10", counts    # info demo sim collect embed train-probe eval-probe judge serve bench-serve
     assert heavy == "", f"building the parser imported {heavy}"
     for argv in (["--help"], ["sim", "--help"]):
         r = subprocess.run([sys.executable, "-X", "importtime", "-m", "trail.cli", *argv], capture_output=True,

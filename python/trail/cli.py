@@ -34,7 +34,9 @@ start with:
   trail demo                          the four policies on the real SmolLM2-135M-Instruct (CPU: under 2 min)
   trail sim --regime kv --load 1.1    the same comparison in the simulator, 2000 requests x 3 seeds
 predictor pipeline (your own model):
-  trail collect -> trail embed -> trail train-probe -> trail eval-probe --record -> trail judge"""
+  trail collect -> trail embed -> trail train-probe -> trail eval-probe --record -> trail judge
+over HTTP (pip install trail[serve]):
+  trail serve MODEL                   an OpenAI-compatible server; trail bench-serve --url URL --trace FILE"""
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -293,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim_cli.register(sub)
     _predictor_verbs().add_subcommands(sub)
+    from trail import bench_serve
+    from trail.server import cli as serve_cli
+
+    serve_cli.register(sub)
+    bench_serve.register(sub)
     return parser
 
 
