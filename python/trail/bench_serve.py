@@ -239,7 +239,10 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     from trail.server import bench_report
 
     if args.compare:
-        text = bench_report.compare_runs([json.loads(Path(f).read_text()) for f in args.compare], args.out)
+        try:
+            text = bench_report.compare_runs([json.loads(Path(f).read_text()) for f in args.compare], args.out)
+        except (ValueError, KeyError) as exc:
+            raise UsageError(f"cannot compare: {exc}") from None
         print(text, end="")
         return 0
     if not args.url or not args.trace or (args.rate is None and args.burst is None):

@@ -176,8 +176,10 @@ def _table(cmp: dict) -> str:
                      f"{'-' if ratio is None else f'{ratio:.2f}x':>9}  "
                      f"{'' if ci is None else f'[{ci[0]:.2f}, {ci[1]:.2f}]':<16}"
                      f"{'' if frac is None else f'{100 * frac:.0f}%':>11}")
-    if cmp["oracle_gain"] is None:
-        lines.append("(ratios and intervals need a run labelled fcfs; the oracle's gain one labelled oracle)")
+    if "fcfs" not in cmp["policies"]:
+        lines.append("(ratios to fcfs and their 95% intervals need a run labelled fcfs)")
+    elif cmp["oracle_gain"] is None:
+        lines.append("(the oracle's gain needs a run labelled oracle)")
     return "\n".join(lines) + "\n"
 
 
