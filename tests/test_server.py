@@ -31,11 +31,11 @@ SERVER_ARGS = ["--dtype", "float64", "--threads", "1", "--max-batch", "16", "--m
 class ServerProcess:
     """`python -m trail.cli serve ...` on port 0; `url` once it printed where it listens."""
 
-    def __init__(self, *args: str, timeout: float = 120.0):
+    def __init__(self, *args: str, timeout: float = 120.0, new_session: bool = False):
         self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen([sys.executable, "-m", "trail.cli", "serve", MODEL, "--port", "0", *args],
                                      stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                     env=dict(os.environ, OMP_NUM_THREADS="1"))
+                                     env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=new_session)
         end = time.monotonic() + timeout
         line = ""
         while "listening on" not in line:
@@ -299,8 +299,11 @@ def test_metrics_page_has_the_serving_series(server):
 
 
 def test_sigterm_finishes_or_aborts_every_request():
+    """SIGTERM to the server's whole process group (as Ctrl-C, `timeout` or systemd send it): the
+    engine core ignores it, the server finishes what it can in --shutdown-timeout, aborts the rest
+    (their streams end with finish_reason 'abort' and [DONE]) and exits 0."""
     srv = ServerProcess(*SERVER_ARGS, "--policy", "fcfs", "--probe", "none", "--shutdown-timeout", "0.5",
-                        "--max-model-len", "2048")
+                        "--max-model-len", "2048", new_session=True)
 
     async def stream(session, n, started: asyncio.Event):
         body = {"model": MODEL, "prompt": [1, 2], "max_tokens": n, "ignore_eos": True, "stream": True}
@@ -319,13 +322,14 @@ def test_sigterm_finishes_or_aborts_every_request():
             await begun[0].wait()                    # the long request streams: SIGTERM comes mid-stream
             short = asyncio.ensure_future(stream(session, 3, begun[1]))
             await begun[1].wait()
-            srv.proc.send_signal(signal.SIGTERM)
+            os.killpg(srv.proc.pid, signal.SIGTERM)  # the group this test started: server and engine core
             return await long, await short
 
     try:
         (long_reason, long_n), (short_reason, short_n) = run(main())
-        assert srv.proc.wait(60) == 0
+        assert srv.proc.wait(60) == 0, srv.stderr()[-3000:]
     finally:
         srv.stop()
+    assert "trail serve: stopped" in srv.proc.stdout.read()
     assert short_reason == "length" and short_n == 3
     assert long_reason == "abort" and long_n < 2000

@@ -5,9 +5,9 @@ classes under `torch.classes.trail`) on first use, as does every module that nee
 `trail` alone imports neither torch nor `trail._C` (so `trail --help` is fast). Kernels with Triton
 and torch-reference implementations live in the sibling package `trail_kernels`. The public names
 below are imported on first use: the engine (`LLMEngine`, `EngineConfig`, `SamplingParams`,
-`RequestOutput`), and the parts for other engines (`Probe`, `PromptPredictor`, `Scheduler` +
-`SchedulerConfig` and its plan columns, `swap_blocks`, `row_flags`); see README "Use trail in your
-own engine". They follow semantic versioning.
+`RequestOutput`; `AsyncEngine` for asyncio servers), and the parts for other engines (`Probe`,
+`PromptPredictor`, `Scheduler` + `SchedulerConfig` and its plan columns, `swap_blocks`,
+`row_flags`); see README "Use trail in your own engine". They follow semantic versioning.
 """
 __version__ = "0.1.0"
 _LAZY = {
@@ -16,6 +16,8 @@ _LAZY = {
     # the engine
     "LLMEngine": "trail.engine", "EngineConfig": "trail.engine_config", "SamplingParams": "trail.request",
     "RequestOutput": "trail.request", "FinishReason": "trail.request",
+    # the engine behind an asyncio server (its core in its own process; trail serve runs on it)
+    "AsyncEngine": "trail.async_engine",
     # trail inside other engines: the probe, the prompt predictor, the scheduler, the swap op
     "Probe": "trail.length_probe", "PromptPredictor": "trail.predictor.prompt_predictors",
     "Scheduler": "trail.scheduler", "SchedulerConfig": "trail.scheduler_types", "SCHED": "trail.scheduler_types",

@@ -304,10 +304,12 @@ class AsyncEngine:
                 slot.set_result(None)
                 return
 
-    async def generate(self, prompt, params=None, **kwargs) -> AsyncIterator[StreamOutput]:
-        """`add_request` and its deltas; leaving early (break, an exception, cancellation) aborts
-        the request."""
-        stream = await self.add_request(prompt, params, **kwargs)
+    async def generate(self, prompt, params=None, *, chat: bool = False, expected_output_tokens: float | None = None,
+                       return_predictions: bool = False) -> AsyncIterator[StreamOutput]:
+        """`add_request` and its deltas; leaving early (an exception, cancellation, or a break
+        followed by `aclose()`: use `contextlib.aclosing`) aborts the request."""
+        stream = await self.add_request(prompt, params, chat=chat, expected_output_tokens=expected_output_tokens,
+                                        return_predictions=return_predictions)
         try:
             async for out in stream:
                 yield out
@@ -419,14 +421,12 @@ class AsyncEngine:
                     fut.set_result(None)
 
     def _core_gone(self) -> None:
-        if self._closing and self._dead is None and not self._streams:
-            self._dead = "the engine was shut down"
-        else:
-            self._fail_all("the engine core process exited")
+        quiet = self._closing and self._dead is None and not self._streams
+        self._fail_all("the engine was shut down" if quiet else "the engine core process exited", log=not quiet)
 
-    def _fail_all(self, why: str) -> None:
+    def _fail_all(self, why: str, log: bool = True) -> None:
         """The core is gone: every open request ends with an error, every waiting call fails."""
-        if self._dead is None:
+        if self._dead is None and log:
             logger.error("%s; ending %d requests", why, len(self._streams))
         self._dead = self._dead or why
         for rid, stream in list(self._streams.items()):

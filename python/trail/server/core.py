@@ -84,6 +84,11 @@ def build_engine(spec: CoreSpec):
     return engine, info
 
 
+def _ignore_stop_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def spawn_core():
     """Starts a core process: -> (Popen, inbox Connection, outbox Connection). It imports this
     very trail package (its folder first on PYTHONPATH); the caller sends the CoreSpec first."""
@@ -128,7 +133,7 @@ def main() -> None:
     """The core process's entry: pipes from argv (IN_FD OUT_FD), the spec from the first message."""
     from multiprocessing.connection import Connection
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _ignore_stop_signals()
     inbox, outbox = Connection(int(sys.argv[1]), writable=False), Connection(int(sys.argv[2]), readable=False)
     try:
         spec = inbox.recv()
@@ -139,7 +144,7 @@ def main() -> None:
 
 def core_main(inbox, outbox, spec: CoreSpec) -> None:
     """Build the engine, say ready (or why not), run the loop."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _ignore_stop_signals()
     logging.basicConfig(level=spec.log_level, format="%(levelname)s %(name)s [engine core]: %(message)s")
     try:
         engine, info = build_engine(spec)
