@@ -29,6 +29,8 @@ step with the same API, the tests' oracle.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
+
 import torch
 
 import trail._native  # noqa: F401  (loads trail._C, which registers torch.classes.trail.*)
@@ -36,6 +38,17 @@ from trail.scheduler_types import (PREEMPT, POLICIES, SCHED, SNAP, Kind, Mode, R
                                    SchedulerConfig, State, StepOutput, Stop, add_many_args)
 
 logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def _core_errors(kind: type[Exception]):
+    """The native core's RuntimeError as `kind` (ValueError for bad input, KeyError for an
+    unknown id), with the core's message."""
+    try:
+        yield
+    except RuntimeError as exc:
+        raise kind(str(exc)) from None
+
 
 class Scheduler:
     """The native scheduler (C++ core). Same API as `ReferenceScheduler`."""
@@ -48,48 +61,36 @@ class Scheduler:
     def add(self, request_id: int, arrival: float, prompt_len: int, max_new_tokens: int,
             prompt_prediction: float, true_length: int | None = None) -> int:
         """Queues a request; returns the slot it holds until finish / cancel."""
-        try:
+        with _core_errors(ValueError):
             return self._core.add(int(request_id), float(arrival), int(prompt_len), int(max_new_tokens),
                                   float(prompt_prediction), -1 if true_length is None else int(true_length))
-        except RuntimeError as exc:
-            raise ValueError(str(exc)) from None
 
     def add_many(self, ids, arrivals, prompt_lens, max_new_tokens, prompt_predictions,
                  true_lengths=None) -> torch.Tensor:
         """Batched `add` (one native call; all or nothing). Returns the int32 slots."""
         args = add_many_args(ids, arrivals, prompt_lens, max_new_tokens, prompt_predictions, true_lengths)
-        try:
+        with _core_errors(ValueError):
             return self._core.add_many(*args)
-        except RuntimeError as exc:
-            raise ValueError(str(exc)) from None
 
     def finish_many(self, ids) -> torch.Tensor:
         """Batched `finish` (all or nothing). Returns the int32 slots freed."""
-        try:
+        with _core_errors(ValueError):
             return self._core.finish_many(torch.as_tensor(ids, dtype=torch.int64).reshape(-1).contiguous())
-        except RuntimeError as exc:
-            raise ValueError(str(exc)) from None
 
     def cancel_many(self, ids) -> torch.Tensor:
         """Batched `cancel` (all or nothing). Returns the int32 `State` each was in."""
-        try:
+        with _core_errors(ValueError):
             return self._core.cancel_many(torch.as_tensor(ids, dtype=torch.int64).reshape(-1).contiguous())
-        except RuntimeError as exc:
-            raise ValueError(str(exc)) from None
 
     def finish(self, request_id: int) -> int:
         """A running request ended; returns its (now free) slot."""
-        try:
+        with _core_errors(ValueError):
             return self._core.finish(int(request_id))
-        except RuntimeError as exc:
-            raise ValueError(str(exc)) from None
 
     def cancel(self, request_id: int) -> State:
         """Removes a request in any state; returns the state it was in (what to free)."""
-        try:
+        with _core_errors(ValueError):
             return State(self._core.cancel(int(request_id)))
-        except RuntimeError as exc:
-            raise ValueError(str(exc)) from None
 
     def requeue_many(self, ids, generated, now: float) -> torch.Tensor:
         """A step's work was lost: each request goes back to waiting with no KV, to be prefilled
@@ -97,41 +98,31 @@ class Scheduler:
         All or nothing. Returns the int32 `State` each was in (what to free)."""
         ids = torch.as_tensor(ids, dtype=torch.int64).reshape(-1).contiguous()
         gen = torch.as_tensor(generated, dtype=torch.int32).reshape(-1).contiguous()
-        try:
+        with _core_errors(ValueError):
             return self._core.requeue_many(ids, gen, float(now))
-        except RuntimeError as exc:
-            raise ValueError(str(exc)) from None
 
     def set_predictions(self, slots: torch.Tensor, values: torch.Tensor) -> None:
         """New predicted remaining lengths (int32 slots, float32 values) for requests in any state."""
-        try:
+        with _core_errors(ValueError):
             self._core.set_predictions(slots, values)
-        except RuntimeError as exc:
-            raise ValueError(str(exc)) from None
 
     def step(self, predictions: torch.Tensor, generated: torch.Tensor, free_gpu_blocks: int,
              free_host_blocks: int, now: float) -> StepOutput:
-        try:
+        with _core_errors(ValueError):
             scheduled, preempted = self._core.step(predictions, generated, int(free_gpu_blocks),
                                                    int(free_host_blocks), float(now))
-        except RuntimeError as exc:
-            raise ValueError(str(exc)) from None
         return StepOutput(scheduled, preempted, self._core.stop_reason())
 
     def snapshot(self) -> torch.Tensor:
         return self._core.snapshot()
 
     def slot_of(self, request_id: int) -> int:
-        try:
+        with _core_errors(KeyError):
             return self._core.slot_of(int(request_id))
-        except RuntimeError as exc:
-            raise KeyError(str(exc)) from None
 
     def state_of(self, request_id: int) -> State:
-        try:
+        with _core_errors(KeyError):
             return State(self._core.state_of(int(request_id)))
-        except RuntimeError as exc:
-            raise KeyError(str(exc)) from None
 
     @property
     def num_waiting(self) -> int:

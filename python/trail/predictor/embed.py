@@ -88,12 +88,8 @@ class SampledFeatures:
         return req, slot, g, self.total_len[req].long() - g
 
     def save(self, path: str | os.PathLike) -> None:
-        from safetensors.torch import save_file
-
-        meta = dict(self.meta, ids=self.ids, layers=self.layers, kind="sampled")
-        save_file({"feats": self.feats.contiguous().cpu(), "g": self.g.cpu(),
-                   "total_len": self.total_len.cpu(), "hit_cap": self.hit_cap.cpu()},
-                  str(path), metadata={"trail": json.dumps(meta)})
+        _save(path, dict(self.meta, ids=self.ids, layers=self.layers, kind="sampled"),
+              feats=self.feats, g=self.g, total_len=self.total_len, hit_cap=self.hit_cap)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "SampledFeatures":
@@ -133,18 +129,20 @@ class DenseFeatures:
                              dict(self.meta))
 
     def save(self, path: str | os.PathLike) -> None:
-        from safetensors.torch import save_file
-
-        meta = dict(self.meta, ids=self.ids, layer=self.layer, kind="dense")
-        save_file({"feats": self.feats.contiguous().cpu(), "cu": self.cu.cpu(),
-                   "total_len": self.total_len.cpu(), "hit_cap": self.hit_cap.cpu()},
-                  str(path), metadata={"trail": json.dumps(meta)})
+        _save(path, dict(self.meta, ids=self.ids, layer=self.layer, kind="dense"),
+              feats=self.feats, cu=self.cu, total_len=self.total_len, hit_cap=self.hit_cap)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "DenseFeatures":
         t, meta = _load(path, "dense", device)
         return cls(meta.pop("ids"), meta.pop("layer"), t["feats"], t["cu"], t["total_len"],
                    t["hit_cap"], meta)
+
+
+def _save(path, meta: dict, **tensors: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: t.contiguous().cpu() for k, t in tensors.items()}, str(path), metadata={"trail": json.dumps(meta)})
 
 
 def _load(path, kind, device):
