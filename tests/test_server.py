@@ -333,3 +333,11 @@ def test_sigterm_finishes_or_aborts_every_request():
     assert "trail serve: stopped" in srv.proc.stdout.read()
     assert short_reason == "length" and short_n == 3
     assert long_reason == "abort" and long_n < 2000
+
+
+def test_an_engine_that_cannot_start_is_one_line_and_exit_code_1():
+    r = subprocess.run([sys.executable, "-m", "trail.cli", "serve", MODEL, "--port", "0", "--policy", "sjf_prompt"],
+                       capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.strip() == ("trail serve: error: the engine core could not start: ValueError: the sjf_prompt "
+                                "policy needs a prompt predictor"), r.stderr

@@ -156,7 +156,8 @@ class AsyncEngine:
             self.info = await asyncio.wait_for(ready, self.start_timeout)
             self.tokenizer = await tokenizer
         except BaseException:
-            await self._stop_process(0.0)
+            self._closing = True
+            await self._stop_process(10.0)
             raise
         logger.info("engine core ready (pid %d): %s", self.info["pid"], self.info)
         return self
@@ -405,7 +406,8 @@ class AsyncEngine:
                 fut = futures.pop("bye" if kind == "bye" else "start", None)
                 if fut is None or fut.done():
                     continue
-                if kind == "failed":
+                if kind == "failed":          # the core exits by itself: quietly
+                    self._closing = True
                     fut.set_exception(RuntimeError(f"the engine core could not start: {ev[1]}"))
                 else:
                     fut.set_result(ev[1] if kind == "ready" else None)
