@@ -101,6 +101,8 @@ class RequestStream:
         async for last in self:
             ids += last.new_token_ids
             text.append(last.text_delta)
+        if last is None:
+            raise RuntimeError(f"the stream of request {self.request_id} was consumed already")
         return StreamOutput(self.request_id, ids, "".join(text), True, last.finish_reason, last.prompt_tokens,
                             last.completion_tokens, last.error, last.metrics)
 
@@ -129,6 +131,7 @@ class AsyncEngine:
         self.rejected = 0
         self._streams: dict[int, RequestStream] = {}
         self._waiters: deque[asyncio.Future] = deque()
+        self._reserved = 0                # slots handed to waiters that have not registered yet
         self._ids = itertools.count()
         self._futures: dict = {}          # calls waiting for the core: "start", "bye", "empty" (a list), tokens
         self._tokens = itertools.count()
@@ -144,6 +147,8 @@ class AsyncEngine:
         is built (RuntimeError with the core's error if it could not be)."""
         from trail.server.random_parts import model_tokenizer
 
+        if self._proc is not None:
+            raise RuntimeError("this AsyncEngine was started already (build a new one to start again)")
         self._loop = asyncio.get_running_loop()
         self._proc, self._inbox, self._outbox = spawn_core()
         self._send(self.spec)
@@ -178,13 +183,11 @@ class AsyncEngine:
         return None if self._proc is None else self._proc.pid
 
     @property
-    def num_requests(self) -> int:
-        """Requests in the engine (sent, not finished)."""
+    def num_requests(self) -> int:          # requests in the engine (sent, not finished)
         return len(self._streams)
 
     @property
-    def num_queued(self) -> int:
-        """Requests waiting here for an engine slot."""
+    def num_queued(self) -> int:            # requests waiting here for an engine slot
         return len(self._waiters)
 
     async def shutdown(self, timeout: float = 30.0) -> None:
@@ -273,10 +276,11 @@ class AsyncEngine:
         return stream
 
     async def _admission(self) -> None:
-        """Waits for an engine slot (FIFO) or raises EngineOverloaded / EngineClosed."""
+        """Waits for an engine slot (FIFO) or raises EngineOverloaded / EngineClosed. A slot handed
+        to a waiter stays reserved until its request is registered (no one overtakes it)."""
         if self._dead is not None or self._closing or self._proc is None:
             raise EngineClosed(self._dead or "the engine is not running")
-        if len(self._streams) < self.config.max_slots and not self._waiters:
+        if len(self._streams) + self._reserved < self.config.max_slots and not self._waiters:
             return
         if len(self._waiters) >= self.max_queued:
             self.rejected += 1
@@ -289,8 +293,10 @@ class AsyncEngine:
             if slot in self._waiters:
                 self._waiters.remove(slot)
             elif slot.done() and not slot.cancelled() and slot.exception() is None:
-                self._wake()       # the slot was handed to us: pass it on
+                self._reserved -= 1          # the slot was handed to us: pass it on
+                self._wake()
             raise
+        self._reserved -= 1                  # the caller registers its request before it awaits again
 
     def _refuse_waiters(self, why: str) -> None:
         while self._waiters:
@@ -299,11 +305,11 @@ class AsyncEngine:
                 slot.set_exception(EngineClosed(why))
 
     def _wake(self) -> None:
-        while self._waiters and len(self._streams) < self.config.max_slots:
+        while self._waiters and len(self._streams) + self._reserved < self.config.max_slots:
             slot = self._waiters.popleft()
             if not slot.done():
                 slot.set_result(None)
-                return
+                self._reserved += 1
 
     async def generate(self, prompt, params=None, *, chat: bool = False, expected_output_tokens: float | None = None,
                        return_predictions: bool = False) -> AsyncIterator[StreamOutput]:
@@ -404,13 +410,10 @@ class AsyncEngine:
                     fut.set_result(ev[2])
             elif kind in ("ready", "failed", "bye"):
                 fut = futures.pop("bye" if kind == "bye" else "start", None)
-                if fut is None or fut.done():
-                    continue
-                if kind == "failed":          # the core exits by itself: quietly
-                    self._closing = True
-                    fut.set_exception(RuntimeError(f"the engine core could not start: {ev[1]}"))
-                else:
-                    fut.set_result(ev[1] if kind == "ready" else None)
+                self._closing = self._closing or kind == "failed"      # the core exits by itself: quietly
+                if fut is not None and not fut.done():
+                    fut.set_exception(RuntimeError(f"the engine core could not start: {ev[1]}")) if kind == "failed" \
+                        else fut.set_result(ev[1] if kind == "ready" else None)
             elif kind == "dead":
                 self._fail_all(f"engine dead: {ev[1]}")
 
