@@ -59,13 +59,14 @@ class NaiveQueue:
 class _Req:
     __slots__ = ("id", "arrival", "prompt_len", "max_new", "true_total", "prompt_pred", "state", "resume",
                  "started", "init_pending", "touched", "ctx", "target", "gen", "preemptions", "key", "init",
-                 "waited", "t_enq", "s", "plan_tokens", "plan_need", "forced", "forced_wait")
+                 "waited", "t_enq", "kwaited", "k_enq", "s", "plan_tokens", "plan_need", "forced", "forced_wait")
 
     def __init__(self):
         self.state = State.FREE
         self.resume = Resume.NONE
         self.started = self.init_pending = self.touched = False
         self.ctx = self.target = self.gen = self.preemptions = self.forced = 0
+        self.kwaited = self.k_enq = 0   # steps waited before the current wait; steps at its start
         self.forced_wait = False
         self.key = self.init = self.waited = self.t_enq = self.s = 0.0
         self.plan_tokens = self.plan_need = 0
@@ -89,6 +90,7 @@ class ReferenceScheduler:
         self._touched: list[int] = []
         self._stop = Stop.EMPTY
         self._host_left = 0
+        self._steps = 0                    # completed steps (aging_per_step)
 
     # ---- helpers -------------------------------------------------------------------------------
     def _blocks(self, tokens: int) -> int:
@@ -101,7 +103,8 @@ class ReferenceScheduler:
     def _wait_s(self, r: _Req) -> float:
         if self.config.resume_forced_first and r.forced_wait:
             return FRONT_KEY
-        return r.key + self.config.aging_rate * (r.t_enq - r.waited)
+        cfg = self.config
+        return r.key + cfg.aging_rate * (r.t_enq - r.waited) + cfg.aging_per_step * float(r.k_enq - r.kwaited)
 
     def _pred_remaining(self, r: _Req) -> float:
         if self._policy == TRAIL:
@@ -134,6 +137,12 @@ class ReferenceScheduler:
             total += base
             best = max(best, total + k * (rem - 1 + bs - 1))
         return best <= (gpu_left + held - cfg.watermark_blocks) * bs
+
+    def _under_pressure(self, free_after: int) -> bool:
+        """The admission reserve applies only while the blocks free after the admission would be
+        below reserve_free_frac of the pool (1: always)."""
+        frac = self.config.reserve_free_frac
+        return frac >= 1 or float(free_after) < frac * float(self.config.num_gpu_blocks)
 
     def _forced_victim(self) -> int:
         cfg, table = self.config, self._table
@@ -170,6 +179,7 @@ class ReferenceScheduler:
     def _enqueue(self, slot: int, now: float) -> None:
         r = self._table[slot]
         r.t_enq = now
+        r.k_enq = self._steps
         r.s = self._wait_s(r)
         self._waiting.push(slot, self._wait_key(r))
         if r.state == State.KEPT:
@@ -517,13 +527,15 @@ class ReferenceScheduler:
                 lack = Stop.TOKENS
             elif mem_short:
                 lack = Stop.MEMORY
-            elif cfg.admit_reserve > 0 and running and not self._reserve_fits(h, t, gpu_left - need):
+            elif (cfg.admit_reserve > 0 and running and self._under_pressure(gpu_left - need)
+                  and not self._reserve_fits(h, t, gpu_left - need)):
                 mem_short, lack = True, Stop.MEMORY
             else:
                 waiting.pop()
                 if r.state == State.KEPT:
                     kept.remove(h)
                 r.waited += now - r.t_enq
+                r.kwaited += self._steps - r.k_enq
                 r.state = State.RUNNING
                 r.started = True
                 r.forced_wait = False
@@ -542,7 +554,7 @@ class ReferenceScheduler:
             if len(pre) and not (cfg.resume_forced_first and r.forced_wait) and (cfg.memory_preemption or not mem_short):
                 v = pre.top()
                 vr = table[v]
-                if vr.key > (r.s - cfg.aging_rate * now) + cfg.margin:
+                if vr.key > r.key + cfg.margin:  # raw keys: aging never preempts
                     mode = self._free_mode(vr) if (mem_short or not cfg.allow_keep) else Mode.KEEP
                     tokens_left += vr.plan_tokens
                     gpu_left += vr.plan_need
@@ -571,6 +583,7 @@ class ReferenceScheduler:
             self._add_running(s)
         for s in deferred:
             waiting.push(s, self._wait_key(table[s]))
+        self._steps += 1
         sched = torch.tensor(self._out_sched, dtype=torch.int64).reshape(-1, SCHED.NCOLS)
         pre_rows = torch.tensor(self._out_pre, dtype=torch.int64).reshape(-1, PREEMPT.NCOLS)
         return StepOutput(sched, pre_rows, int(self._stop))

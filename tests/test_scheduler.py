@@ -38,7 +38,7 @@ def _blocks(tokens: int, bs: int) -> int:
 class Model:
     __slots__ = ("id", "slot", "arrival", "prompt", "max_new", "true_total", "key", "init", "init_pending",
                  "state", "ctx", "target", "gen", "host", "preemptions", "started", "prompt_pred", "forced",
-                 "forced_wait")
+                 "forced_wait", "t_enq", "waited", "k_enq", "kwaited")
 
 
 class Sim:
@@ -81,8 +81,13 @@ class Sim:
         return max(m.prompt_pred - float(m.gen), 0.0)
 
     def wait_order(self, m: Model) -> tuple:
-        front = self.cfg.resume_forced_first and m.forced_wait
-        return (-math.inf if front else m.key, m.arrival, m.id)
+        """Admission order: key aged by seconds and steps waited over all its waits (the same
+        arithmetic as the scheduler's, so ties break alike), forced-evicted ones first."""
+        cfg = self.cfg
+        if cfg.resume_forced_first and m.forced_wait:
+            return (-math.inf, m.arrival, m.id)
+        aged = m.key + cfg.aging_rate * (m.t_enq - m.waited) + cfg.aging_per_step * float(m.k_enq - m.kwaited)
+        return (aged, m.arrival, m.id)
 
     def eligible(self, m: Model) -> bool:
         c = self.cfg.c
@@ -105,6 +110,7 @@ class Sim:
         m.init_pending = self.cfg.policy == "trail"
         m.state, m.ctx, m.target, m.gen, m.host, m.preemptions, m.started = State.WAITING, 0, prompt, 0, 0, 0, False
         m.forced, m.forced_wait = 0, False
+        m.t_enq, m.waited, m.k_enq, m.kwaited = self.now, 0.0, self.steps, 0
         self.reqs[rid] = m
         return rid
 
@@ -134,6 +140,7 @@ class Sim:
 
     def step(self) -> None:
         cfg, bs = self.cfg, self.bs()
+        k_now = self.steps  # the scheduler's count of completed steps
         self.steps += 1
         self.pred.fill_(float("nan"))  # only running slots may be read
         self.generated.fill_(-1)
@@ -175,6 +182,8 @@ class Sim:
             assert m.slot == slot and rid not in touched, "preempted twice or wrong slot"
             touched.add(rid)
             assert blocks == _blocks(m.ctx, bs)
+            if not from_kept:  # a new wait starts
+                m.t_enq, m.k_enq = self.now, k_now
             if from_kept:
                 assert m.state == State.KEPT and mode in (Mode.SWAP, Mode.RECOMPUTE)
                 kept_left.discard(rid)
@@ -219,9 +228,10 @@ class Sim:
                 if m.ctx >= m.target:
                     m.target = m.ctx + 1
                 m.state, m.ctx = State.WAITING, 0
-        # policy victims: their key exceeds some newcomer's by the margin
+        # policy victims: their key exceeds some newcomer's by the margin (raw keys: aging never
+        # makes a preemption, and ties within the margin never preempt)
         for rid, _slot, _mode, forced, from_kept, _b in pre:
-            if not forced and not from_kept and cfg.aging_rate == 0:
+            if not forced and not from_kept:
                 newcomer_keys = [m.key for m in self.reqs.values()
                                  if m.state != State.RUNNING and m.id not in touched]
                 assert newcomer_keys and self.reqs[rid].key > min(newcomer_keys) + cfg.margin
@@ -239,6 +249,8 @@ class Sim:
                 assert resume == Resume.NONE
             else:
                 admitted.append((m, self.wait_order(m)))
+                m.waited += self.now - m.t_enq
+                m.kwaited += k_now - m.k_enq
                 expect = {State.KEPT: Resume.KEEP, State.SWAPPED: Resume.SWAP_IN}.get(
                     m.state, Resume.RECOMPUTE if m.started else Resume.NONE)
                 assert resume == expect, (resume, expect, m.state)
@@ -274,7 +286,7 @@ class Sim:
 
         # ---- SPRPT: admission in key order; nothing waits behind an eligible longer request ----
         waiting = [m for m in self.reqs.values() if m.state != State.RUNNING and m.id not in touched]
-        if waiting and cfg.aging_rate == 0:
+        if waiting:
             wmin = min(waiting, key=self.wait_order)
             for _a, order in admitted:
                 assert order < self.wait_order(wmin), "admitted out of key order"
@@ -342,7 +354,9 @@ def _random_config(data, policy=None) -> SchedulerConfig:
         bytes_per_token=1000.0, pcie_gbps=10.0,
         recompute_s_per_token=data.draw(st.sampled_from([0.0, 1e-5])),
         aging_rate=data.draw(st.sampled_from([0.0, 0.0, 0.0, 50.0])),
+        aging_per_step=data.draw(st.sampled_from([0.0, 0.0, 0.0, 3.0])),
         admit_reserve=data.draw(st.sampled_from([0.0, 0.0, 1.0, 1.5])),
+        reserve_free_frac=data.draw(st.sampled_from([None, 1.0, 0.5, 0.0])),
         max_forced_evictions=data.draw(st.sampled_from([0, 0, 1, 2])),
         evict_kv_weight=data.draw(st.sampled_from([0.0, 0.0, 1.0])),
         resume_forced_first=data.draw(st.booleans()),
@@ -805,3 +819,82 @@ def test_forced_evicted_request_resumes_first_and_policy_spares_memory(impl):
         sched, pre = _step(s, pred, gen, free_gpu=40, free_host=36, now=2.0)
         first = sched[0][SCHED.ID]
         assert first == (0 if front else 1) and pre == []
+
+
+# ------------------------------------------------------------------------------------------------
+# Rules of issue 26: aging per step, ties never preempt, the reserve only under memory pressure
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("aging", [{"aging_rate": 10.0}, {"aging_per_step": 2.0}])
+def test_ties_within_the_margin_never_preempt_even_after_aging(impl, aging):
+    # One running request and a newcomer with the same predicted remaining (50): aging lowers the
+    # newcomer's waiting key every step, but a preemption compares raw keys, so no KEEP churn.
+    s = make_scheduler(_cfg(max_batch=1, c=5.0, margin=8.0, **aging), impl)
+    pred, gen = _arrays()
+    a = s.add(0, 0.0, 4, 256, 50.0)
+    _step(s, pred, gen)
+    b = s.add(1, 0.0, 4, 256, 50.0)
+    for i in range(1, 100):
+        gen[a], pred[a] = i, 50.0
+        sched, pre = _step(s, pred, gen, now=float(i))
+        assert pre == [] and [r[SCHED.ID] for r in sched] == [0], i
+    # shorter by more than the margin: it preempts (kept on the GPU)
+    s.set_predictions(torch.tensor([b], dtype=torch.int32), torch.tensor([41.0]))
+    gen[a] = 100
+    sched, pre = _step(s, pred, gen, now=100.0)
+    assert [(r[PREEMPT.ID], r[PREEMPT.MODE]) for r in pre] == [(0, Mode.KEEP)]
+    assert [r[SCHED.ID] for r in sched] == [1]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_aging_per_step_does_not_depend_on_the_step_time(impl):
+    """A long request waits behind a stream of short ones; with aging_per_step it is admitted after
+    the same number of steps whatever the step time (aging_rate: ~10x more steps at 10x shorter
+    steps)."""
+    def steps_until_long_runs(dt, **aging):
+        s = make_scheduler(_cfg(max_batch=1, c=0.0, **aging), impl)
+        pred, gen = _arrays()
+        s.add(0, 0.0, 4, 64, 100.0)
+        now = 0.0
+        for k in range(400):
+            s.add(k + 1, now, 4, 64, 5.0)
+            sched, _ = _step(s, pred, gen, now=now)
+            if any(r[SCHED.ID] == 0 for r in sched):
+                return k
+            for r in sched:
+                s.finish(r[SCHED.ID])
+            now += dt
+        return None
+
+    per_step = [steps_until_long_runs(dt, aging_per_step=5.0) for dt in (1.0, 0.1, 0.001)]
+    assert per_step[0] is not None and per_step == [per_step[0]] * 3 and per_step[0] < 40
+    per_s = [steps_until_long_runs(dt, aging_rate=5.0) for dt in (1.0, 0.1)]
+    assert per_s[0] == per_step[0] and (per_s[1] is None or per_s[1] > 5 * per_s[0])
+    assert steps_until_long_runs(1.0) is None  # no aging: starved
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_admission_reserve_applies_only_under_memory_pressure(impl):
+    # The scenario of the reserve test above (22 blocks, request 1 fits now but not at the predicted
+    # peak): after admitting it, 15 of 22 blocks would still be free.
+    for frac, admitted in ((1.0, False), (0.9, False), (0.5, True), (0.0, True)):
+        s = make_scheduler(_cfg(policy="sjf_prompt", c=0.0, max_batch=4, num_gpu_blocks=22, admit_reserve=1.0,
+                                reserve_free_frac=frac), impl)
+        s.add(0, 0.0, 8, 64, 48.0)
+        pred, gen = _arrays()
+        sched, _ = _step(s, pred, gen, free_gpu=22)
+        gen[sched[0][SCHED.SLOT]] = 8
+        s.add(1, 1.0, 8, 64, 40.0)
+        sched, _ = _step(s, pred, gen, free_gpu=22 - 4, now=1.0)
+        assert (1 in [r[SCHED.ID] for r in sched]) == admitted, frac
+
+
+def test_new_rule_fields_are_validated():
+    for bad in (-1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="aging_per_step"):
+            Scheduler(SchedulerConfig(aging_per_step=bad))
+    for bad in (-0.1, 1.5, math.nan):
+        with pytest.raises(ValueError, match="reserve_free_frac"):
+            Scheduler(SchedulerConfig(reserve_free_frac=bad))
+    paper = SchedulerConfig(policy="trail", **TRAIL_PAPER).resolved()
+    assert paper.aging_rate == paper.aging_per_step == 0.0 and paper.reserve_free_frac == 1.0

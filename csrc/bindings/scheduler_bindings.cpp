@@ -58,8 +58,8 @@ struct SchedulerClass : torch::CustomClassHolder {
     static const char* const kNames[] = {
         "policy", "max_slots", "max_batch", "max_tokens_per_step", "max_prefill_chunk", "block_size",
         "num_gpu_blocks", "num_host_blocks", "watermark_blocks", "c", "margin", "max_preemptions", "aging_rate",
-        "allow_keep", "allow_swap", "bytes_per_token", "pcie_gbps", "recompute_s_per_token", "admit_reserve",
-        "max_forced_evictions", "evict_kv_weight", "resume_forced_first", "memory_preemption"};
+        "aging_per_step", "allow_keep", "allow_swap", "bytes_per_token", "pcie_gbps", "recompute_s_per_token", "admit_reserve",
+        "reserve_free_frac", "max_forced_evictions", "evict_kv_weight", "resume_forced_first", "memory_preemption"};
     for (const auto& item : d) {
       bool known = false;
       for (const char* name : kNames) known = known || item.key() == name;
@@ -90,12 +90,14 @@ struct SchedulerClass : torch::CustomClassHolder {
     cfg.margin = get("margin");
     cfg.max_preemptions = static_cast<int32_t>(whole("max_preemptions", 0, i31));
     cfg.aging_rate = get("aging_rate");
+    cfg.aging_per_step = get("aging_per_step");
     cfg.allow_keep = whole("allow_keep", 0, 1) != 0;
     cfg.allow_swap = whole("allow_swap", 0, 1) != 0;
     cfg.bytes_per_token = get("bytes_per_token");
     cfg.pcie_gbps = get("pcie_gbps");
     cfg.recompute_s_per_token = get("recompute_s_per_token");
     cfg.admit_reserve = get("admit_reserve");
+    cfg.reserve_free_frac = get("reserve_free_frac");
     cfg.max_forced_evictions = static_cast<int32_t>(whole("max_forced_evictions", 0, i31));
     cfg.evict_kv_weight = get("evict_kv_weight");
     cfg.resume_forced_first = whole("resume_forced_first", 0, 1) != 0;
@@ -168,7 +170,8 @@ struct SchedulerClass : torch::CustomClassHolder {
     guarded([&] { core.set_predictions(slots.data_ptr<int32_t>(), values.data_ptr<float>(), slots.numel()); });
   }
 
-  std::tuple<at::Tensor, at::Tensor> step(const at::Tensor& predictions, const at::Tensor& generated,
+  // (scheduled rows, preempted rows, stop reason): one call per step.
+  std::tuple<at::Tensor, at::Tensor, int64_t> step(const at::Tensor& predictions, const at::Tensor& generated,
                                           int64_t free_gpu_blocks, int64_t free_host_blocks, double now) {
     const int64_t n = core.config().max_slots;
     check_slot_array(predictions, at::kFloat, n, "predictions");
@@ -177,7 +180,8 @@ struct SchedulerClass : torch::CustomClassHolder {
       return core.step(predictions.data_ptr<float>(), generated.data_ptr<int32_t>(), free_gpu_blocks,
                        free_host_blocks, now);
     });
-    return {rows_to_tensor(out.scheduled, sched::kSchedCols), rows_to_tensor(out.preempted, sched::kPreemptCols)};
+    return {rows_to_tensor(out.scheduled, sched::kSchedCols), rows_to_tensor(out.preempted, sched::kPreemptCols),
+            static_cast<int64_t>(out.stop_reason)};
   }
 
   at::Tensor snapshot() {

@@ -74,6 +74,17 @@ class IndexedHeap {
     nodes_.clear();
   }
 
+  // Bulk build: append handles in any order, then heapify() once (O(n), Floyd) before any other
+  // call. Cheaper than n pushes or n updates when every key changed.
+  void append_unordered(int32_t h, const HeapKey& k) {
+    check_handle(h);
+    pos_[h] = static_cast<int32_t>(nodes_.size());
+    nodes_.push_back(Node{k, h});
+  }
+  void heapify() {
+    for (size_t i = nodes_.size() / 2; i-- > 0;) sift_down(i);
+  }
+
  private:
   struct Node {
     HeapKey k;

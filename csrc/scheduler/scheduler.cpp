@@ -43,11 +43,15 @@ void Config::validate() const {
   if (!std::isfinite(margin)) bad("scheduler config: margin must be finite");
   if (max_preemptions < 0) bad("scheduler config: max_preemptions must be >= 0");
   if (!(aging_rate >= 0) || !std::isfinite(aging_rate)) bad("scheduler config: aging_rate must be finite and >= 0");
+  if (!(aging_per_step >= 0) || !std::isfinite(aging_per_step))
+    bad("scheduler config: aging_per_step must be finite and >= 0");
   if (!(bytes_per_token >= 0) || !std::isfinite(bytes_per_token)) bad("scheduler config: bytes_per_token must be finite and >= 0");
   if (!(pcie_gbps > 0) || !std::isfinite(pcie_gbps)) bad("scheduler config: pcie_gbps must be finite and > 0");
   if (!(recompute_s_per_token >= 0) || !std::isfinite(recompute_s_per_token))
     bad("scheduler config: recompute_s_per_token must be finite and >= 0");
   if (!(admit_reserve >= 0) || !std::isfinite(admit_reserve)) bad("scheduler config: admit_reserve must be finite and >= 0");
+  if (!(reserve_free_frac >= 0 && reserve_free_frac <= 1))
+    bad("scheduler config: reserve_free_frac must be in [0, 1]");
   if (max_forced_evictions < 0) bad("scheduler config: max_forced_evictions must be >= 0");
   if (!(evict_kv_weight >= 0) || !std::isfinite(evict_kv_weight))
     bad("scheduler config: evict_kv_weight must be finite and >= 0");
@@ -81,7 +85,20 @@ bool Scheduler::preemptible(const Request& r) const {
 
 double Scheduler::wait_s(const Request& r) const {
   if (cfg_.resume_forced_first && r.forced_wait) return kFrontKey;
-  return r.key + cfg_.aging_rate * (r.t_enq - r.waited);
+  return r.key + cfg_.aging_rate * (r.t_enq - r.waited) + cfg_.aging_per_step * static_cast<double>(r.k_enq - r.kwaited);
+}
+
+void Scheduler::bad_running(int32_t s, const char* what, double value, double bound) const {
+  const Request& r = table_[s];
+  const std::string who = "step: slot " + std::to_string(s) + " (id " + std::to_string(r.id) + ")";
+  const std::string what_s(what);
+  if (what_s == "below")
+    bad(who + ": generated count " + std::to_string(static_cast<int64_t>(value)) + " is below last step's " +
+        std::to_string(static_cast<int64_t>(bound)));
+  if (what_s == "above")
+    bad(who + ": generated count " + std::to_string(static_cast<int64_t>(value)) + " exceeds max_new_tokens " +
+        std::to_string(static_cast<int64_t>(bound)));
+  bad(who + ": prediction " + std::to_string(value) + " is not a finite number >= 0");
 }
 
 double Scheduler::pred_remaining(const Request& r) const {
@@ -369,6 +386,7 @@ void Scheduler::set_predictions(const int32_t* slots, const float* values, int64
       if (!r.started) r.init = r.key;
     }
     if (r.state == State::kRunning) {
+      if (!run_heaps_ok_) continue;
       if (pre_.contains(s)) pre_.update(s, run_key(r));
       else if (nonpre_.contains(s)) nonpre_.update(s, run_key(r));
     } else {
@@ -382,20 +400,52 @@ void Scheduler::set_predictions(const int32_t* slots, const float* values, int64
 void Scheduler::enqueue(int32_t slot, double now) {
   Request& r = table_[slot];
   r.t_enq = now;
+  r.k_enq = steps_;
   r.s = wait_s(r);
   waiting_.push(slot, wait_key(r));
   if (r.state == State::kKept) kept_.push(slot, wait_key(r));
 }
 
 void Scheduler::add_running(int32_t slot) {
+  if (!run_heaps_ok_) return;  // the rebuild reads running_
   const Request& r = table_[slot];
   if (preemptible(r)) pre_.push(slot, run_key(r));
   else nonpre_.push(slot, run_key(r));
 }
 
+void Scheduler::ensure_run_heaps() {
+  if (run_heaps_ok_) return;
+  pre_.clear();
+  nonpre_.clear();
+  for (int32_t s : running_) {
+    const Request& r = table_[s];
+    if (r.touched) continue;  // admitted in this step: joins at the step's end (add_running)
+    if (preemptible(r)) pre_.append_unordered(s, run_key(r));
+    else nonpre_.append_unordered(s, run_key(r));
+  }
+  pre_.heapify();
+  nonpre_.heapify();
+  run_heaps_ok_ = true;
+}
+
+bool Scheduler::any_victim_above(double threshold) {
+  if (!run_heaps_ok_) {  // a scan is cheaper than a rebuild when the answer is no (the steady state)
+    bool any = false;
+    for (int32_t s : running_) {
+      const Request& r = table_[s];
+      if (!r.touched && r.key > threshold && preemptible(r)) { any = true; break; }
+    }
+    if (!any) return false;
+    ensure_run_heaps();
+  }
+  return !pre_.empty() && table_[pre_.top()].key > threshold;
+}
+
 void Scheduler::remove_running(int32_t slot) {
-  if (pre_.contains(slot)) pre_.remove(slot);
-  else if (nonpre_.contains(slot)) nonpre_.remove(slot);
+  if (run_heaps_ok_) {
+    if (pre_.contains(slot)) pre_.remove(slot);
+    else if (nonpre_.contains(slot)) nonpre_.remove(slot);
+  }
   Request& r = table_[slot];
   const int32_t last = running_.back();
   running_[r.run_pos] = last;
@@ -483,16 +533,13 @@ const StepOutput& Scheduler::step(const float* predictions, const int32_t* gener
         std::to_string(free_host_blocks));
   if (!std::isfinite(now)) bad("step: now must be finite");
   const bool trail = cfg_.policy == Policy::kTrail;
-  for (int32_t s : running_) {
+  for (int32_t s : running_) {  // validate all first (no message built unless one is bad)
     const Request& r = table_[s];
-    const std::string who = "step: slot " + std::to_string(s) + " (id " + std::to_string(r.id) + ")";
-    if (generated[s] < r.gen)
-      bad(who + ": generated count " + std::to_string(generated[s]) + " is below last step's " + std::to_string(r.gen));
-    if (generated[s] > r.max_new)
-      bad(who + ": generated count " + std::to_string(generated[s]) + " exceeds max_new_tokens " +
-          std::to_string(r.max_new));
+    const int32_t g = generated[s];
+    if (g < r.gen) bad_running(s, "below", g, static_cast<double>(r.gen));
+    if (g > r.max_new) bad_running(s, "above", g, static_cast<double>(r.max_new));
     if (trail && r.ctx >= r.target && !(std::isfinite(predictions[s]) && predictions[s] >= 0))
-      bad(who + ": prediction " + std::to_string(predictions[s]) + " is not a finite number >= 0");
+      bad_running(s, "prediction", predictions[s], 0);
   }
 
   out_.scheduled.clear();
@@ -505,7 +552,8 @@ const StepOutput& Scheduler::step(const float* predictions, const int32_t* gener
   peak_valid_ = false;
   host_left_ = free_host_blocks;
 
-  // (1) refresh keys and preemptibility of the running requests.
+  // (1) refresh keys of the running requests (pre_ / nonpre_ are rebuilt when next read).
+  run_heaps_ok_ = false;
   for (int32_t s : running_) {
     Request& r = table_[s];
     r.gen = generated[s];
@@ -519,14 +567,6 @@ const StepOutput& Scheduler::step(const float* predictions, const int32_t* gener
       }
     } else if (cfg_.policy == Policy::kOracle) {
       r.key = static_cast<double>(std::max<int64_t>(r.true_total - r.gen, 0));
-    }
-    const bool p = preemptible(r);
-    if (p) {
-      if (pre_.contains(s)) pre_.update(s, run_key(r));
-      else { nonpre_.remove(s); pre_.push(s, run_key(r)); }
-    } else {
-      if (nonpre_.contains(s)) nonpre_.update(s, run_key(r));
-      else { pre_.remove(s); nonpre_.push(s, run_key(r)); }
     }
   }
 
@@ -561,6 +601,7 @@ const StepOutput& Scheduler::step(const float* predictions, const int32_t* gener
       gpu_left += evict_kept(kept_.top(), true);
       continue;
     }
+    ensure_run_heaps();
     const int32_t v = forced_victim();
     if (v < 0) break;
     const Request& r = table_[v];
@@ -588,7 +629,10 @@ const StepOutput& Scheduler::step(const float* predictions, const int32_t* gener
     if (static_cast<int32_t>(running_.size()) >= cfg_.max_batch) lack = kStopBatch;
     else if (t < 1) lack = kStopTokens;
     else if (mem_short) lack = kStopMemory;
-    else if (cfg_.admit_reserve > 0 && !running_.empty() && !reserve_fits(h, t, gpu_left - need)) {
+    else if (cfg_.admit_reserve > 0 && !running_.empty() &&
+             (cfg_.reserve_free_frac >= 1 ||
+              static_cast<double>(gpu_left - need) < cfg_.reserve_free_frac * static_cast<double>(cfg_.num_gpu_blocks)) &&
+             !reserve_fits(h, t, gpu_left - need)) {
       mem_short = true;
       lack = kStopMemory;
     }
@@ -596,6 +640,7 @@ const StepOutput& Scheduler::step(const float* predictions, const int32_t* gener
       waiting_.pop();
       if (r.state == State::kKept) kept_.remove(h);
       r.waited += now - r.t_enq;
+      r.kwaited += steps_ - r.k_enq;
       r.state = State::kRunning;
       r.started = true;
       r.forced_wait = false;
@@ -614,10 +659,11 @@ const StepOutput& Scheduler::step(const float* predictions, const int32_t* gener
       gpu_left += evict_kept(kept_.top(), false);
       continue;
     }
-    if (!pre_.empty() && !(cfg_.resume_forced_first && r.forced_wait) && (cfg_.memory_preemption || !mem_short)) {
+    if (cfg_.c > 0 && !(cfg_.resume_forced_first && r.forced_wait) && (cfg_.memory_preemption || !mem_short) &&
+        any_victim_above(r.key + cfg_.margin)) {
       const int32_t v = pre_.top();
       const Request& vr = table_[v];
-      if (vr.key > effective_key(r, now) + cfg_.margin) {
+      if (vr.key > r.key + cfg_.margin) {  // raw keys: aging never preempts
         const int32_t mode = (mem_short || !cfg_.allow_keep) ? free_mode(vr) : kModeKeep;
         if (peak_valid_) peak_remove(v);
         tokens_left += vr.plan_tokens;
@@ -631,6 +677,8 @@ const StepOutput& Scheduler::step(const float* predictions, const int32_t* gener
   }
 
   // (5) emit the batch and advance the KV token counts (the engine runs it before the next step).
+  out_.scheduled.resize(running_.size() * kSchedCols);
+  int64_t* row = out_.scheduled.data();
   for (int32_t s : running_) {
     Request& r = table_[s];
     if (r.plan_tokens <= 0) continue;
@@ -642,15 +690,23 @@ const StepOutput& Scheduler::step(const float* predictions, const int32_t* gener
       if (last) flags |= kFlagLastChunk | kFlagSample;
       if (r.target > r.prompt_len) flags |= kFlagRecompute;  // only a recompute extends the target
     }
-    const int64_t row[kSchedCols] = {
-        r.id, s, prefill ? kPrefill : kDecode, r.plan_tokens, r.ctx, blocks(r.ctx + r.plan_tokens), r.resume,
-        last ? 1 : 0, flags};
-    out_.scheduled.insert(out_.scheduled.end(), row, row + kSchedCols);
+    row[kSId] = r.id;
+    row[kSSlot] = s;
+    row[kSKind] = prefill ? kPrefill : kDecode;
+    row[kSTokens] = r.plan_tokens;
+    row[kSCtxStart] = r.ctx;
+    row[kSBlocks] = blocks(r.ctx + r.plan_tokens);
+    row[kSResume] = r.resume;
+    row[kSLastChunk] = last ? 1 : 0;
+    row[kSFlags] = flags;
+    row += kSchedCols;
     r.ctx += r.plan_tokens;
     r.resume = kResumeNone;
   }
+  out_.scheduled.resize(static_cast<size_t>(row - out_.scheduled.data()));
   for (int32_t s : admitted_) add_running(s);
   for (int32_t s : deferred_) waiting_.push(s, wait_key(table_[s]));
+  ++steps_;
   return out_;
 }
 

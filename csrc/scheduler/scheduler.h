@@ -62,9 +62,15 @@ struct Config {
   int64_t num_host_blocks = 0;
   int64_t watermark_blocks = 0;
   double c = 0.8;                    // preemptible iff c > 0 and generated < c * initial_prediction
-  double margin = 0.0;               // tokens by which a victim's remaining must exceed the newcomer's
+  // Tokens by which a victim's key must exceed the newcomer's for a policy preemption. Raw keys:
+  // aging orders the queue but never makes a preemption (ties within the margin never preempt).
+  double margin = 0.0;
   int32_t max_preemptions = 4;       // per request; policy preemptions stop at this count
+  // Aging of the waiting key (admission order only): key - aging_rate x seconds waited -
+  // aging_per_step x steps waited (a step waited = a step() call that left it waiting; both summed
+  // over all its waits). aging_per_step means the same at any step time; aging_rate does not.
   double aging_rate = 0.0;           // tokens of key per second waited
+  double aging_per_step = 0.0;       // tokens of key per step waited
   bool allow_keep = true;
   bool allow_swap = true;
   double bytes_per_token = 0.0;      // KV bytes of one token, all layers
@@ -75,6 +81,9 @@ struct Config {
   // min(max_new - generated, ceil(admit_reserve * predicted remaining)) more tokens (the factor is
   // the margin for prediction error). Skipped when nothing runs (no deadlock).
   double admit_reserve = 0.0;
+  // The reserve applies only under memory pressure: while the GPU blocks free after the admission
+  // would be below reserve_free_frac x num_gpu_blocks (1: always; 0: never).
+  double reserve_free_frac = 1.0;
   // Forced evictions: victims with fewer than this many forced evictions are chosen first (0: no
   // bound); memory still wins when every running request is at the bound.
   int32_t max_forced_evictions = 0;
@@ -171,6 +180,8 @@ class Scheduler {
     double init = 0;               // initial prediction (c rule)
     double waited = 0;             // seconds waited before the current wait
     double t_enq = 0;              // start of the current wait
+    int64_t kwaited = 0;           // steps waited before the current wait
+    int64_t k_enq = 0;             // steps_ at the start of the current wait
     double s = 0;                  // waiting key with aging folded in
     int64_t plan_tokens = 0;
     int64_t plan_need = 0;         // new GPU blocks of this step's plan
@@ -186,7 +197,12 @@ class Scheduler {
   int32_t forced_victim() const;                     // -1 when nothing runs
   HeapKey run_key(const Request& r) const { return HeapKey{r.key, r.arrival, r.id}; }
   HeapKey wait_key(const Request& r) const { return HeapKey{r.s, r.arrival, r.id}; }
-  double effective_key(const Request& r, double now) const { return r.s - cfg_.aging_rate * now; }
+  // pre_ / nonpre_ are rebuilt (O(n) heapify) at their first use in a step after the running keys
+  // moved, not updated one key at a time: in a steady decode step nothing reads them.
+  void ensure_run_heaps();
+  // Is some policy-preemptible running request (not admitted this step) keyed above threshold?
+  bool any_victim_above(double threshold);
+  [[noreturn]] void bad_running(int32_t s, const char* what, double value, double bound) const;
   int32_t lookup(int64_t id, const char* what) const;
   void check_add(int64_t id, double arrival, int64_t prompt_len, int64_t max_new_tokens, double prompt_prediction,
                  int64_t true_length) const;
@@ -213,6 +229,8 @@ class Scheduler {
   IndexedHeap<true> kept_;       // kept-on-GPU preempted requests, max (s, arrival, id)
   IndexedHeap<true> pre_;        // running, preemptible by the policy, max (key, arrival, id)
   IndexedHeap<true> nonpre_;     // running, not preemptible, max (key, arrival, id)
+  bool run_heaps_ok_ = true;     // pre_ / nonpre_ match running_'s keys (else rebuilt when read)
+  int64_t steps_ = 0;            // completed step() calls (aging_per_step)
   std::vector<int32_t> running_;
   // step scratch
   std::vector<int32_t> prefillers_, admitted_, touched_, deferred_, scratch_slots_;

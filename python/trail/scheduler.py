@@ -21,7 +21,10 @@ sjf_prompt, TRAIL's published rules in `scheduler_types.TRAIL_PAPER`): admission
 predicted growth of the running set (admit_reserve), forced victims by predicted remaining - KV
 held with a per-request bound (evict_kv_weight, max_forced_evictions), forced-evicted requests
 resumed first (resume_forced_first), no policy swap / recompute under memory pressure
-(memory_preemption), a preemption margin in tokens and aging.
+(memory_preemption), a preemption margin in tokens (on raw keys: ties within it never preempt) and
+aging of the waiting order per step waited (aging_per_step) or per second (aging_rate); aging orders
+the queue and never makes a preemption. The reserve applies only under memory pressure
+(reserve_free_frac).
 
 `ReferenceScheduler` (tests/scheduler_reference.py) is a pure-Python implementation of the same
 step with the same API, the tests' oracle.
@@ -108,10 +111,12 @@ class Scheduler:
 
     def step(self, predictions: torch.Tensor, generated: torch.Tensor, free_gpu_blocks: int,
              free_host_blocks: int, now: float) -> StepOutput:
-        with _core_errors(ValueError):
-            scheduled, preempted = self._core.step(predictions, generated, int(free_gpu_blocks),
-                                                   int(free_host_blocks), float(now))
-        return StepOutput(scheduled, preempted, self._core.stop_reason())
+        try:  # inline, not _core_errors: this runs every engine step
+            scheduled, preempted, stop = self._core.step(predictions, generated, int(free_gpu_blocks),
+                                                         int(free_host_blocks), float(now))
+        except RuntimeError as exc:
+            raise ValueError(str(exc)) from None
+        return StepOutput(scheduled, preempted, stop)
 
     def snapshot(self) -> torch.Tensor:
         return self._core.snapshot()

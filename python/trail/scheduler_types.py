@@ -24,12 +24,15 @@ from trail.policies import POLICIES  # noqa: E402  (the one table)
 # eviction each before others are chosen, forced-evicted requests resumed first, and no policy
 # swaps / recomputes under memory pressure. TRAIL as published: margin 0, aging 0, admit_reserve 0,
 # max_forced_evictions 0, evict_kv_weight 0, resume_forced_first False, memory_preemption True.
-_TRAIL_DEFAULTS = {"c": 0.8, "margin": 32.0, "aging_rate": 10.0, "admit_reserve": 0.3,
+_TRAIL_DEFAULTS = {"c": 0.8, "margin": 32.0, "aging_rate": 10.0, "aging_per_step": 0.0, "admit_reserve": 0.3,
+                   "reserve_free_frac": 1.0,
                    "max_forced_evictions": 1, "evict_kv_weight": 1.0, "resume_forced_first": True,
                    "memory_preemption": False}
-TRAIL_PAPER = {"c": 0.8, "margin": 0.0, "aging_rate": 0.0, "admit_reserve": 0.0, "max_forced_evictions": 0,
+TRAIL_PAPER = {"c": 0.8, "margin": 0.0, "aging_rate": 0.0, "aging_per_step": 0.0, "admit_reserve": 0.0,
+               "reserve_free_frac": 1.0, "max_forced_evictions": 0,
                "evict_kv_weight": 0.0, "resume_forced_first": False, "memory_preemption": True}
-_BASE_DEFAULTS = {"c": 0.0, "margin": 0.0, "aging_rate": 0.0, "admit_reserve": 0.0,
+_BASE_DEFAULTS = {"c": 0.0, "margin": 0.0, "aging_rate": 0.0, "aging_per_step": 0.0, "admit_reserve": 0.0,
+                  "reserve_free_frac": 1.0,
                   "max_forced_evictions": 0, "evict_kv_weight": 0.0, "resume_forced_first": False,
                   "memory_preemption": True}
 POLICY_DEFAULTS = {"fcfs": _BASE_DEFAULTS, "sjf_prompt": _BASE_DEFAULTS, "trail": _TRAIL_DEFAULTS,
@@ -48,10 +51,10 @@ FIELD_RULES = {
     "max_prefill_chunk": ("int", 1, _I53), "block_size": ("int", 1, _I31), "num_gpu_blocks": ("int", 1, _I53),
     "num_host_blocks": ("int", 0, _I53), "watermark_blocks": ("int", 0, _I53),
     "c": ("float", 0.0, False), "margin": ("float", None, False), "max_preemptions": ("int", 0, _I31),
-    "aging_rate": ("float", 0.0, False), "allow_keep": ("bool",), "allow_swap": ("bool",),
+    "aging_rate": ("float", 0.0, False), "aging_per_step": ("float", 0.0, False), "allow_keep": ("bool",), "allow_swap": ("bool",),
     "bytes_per_token": ("float", 0.0, False), "pcie_gbps": ("float", 0.0, True),
     "recompute_s_per_token": ("float", 0.0, False), "admit_reserve": ("float", 0.0, False),
-    "max_forced_evictions": ("int", 0, _I31), "evict_kv_weight": ("float", 0.0, False),
+    "reserve_free_frac": ("float", 0.0, False), "max_forced_evictions": ("int", 0, _I31), "evict_kv_weight": ("float", 0.0, False),
     "resume_forced_first": ("bool",), "memory_preemption": ("bool",),
 }
 
@@ -144,7 +147,8 @@ class SchedulerConfig:
     c: float | None = None                 # preemptible iff generated < c * initial prediction
     margin: float | None = None            # tokens a victim's remaining must exceed the newcomer's by
     max_preemptions: int = 4
-    aging_rate: float | None = None        # tokens of key per second waited
+    aging_rate: float | None = None        # tokens of key per second waited (scales with the step time)
+    aging_per_step: float | None = None    # tokens of key per step waited (the same at any step time)
     allow_keep: bool = True
     allow_swap: bool = True
     bytes_per_token: float = 0.0
@@ -153,6 +157,9 @@ class SchedulerConfig:
     # Memory-aware admission: admit only if the predicted peak KV of the running set + the newcomer
     # fits, each request assumed to need admit_reserve x its predicted remaining tokens (0: off).
     admit_reserve: float | None = None
+    # ... only under memory pressure: while the GPU blocks free after an admission would be below
+    # reserve_free_frac x num_gpu_blocks (1: always, 0: never).
+    reserve_free_frac: float | None = None
     # Forced evictions: victims with fewer forced evictions than this first (0: no bound).
     max_forced_evictions: int | None = None
     # Forced victim = largest (predicted remaining - evict_kv_weight * KV tokens held).
@@ -185,6 +192,7 @@ class SchedulerConfig:
             check_field(name, getattr(self, name), "scheduler config: ")
         need(self.max_tokens_per_step >= self.max_batch,
              f"max_tokens_per_step ({self.max_tokens_per_step}) must be >= max_batch ({self.max_batch})")
+        need(self.reserve_free_frac <= 1, f"reserve_free_frac must be in [0, 1], got {self.reserve_free_frac!r}")
         need(self.num_gpu_blocks > self.watermark_blocks,
              f"num_gpu_blocks ({self.num_gpu_blocks}) must exceed watermark_blocks ({self.watermark_blocks})")
 
