@@ -172,18 +172,32 @@ def _run_result(policy: str, engine, outs: list, makespan: float) -> dict:
     ttft = np.array([o.metrics.ttft for o in outs])
     tokens = sum(len(o.token_ids) for o in outs)
     totals = engine.telemetry.totals()
-    return {"policy": policy, "latency": latency, "ttft": ttft, "tokens": tokens, "makespan_s": makespan,
-            "throughput_tok_s": tokens / makespan, "telemetry": totals,
+    tbt, stall = token_gaps([o.metrics.token_times for o in outs])
+    return {"policy": policy, "latency": latency, "ttft": ttft, "tbt": tbt, "stall": stall, "tokens": tokens,
+            "makespan_s": makespan, "throughput_tok_s": tokens / makespan, "telemetry": totals,
             "preemptions": int(totals["keep"] + totals["swap"] + totals["recompute"])}
+
+
+def token_gaps(token_times: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
+    """Time between tokens: (every gap between two consecutive tokens of a request, pooled over
+    the requests; each request's longest gap, its worst stall, 0 for fewer than two tokens)."""
+    gaps = [np.diff(np.asarray(t, float)) for t in token_times]
+    pooled = np.concatenate(gaps) if gaps else np.zeros(0)
+    return pooled, np.array([g.max() if len(g) else 0.0 for g in gaps])
 
 
 def summarize(run: dict) -> dict:
     lat, ttft = run["latency"], run["ttft"]
-    return {"mean_latency_s": float(lat.mean()), "p50_latency_s": float(np.percentile(lat, 50)),
-            "p99_latency_s": float(np.percentile(lat, 99)), "mean_ttft_s": float(ttft.mean()),
-            "throughput_tok_s": float(run["throughput_tok_s"]), "preemptions": run["preemptions"],
-            "swaps": int(run["telemetry"]["swap"]), "recomputed_tokens": int(run["telemetry"]["recomputed_tokens"]),
-            "prediction_mae": float(run["telemetry"]["online_prediction_mae"])}
+    out = {"mean_latency_s": float(lat.mean()), "p50_latency_s": float(np.percentile(lat, 50)),
+           "p90_latency_s": float(np.percentile(lat, 90)), "p99_latency_s": float(np.percentile(lat, 99)),
+           "mean_ttft_s": float(ttft.mean()), "p99_ttft_s": float(np.percentile(ttft, 99)),
+           "throughput_tok_s": float(run["throughput_tok_s"]), "preemptions": run["preemptions"],
+           "swaps": int(run["telemetry"]["swap"]), "recomputed_tokens": int(run["telemetry"]["recomputed_tokens"]),
+           "prediction_mae": float(run["telemetry"]["online_prediction_mae"])}
+    if len(run.get("tbt", ())):
+        out.update(tbt_p50_s=float(np.percentile(run["tbt"], 50)), tbt_p99_s=float(np.percentile(run["tbt"], 99)),
+                   stall_mean_s=float(run["stall"].mean()), stall_p99_s=float(np.percentile(run["stall"], 99)))
+    return out
 
 
 def paired_ratio_ci(a: np.ndarray, b: np.ndarray, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -194,9 +208,15 @@ def paired_ratio_ci(a: np.ndarray, b: np.ndarray, resamples: int = 2000, seed: i
     return float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))
 
 
+INTERVAL_COVERS = ("95% paired bootstrap over this run's requests: request sampling only, not the run-to-run "
+                   "noise of the engine (that is the noise floor: fcfs_repeat against fcfs)")
+
+
 def compare(runs: dict[str, dict]) -> dict:
     """Ratios to fcfs (with a 95% paired-bootstrap interval and a within-noise verdict), the
-    fraction of the oracle's mean-latency gain, and the ratio to sjf_prompt."""
+    fraction of the oracle's mean-latency gain, and the ratio to sjf_prompt. With a run named
+    `fcfs_repeat` (fcfs again, its own engine), the noise floor |log(mean latency ratio)| between
+    the two, and per policy whether its ratio to fcfs lies beyond it."""
     out = {name: summarize(run) for name, run in runs.items()}
     base = runs.get("fcfs")
     oracle = out.get("oracle")
@@ -209,6 +229,8 @@ def compare(runs: dict[str, dict]) -> dict:
             s["latency_ratio_to_fcfs"] = s["mean_latency_s"] / out["fcfs"]["mean_latency_s"]
             s["ttft_ratio_to_fcfs"] = s["mean_ttft_s"] / max(out["fcfs"]["mean_ttft_s"], 1e-12)
             s["p99_ratio_to_fcfs"] = s["p99_latency_s"] / out["fcfs"]["p99_latency_s"]
+            if "tbt_p99_s" in s and out["fcfs"].get("tbt_p99_s", 0) > 0:
+                s["tbt_p99_ratio_to_fcfs"] = s["tbt_p99_s"] / out["fcfs"]["tbt_p99_s"]
             if name != "fcfs":
                 lo, hi = paired_ratio_ci(run["latency"], base["latency"])
                 s["latency_ratio_ci95"] = [lo, hi]
@@ -219,4 +241,11 @@ def compare(runs: dict[str, dict]) -> dict:
             s["oracle_gain_fraction"] = (1.0 - s["mean_latency_s"] / out["fcfs"]["mean_latency_s"]) / gain_oracle
         if "sjf_prompt" in out:
             s["latency_ratio_to_sjf_prompt"] = s["mean_latency_s"] / out["sjf_prompt"]["mean_latency_s"]
-    return {"policies": out, "oracle_gain": gain_oracle}
+    noise = None
+    if base is not None and "fcfs_repeat" in out:
+        noise = abs(float(np.log(out["fcfs_repeat"]["mean_latency_s"] / out["fcfs"]["mean_latency_s"])))
+        for name, s in out.items():
+            if name not in ("fcfs", "fcfs_repeat"):
+                s["beyond_noise_floor"] = abs(float(np.log(s["latency_ratio_to_fcfs"]))) > noise
+    return {"policies": out, "oracle_gain": gain_oracle, "noise_floor_log_ratio": noise,
+            "interval_covers": INTERVAL_COVERS}
