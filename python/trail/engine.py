@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from trail.detokenize import IncrementalText
+from trail.drift_guard import DriftGuard
 from trail.engine_config import EngineConfig
 from trail.engine_loading import PromptPredictorFn, free_device_bytes, load_engine_parts, measure_prefill_rate
 from trail.engine_output import account_plan, record_plan_without_rows, record_step, request_output, stream_text
@@ -130,6 +131,7 @@ class LLMEngine:
         self._clock = clock or time.perf_counter
         self._t0 = self._clock()
         self.telemetry = Telemetry()
+        self.drift = DriftGuard(config.drift_window, events=self.telemetry.prediction_fallbacks)
 
     @classmethod
     def from_pretrained(cls, source, config: EngineConfig | None = None, *, probe: str | None = "shipped",
@@ -359,6 +361,8 @@ class LLMEngine:
         self.predictions.unbind(req.slot)
         del self._requests[req.id]
         self.telemetry.add_request(req.id, len(req.prompt_ids), len(req.output_ids), reason.value, req.metrics)
+        if reason in (FinishReason.STOP, FinishReason.LENGTH):
+            self.predictions.fallback = self.drift.add(req.metrics, len(req.output_ids), req.metrics.finished)
         return request_output(req)
 
     # ---- faults ----------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ _DERIVED = ("policy", "max_slots", "max_batch", "max_tokens_per_step", "max_pref
 # (the native scheduler's bounds: int32 counts, block and token counts below 2**53).
 _INT_FIELDS = (("max_batch", 1, 2**31 - 1), ("max_slots", 1, 2**31 - 1), ("max_tokens_per_step", 1, 2**31 - 1),
                ("max_prefill_chunk", 1, 2**31 - 1), ("max_model_len", 1, 2**31 - 1), ("block_size", 1, 2**31 - 1),
-               ("num_gpu_blocks", 1, 2**53), ("num_host_blocks", 0, 2**53))
+               ("num_gpu_blocks", 1, 2**53), ("num_host_blocks", 0, 2**53), ("drift_window", 0, 2**31 - 1))
 _FLOAT_FIELDS = (("gpu_memory_utilization", 0.0, True, 1.0), ("kv_cache_gib", 0.0, False, None),
                  ("swap_space_gib", 0.0, False, None), ("pcie_gbps", 0.0, True, None),
                  ("prefill_tokens_per_s", 0.0, True, None))
@@ -71,6 +71,9 @@ class EngineConfig:
     overlap: the CPU schedules and prepares step n+1 while the device runs step n (each
       `LLMEngine.step()` launches one step and completes the one before; outputs arrive one call
       later, the scheduler sees predictions and finishes one step later).
+    drift_window: finished requests over which the drift guard compares the probe's error with the
+      prompt predictor's; while the probe is worse, ranking uses the prompt prediction
+      (trail.drift_guard; 0: off).
     """
     policy: str = "trail"
     policy_options: Mapping[str, Any] = field(default_factory=dict)
@@ -91,6 +94,7 @@ class EngineConfig:
     cuda_graph_sizes: tuple[int, ...] | None = None
     cuda_graph_tokens: tuple[int, ...] | None = None
     overlap: bool = True
+    drift_window: int = 256
 
     def __post_init__(self):
         """Validates every field: types strict (ints are int, never bool or float; numbers are int

@@ -21,16 +21,21 @@ logger = logging.getLogger(__name__)
 
 class ProbePredictions:
     """The probe's readout by slot; a slot whose request has no readout yet (its prefill not
-    completed) keeps its prompt-time prediction."""
+    completed) keeps its prompt-time prediction. While `fallback` is set (the engine's drift guard,
+    trail.drift_guard) every slot reads max(prompt prediction - tokens fed, 0) instead."""
+
+    fallback = False
 
     def attach(self, max_slots: int) -> "ProbePredictions":
         self.values = torch.zeros(max_slots, dtype=torch.float32)   # what the scheduler reads
         self._prompt = np.zeros(max_slots, np.float32)
+        self._fed = np.zeros(max_slots, np.float32)
         self._has_readout = np.zeros(max_slots, bool)
         return self
 
     def bind(self, slot: int, request_id: int, prompt_prediction: float) -> None:
         self._has_readout[slot] = False
+        self._fed[slot] = 0
         self._prompt[slot] = self.values[slot] = prompt_prediction
 
     def unbind(self, slot: int) -> None:
@@ -40,6 +45,7 @@ class ProbePredictions:
                 readout: np.ndarray | None) -> np.ndarray | None:
         """`readout`: the probe's expected remaining by slot (None: no probe). `predicted`: rows
         the probe read (not recomputes). Returns the per-row value the scheduler will use."""
+        self._fed[slots] = fed
         if readout is None:
             return None
         self._has_readout[slots[predicted]] = True
@@ -47,6 +53,9 @@ class ProbePredictions:
 
     def refresh(self, readout: np.ndarray | None) -> None:
         sched = self.values.numpy()
+        if self.fallback:
+            np.maximum(self._prompt - self._fed, 0.0, out=sched)
+            return
         if readout is not None:
             np.copyto(sched, readout)
         waiting = ~self._has_readout

@@ -21,6 +21,9 @@ class Telemetry:
     steps: list[tuple] = field(default_factory=list)     # rows of STEP_FIELDS
     requests: list[dict] = field(default_factory=list)   # finished requests (RequestMetrics.as_dict + ids)
     phases: list[dict] = field(default_factory=list)     # per step, when the engine profiles phases
+    # the drift guard's switches: (engine time, ranking falls back to the prompt prediction, probe
+    # MAE, prompt MAE over its window); see trail.drift_guard
+    prediction_fallbacks: list[tuple] = field(default_factory=list)
     mae_sum: float = 0.0
     mae_count: int = 0
     keep_requests: bool = True
@@ -51,11 +54,14 @@ class Telemetry:
         out["steps"] = len(self.steps)
         out["online_prediction_mae"] = self.online_mae
         out["predicted_requests"] = self.mae_count
+        out["prediction_fallback"] = bool(self.prediction_fallbacks) and bool(self.prediction_fallbacks[-1][1])
+        out["prediction_fallback_switches"] = len(self.prediction_fallbacks)
         return out
 
     def as_dict(self) -> dict:
         return {"totals": self.totals(), "step_fields": list(STEP_FIELDS), "steps": [list(r) for r in self.steps],
-                "requests": self.requests, "phases": self.phases}
+                "requests": self.requests, "phases": self.phases,
+                "prediction_fallbacks": [list(e) for e in self.prediction_fallbacks]}
 
     def export_json(self, path: str | Path) -> Path:
         return write_json(path, self.as_dict())       # strict: NaN (no prediction, no device time) -> null
