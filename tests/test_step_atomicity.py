@@ -197,6 +197,37 @@ def test_a_reused_request_id_never_gets_the_old_request_s_token(cpu_model, overl
     engine.check_idle()
 
 
+@pytest.mark.parametrize("where", ["release", "finish"])
+def test_an_abort_cut_short_by_ctrl_c_still_ends_its_request(cpu_model, clean, where):
+    """Ctrl-C inside `abort()` (before its blocks are released, or after, before its slot is
+    unbound): the abort raises, the next step completes it (one final output, reason 'abort'),
+    the other requests' tokens equal a clean run's, and nothing leaks."""
+    engine = _engine(cpu_model, overlap=True)
+    prompts, lengths = _workload()
+    for i in range(N_REQ):
+        engine.add_request(prompts[i], SamplingParams(max_new_tokens=16, replay_length=lengths[i]), request_id=i)
+    for _ in range(3):
+        engine.step()
+    obj, name = (engine.core, "release") if where == "release" else (engine, "_finish")
+    real = getattr(obj, name)
+
+    def interrupted(*args, **kwargs):
+        setattr(obj, name, real)
+        raise KeyboardInterrupt
+    setattr(obj, name, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        engine.abort(0)
+    finals = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            assert o.request_id not in finals
+            if o.finished:
+                finals[o.request_id] = o
+    assert finals[0].finish_reason == FinishReason.ABORT
+    assert all(finals[i].token_ids == clean[i] for i in range(1, N_REQ))
+    engine.check_idle()
+
+
 def test_a_sticky_device_error_ends_every_request_and_the_engine(cpu_model):
     engine = _engine(cpu_model, overlap=True)
     prompts, _ = _workload()

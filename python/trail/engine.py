@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 from trail.detokenize import IncrementalText
 from trail.drift_guard import DriftGuard
 from trail.engine_config import EngineConfig
-from trail.engine_loading import PromptPredictorFn, free_device_bytes, load_engine_parts, measure_prefill_rate
+from trail.engine_loading import (PromptPredictorFn, free_device_bytes, load_engine_parts, measure_prefill_rate,
+                                  warn_probe_range)
 from trail.engine_output import account_plan, record_plan_without_rows, record_step, request_output, stream_text
 from trail.faults import EngineDeadError, is_sticky_device_error
 from trail.graph_buckets import graph_batch_sizes, mixed_token_sizes
@@ -125,6 +126,7 @@ class LLMEngine:
         self._in_flight: InFlight | None = None
         self._requests: dict[int, Request] = {}
         self._aborted: list[RequestOutput] = []
+        self._ending: set[int] = set()       # request ids whose end (`_end`) a fault interrupted
         self._next_id = self._next_serial = self._step_index = 0
         self._dead: str | None = None
         self._warned_probe_range = False
@@ -170,7 +172,8 @@ class LLMEngine:
             raise ValueError(f"request id {rid} is already in use")
         arrival = self.now() if arrival is None else check_arrival(arrival)
         prediction = prompt_prediction(self.prompt_predictor, ids, params.max_new_tokens, self._default_prediction)
-        self._warn_probe_range(params.max_new_tokens)
+        if not self._warned_probe_range:
+            self._warned_probe_range = warn_probe_range(self.probe, self.probe_max_new, params.max_new_tokens)
         stream = None
         if self.tokenizer is not None and params.detokenize:
             stream = IncrementalText(self.tokenizer, ids, params.stop)
@@ -189,14 +192,6 @@ class LLMEngine:
         self.predictions.bind(slot, rid, prediction)
         self.runner.set_sampling(slot, params)
         return rid
-
-    def _warn_probe_range(self, max_new: int) -> None:
-        if self.probe is None or self.probe_max_new is None or max_new <= self.probe_max_new or self._warned_probe_range:
-            return
-        self._warned_probe_range = True
-        logger.warning("max_new_tokens=%d exceeds the %d tokens the probe was trained on: predicted remaining "
-                       "lengths saturate near its largest bin (%.0f tokens) and stay within [0, max_new - generated]",
-                       max_new, self.probe_max_new, float(self.probe.bin_values.max()))
 
     def abort(self, request_id: int) -> bool:
         """Removes a request in any state (waiting, prefilling, running, kept, swapped, dropped
@@ -233,6 +228,8 @@ class LLMEngine:
         n+1 while the GPU runs step n, and outputs arrive one call later. If the step fails it is
         rolled back (see the module docstring) and the exception propagates."""
         self._check_alive()
+        if self._ending:                     # an abort() cut short (Ctrl-C inside it)
+            self._complete_ending()
         outputs, self._aborted = self._aborted, []
         try:
             launched = self._launch() if self._requests else None
@@ -346,9 +343,11 @@ class LLMEngine:
 
     def _end(self, reqs, reasons) -> list[RequestOutput]:
         """Ends requests: reasons set, released through the core, then finished. A fault part-way
-        leaves requests with a reason set but not finished; `_roll_back` completes them."""
+        leaves requests with a reason set but not finished (`_ending`); the next step or
+        `_roll_back` completes them."""
         for req, reason in zip(reqs, reasons):
             req.finish_reason = reason
+            self._ending.add(req.id)
         self.core.release([r.serial for r in reqs], [r.slot for r in reqs])
         return [self._finish(r, r.finish_reason) for r in reqs]
 
@@ -357,6 +356,7 @@ class LLMEngine:
         released through the core)."""
         req.finish_reason = reason
         req.metrics.finished = self.now()
+        self._ending.discard(req.id)
         self.slots.unbind(req.slot)
         self.predictions.unbind(req.slot)
         del self._requests[req.id]
@@ -391,7 +391,7 @@ class LLMEngine:
 
     def _complete_ending(self) -> None:
         """Finishes the requests a fault caught inside `_end` (reason set, maybe not released)."""
-        ending = [r for r in self._requests.values() if r.finish_reason is not None]
+        ending = [self._requests[i] for i in sorted(self._ending)]      # `_finish` takes each out
         known = [r for r in ending if self.core.knows(r.serial)]
         if known:
             self.core.release([r.serial for r in known], [r.slot for r in known])

@@ -119,3 +119,13 @@ def measure_prefill_rate(runner, kv, config) -> float:
                 torch.cuda.synchronize(kv.device)
             times.append(time.perf_counter() - t)
     return n / min(times)
+
+
+def warn_probe_range(probe, probe_max_new: int | None, max_new: int) -> bool:
+    """Logs (and returns True) when a request's cap exceeds what the probe was trained on."""
+    if probe is None or probe_max_new is None or max_new <= probe_max_new:
+        return False
+    logger.warning("max_new_tokens=%d exceeds the %d tokens the probe was trained on: predicted remaining "
+                   "lengths saturate near its largest bin (%.0f tokens) and stay within [0, max_new - generated]",
+                   max_new, probe_max_new, float(probe.bin_values.max()))
+    return True
