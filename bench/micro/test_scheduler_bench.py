@@ -6,6 +6,8 @@ lazy-deletion heapq queues (`heapq`, bench/micro/heapq_scheduler.py), side by si
 - step_all_keys: the same, plus new predictions for all 4,096 waiting requests every step.
 - push / update / pop / remove: add 4,096 requests; new keys for 4,096; one step that admits
   512 of 4,096 (pops); cancel 4,096 (removal by id).
+The policy is trail with its defaults (scheduler_types.POLICY_DEFAULTS: the rules of 2026-12-07,
+aging per step waited, preemption on raw keys, the admission reserve under memory pressure).
 Both implementations are driven through identical sequences first and must make the same
 decisions (cross-check), then timed. Run:
     pytest bench/micro -k scheduler --benchmark-enable [--benchmark-json=out.json]
