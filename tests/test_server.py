@@ -287,6 +287,8 @@ def test_trusted_expected_length_hint_replaces_the_prompt_prediction(server):
 
 
 def test_metrics_page_has_the_serving_series(server):
+    status, _ = run(post(server.url, {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0}))
+    assert status == 200                # a request of its own: the test does not depend on the ones before it
     m = metrics(server.url)
     for name in ('trail_requests{state="waiting"}', 'trail_requests{state="running"}',
                  'trail_requests{state="swapped"}', 'trail_preemptions_total{mode="keep"}',
@@ -296,6 +298,7 @@ def test_metrics_page_has_the_serving_series(server):
         assert name in m, name
     assert m["trail_up"] == 1 and m["trail_step_seconds_count"] > 0 and m["trail_step_seconds_sum"] > 0
     assert m["trail_probe_predicted_requests_total"] > 0 and m["trail_probe_online_mae_tokens"] >= 0
+    assert m["trail_prediction_fallback"] in (0, 1)
 
 
 def test_sigterm_finishes_or_aborts_every_request():

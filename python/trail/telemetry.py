@@ -54,9 +54,13 @@ class Telemetry:
         out["steps"] = len(self.steps)
         out["online_prediction_mae"] = self.online_mae
         out["predicted_requests"] = self.mae_count
-        out["prediction_fallback"] = bool(self.prediction_fallbacks) and bool(self.prediction_fallbacks[-1][1])
-        out["prediction_fallback_switches"] = len(self.prediction_fallbacks)
+        out.update(self.fallback_totals())
         return out
+
+    def fallback_totals(self) -> dict:
+        """Whether ranking falls back to the prompt prediction now, and how often it switched."""
+        on = bool(self.prediction_fallbacks) and bool(self.prediction_fallbacks[-1][1])
+        return {"prediction_fallback": on, "prediction_fallback_switches": len(self.prediction_fallbacks)}
 
     def as_dict(self) -> dict:
         return {"totals": self.totals(), "step_fields": list(STEP_FIELDS), "steps": [list(r) for r in self.steps],

@@ -75,6 +75,7 @@ def build_engine(spec: CoreSpec):
                          device=spec.device, dtype=dtype, seed=spec.seed)
     engine = LLMEngine(config=spec.config, seed=spec.seed, **parts)
     engine.telemetry = WindowTelemetry(spec.window)
+    engine.drift.events = engine.telemetry.prediction_fallbacks      # the drift guard's switches land there
     info = {"pid": os.getpid(), "vocab_size": engine.model.config.vocab_size,
             "max_model_len": spec.config.max_model_len, "max_slots": spec.config.max_slots,
             "policy": spec.config.policy, "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch."),

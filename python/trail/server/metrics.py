@@ -85,6 +85,7 @@ class WindowTelemetry(Telemetry):
         out["steps"] = len(self.steps)
         out["online_prediction_mae"] = self.online_mae
         out["predicted_requests"] = self.mae_count
+        out.update(self.fallback_totals())
         return out
 
     def recent_step_seconds(self) -> list[float]:
@@ -165,6 +166,9 @@ def prometheus_text(stats: dict | None, front: dict) -> str:
                  stats["totals"]["online_prediction_mae"])
         t.metric("trail_probe_predicted_requests_total", "counter", "finished requests the probe predicted",
                  stats["totals"]["predicted_requests"])
+        t.metric("trail_prediction_fallback", "gauge", "1 while the drift guard ranks by the prompt prediction "
+                 "(the probe's recent error is worse than the prompt predictor's)",
+                 int(stats["totals"]["prediction_fallback"]))
         t.metric("trail_kv_blocks_free", "gauge", "free KV blocks",
                  [({"pool": "gpu"}, stats["kv_free"]), ({"pool": "host"}, stats["host_free"])])
         t.metric("trail_kv_blocks", "gauge", "KV blocks in the pool",
