@@ -55,8 +55,30 @@ def _rows_of(have: Sequence[str], ids: Sequence[str]) -> list[int]:
     return [index[r] for r in ids]
 
 
+class _FeatureFile:
+    """save / load of a features dataclass as safetensors: its tensor fields, and in the metadata
+    its meta, ids, layer field (`_LAYER`) and kind (`_KIND`); the constructor takes (ids, layer,
+    *tensors in `_TENSORS` order, meta)."""
+    _KIND: str
+    _LAYER: str
+    _TENSORS: tuple[str, ...]
+
+    def save(self, path: str | os.PathLike) -> None:
+        from safetensors.torch import save_file
+
+        meta = dict(self.meta, ids=self.ids, kind=self._KIND, **{self._LAYER: getattr(self, self._LAYER)})
+        save_file({k: getattr(self, k).contiguous().cpu() for k in self._TENSORS}, str(path),
+                  metadata={"trail": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu"):
+        t, meta = _load(path, cls._KIND, device)
+        return cls(meta.pop("ids"), meta.pop(cls._LAYER), *(t[k] for k in cls._TENSORS), meta)
+
+
 @dataclass
-class SampledFeatures:
+class SampledFeatures(_FeatureFile):
+    _KIND, _LAYER, _TENSORS = "sampled", "layers", ("feats", "g", "total_len", "hit_cap")
     ids: list[str]
     layers: list[int]
     feats: torch.Tensor      # fp16 [len(layers), N, S, d]
@@ -87,19 +109,10 @@ class SampledFeatures:
         g = self.g[req, slot].long()
         return req, slot, g, self.total_len[req].long() - g
 
-    def save(self, path: str | os.PathLike) -> None:
-        _save(path, dict(self.meta, ids=self.ids, layers=self.layers, kind="sampled"),
-              feats=self.feats, g=self.g, total_len=self.total_len, hit_cap=self.hit_cap)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "SampledFeatures":
-        t, meta = _load(path, "sampled", device)
-        return cls(meta.pop("ids"), meta.pop("layers"), t["feats"], t["g"], t["total_len"],
-                   t["hit_cap"], meta)
-
 
 @dataclass
-class DenseFeatures:
+class DenseFeatures(_FeatureFile):
+    _KIND, _LAYER, _TENSORS = "dense", "layer", ("feats", "cu", "total_len", "hit_cap")
     ids: list[str]
     layer: int
     feats: torch.Tensor      # fp16 [sum L, d]; request i's rows cu[i]:cu[i+1] are g = 0..L_i-1
@@ -127,22 +140,6 @@ class DenseFeatures:
                              self.total_len[torch.tensor(rows, dtype=torch.long, device=self.total_len.device)],
                              self.hit_cap[torch.tensor(rows, dtype=torch.long, device=self.hit_cap.device)],
                              dict(self.meta))
-
-    def save(self, path: str | os.PathLike) -> None:
-        _save(path, dict(self.meta, ids=self.ids, layer=self.layer, kind="dense"),
-              feats=self.feats, cu=self.cu, total_len=self.total_len, hit_cap=self.hit_cap)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "DenseFeatures":
-        t, meta = _load(path, "dense", device)
-        return cls(meta.pop("ids"), meta.pop("layer"), t["feats"], t["cu"], t["total_len"],
-                   t["hit_cap"], meta)
-
-
-def _save(path, meta: dict, **tensors: torch.Tensor) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: t.contiguous().cpu() for k, t in tensors.items()}, str(path), metadata={"trail": json.dumps(meta)})
 
 
 def _load(path, kind, device):
