@@ -21,13 +21,13 @@ from trail.policies import POLICIES  # noqa: E402  (the one table)
 # bench/results/sim/rules_2026-12-07.md). trail (TRAIL's rule, c = 0.8, plus): margin 32 tokens on
 # raw keys, aging 0.15 tokens of key per step waited (in steps, so it means the same at any step
 # time; aging_rate, per second, is 0: 10 tokens/s was tuned at 7-22 ms steps and is inert at ~1 ms),
-# admission reserve 0.3 x predicted remaining applied only while under a quarter of the GPU blocks
+# admission reserve 0.3 x predicted remaining applied only while under a tenth of the GPU blocks
 # would stay free, forced victims by predicted remaining - KV held with at most 1 forced eviction
 # each before others are chosen, forced-evicted requests resumed first, and no policy swaps /
 # recomputes under memory pressure. TRAIL as published: margin 0, no aging, admit_reserve 0,
 # max_forced_evictions 0, evict_kv_weight 0, resume_forced_first False, memory_preemption True.
 _TRAIL_DEFAULTS = {"c": 0.8, "margin": 32.0, "aging_rate": 0.0, "aging_per_step": 0.15, "admit_reserve": 0.3,
-                   "reserve_free_frac": 0.25,
+                   "reserve_free_frac": 0.1,
                    "max_forced_evictions": 1, "evict_kv_weight": 1.0, "resume_forced_first": True,
                    "memory_preemption": False}
 TRAIL_PAPER = {"c": 0.8, "margin": 0.0, "aging_rate": 0.0, "aging_per_step": 0.0, "admit_reserve": 0.0,
