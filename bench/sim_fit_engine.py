@@ -78,7 +78,7 @@ def main(argv=None) -> list[Path]:
         rows = [r for r in data["summary"] if r["model"] == model and r["loop"] == "overlapped"]
         result = fit(rows)
         result["model"].update(pcie_gbps=25.0, source=f"this engine, {model} shape, overlapped loop, {data['device']} "
-                                                      f"(bench/results/engine_step/summary.json; bench/sim_fit_engine.py)")
+                                                      f"(the engine-step benchmark's summary; bench/sim_fit_engine.py)")
         path = args.out_dir / f"step_fit_engine_{model}.json"
         path.write_text(json.dumps(result, indent=1) + "\n")
         written.append(path)
