@@ -17,8 +17,8 @@ logger = logging.getLogger(__name__)
 from trail.policies import POLICIES  # noqa: E402  (the one table)
 # Per-policy defaults of the fields left None. fcfs / sjf_prompt run to completion unless memory
 # forces an eviction (like vLLM and S3/SSJF) and use none of the options; trail and oracle share
-# theirs (the oracle is trail with true lengths), chosen by the simulator sweeps (bench/sim_sweeps.py,
-# bench/results/sim/rules_2026-12-07.md). trail (TRAIL's rule, c = 0.8, plus): margin 32 tokens on
+# theirs (the oracle is trail with true lengths), chosen by the simulator sweeps (bench/sim_sweeps.py;
+# the rules of 2026-12-07: DESIGN.md "Policy"). trail (TRAIL's rule, c = 0.8, plus): margin 32 tokens on
 # raw keys, aging 0.15 tokens of key per step waited (in steps, so it means the same at any step
 # time; aging_rate, per second, is 0: 10 tokens/s was tuned at 7-22 ms steps and is inert at ~1 ms),
 # admission reserve 0.3 x predicted remaining applied only while under a tenth of the GPU blocks
