@@ -41,7 +41,7 @@ PACKAGE_SIM_DATA = ROOT / "python" / "trail" / "data" / "sim"
 VARIANTS: dict[str, tuple[str, dict]] = {p: (p, {}) for p in POLICIES}
 VARIANTS.update({
     "trail_c0": ("trail", {"c": 0.0}),
-    "trail_noaging": ("trail", {"aging_rate": 0.0}),
+    "trail_noaging": ("trail", {"aging_rate": 0.0, "aging_per_step": 0.0}),
     "trail_paper": ("trail", dict(TRAIL_PAPER)),     # TRAIL as published
     "fcfs_repeat": ("fcfs", {}),                     # fcfs again, its own engine: the run-to-run noise floor
 })

@@ -94,7 +94,8 @@ def main(argv=None) -> int:
     whatifs = {
         "as_run": (model, None),
         "mixed_as_graph": (graph_mixed, None),
-        "aging_0": (model, {"trail": {"aging_rate": 0.0}, "oracle": {"aging_rate": 0.0}}),
+        "aging_0": (model, {"trail": {"aging_rate": 0.0, "aging_per_step": 0.0},
+                            "oracle": {"aging_rate": 0.0, "aging_per_step": 0.0}}),
         "margin_0": (model, {"trail": {"margin": 0.0}, "oracle": {"margin": 0.0}}),
         "c_0": (model, {"trail": {"c": 0.0}, "oracle": {"c": 0.0}}),
     }

@@ -33,7 +33,7 @@ VARIANTS = {
     "resume_forced_first=false": {"policy": "trail", "resume_forced_first": False},
     "memory_preemption=true": {"policy": "trail", "memory_preemption": True},
     "margin=0": {"policy": "trail", "margin": 0.0},
-    "aging_rate=0": {"policy": "trail", "aging_rate": 0.0},
+    "aging=0": {"policy": "trail", "aging_rate": 0.0, "aging_per_step": 0.0},
 }
 
 

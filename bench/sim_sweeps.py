@@ -94,9 +94,9 @@ def main() -> None:
             tasks.append((("c", r, load), (r, load * sat[r], "poisson", "fcfs", {"policy": "fcfs"}, seed, n)))
         for r, load, a, seed in itertools.product(sat, [0.9, 1.0, 1.1], AGING, seeds):
             tasks.append((("aging", r, load), (r, load * sat[r], "poisson", f"aging={a:g}",
-                                                 {"policy": "trail", "aging_rate": a}, seed, n)))
+                                                 {"policy": "trail", "aging_rate": a, "aging_per_step": 0.0}, seed, n)))
             tasks.append((("aging", r, load), (r, load * sat[r], "poisson", f"oracle aging={a:g}",
-                                                 {"policy": "oracle", "aging_rate": a}, seed, n)))
+                                                 {"policy": "oracle", "aging_rate": a, "aging_per_step": 0.0}, seed, n)))
         for r, load, seed in itertools.product(sat, [0.9, 1.0, 1.1], seeds):
             tasks.append((("aging", r, load), (r, load * sat[r], "poisson", "fcfs", {"policy": "fcfs"}, seed, n)))
     raw = run_grid(tasks, args.jobs)
