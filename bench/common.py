@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from trail import sim
-from trail.scheduler_types import POLICIES, TRAIL_PAPER
+from trail.scheduler_types import POLICIES, POLICY_DEFAULTS, TRAIL_PAPER
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
@@ -38,12 +38,22 @@ PACKAGE_SIM_DATA = ROOT / "python" / "trail" / "data" / "sim"
 # Policies: name -> (policy, options). The scheduler's policies (trail.scheduler_types.POLICIES)
 # with their defaults, and the variants the benchmarks add.
 # ------------------------------------------------------------------------------------------------
+# trail's memory rules (admission reserve and its gate, forced-eviction choice, no policy swap or
+# recompute under memory pressure), as options any policy takes
+MEMORY_RULES = ("admit_reserve", "reserve_free_frac", "max_forced_evictions", "evict_kv_weight",
+                "resume_forced_first", "memory_preemption")
 VARIANTS: dict[str, tuple[str, dict]] = {p: (p, {}) for p in POLICIES}
 VARIANTS.update({
     "trail_c0": ("trail", {"c": 0.0}),
     "trail_noaging": ("trail", {"aging_rate": 0.0, "aging_per_step": 0.0}),
     "trail_paper": ("trail", dict(TRAIL_PAPER)),     # TRAIL as published
     "fcfs_repeat": ("fcfs", {}),                     # fcfs again, its own engine: the run-to-run noise floor
+    # controls that isolate a mechanism (issue 25): the prompt-only ranking with trail's memory
+    # rules (so trail's gain over it is the probe's), and SRPT on true lengths with free preemption
+    # (any shorter newcomer preempts, no aging, no reserve): the upper anchor
+    "sjf_prompt_memrules": ("sjf_prompt", {k: POLICY_DEFAULTS["trail"][k] for k in MEMORY_RULES}),
+    "oracle_srpt": ("oracle", {"c": 1e9, "margin": 0.0, "max_preemptions": 2**31 - 1, "aging_rate": 0.0,
+                               "aging_per_step": 0.0, "admit_reserve": 0.0}),
 })
 
 

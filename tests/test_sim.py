@@ -110,3 +110,24 @@ def test_compare_reports_ratios_and_oracle_fraction():
     assert c["trail"]["mean_latency_vs_sjf_prompt"] == pytest.approx(8 / 9)
     c = sim.compare({"fcfs": [m(10.0)], "trail": [m(9.8)], "oracle": [m(9.5)]})   # oracle gains 5%
     assert np.isnan(c["trail"]["oracle_fraction"])
+
+
+def test_control_variants_run_and_mean_what_they_say(pool):
+    """bench.common's controls: sjf_prompt with trail's memory rules carries exactly those options;
+    oracle SRPT (true lengths, free preemption) preempts whenever a shorter request arrives, and
+    its mean latency is at most the oracle's with trail's rules (it is the upper anchor)."""
+    from bench.common import MEMORY_RULES, VARIANTS, sim_policies
+    from trail.scheduler_types import POLICY_DEFAULTS
+
+    pol, opts = VARIANTS["sjf_prompt_memrules"]
+    assert pol == "sjf_prompt" and opts == {k: POLICY_DEFAULTS["trail"][k] for k in MEMORY_RULES}
+    # by hand: one slot, a long request running, a short one arriving: SRPT preempts at once
+    tr = _trace([0.0, 1.5], [6, 1])
+    srpt = sim.simulate(tr, _engine(*VARIANTS["oracle_srpt"][:1], **VARIANTS["oracle_srpt"][1]), SPEC, UNIT)
+    assert srpt.finish[1] < srpt.finish[0]
+    eng = sim.regime_engine("ample", pool)
+    res = sim.run_policies(pool, eng, sim.llama3_8b_kv_spec(), sim.default_step_model(),
+                           lambda n, seed: sim.poisson_arrivals(n, 14.0, seed), [0],
+                           sim_policies(["oracle", "oracle_srpt", "sjf_prompt_memrules"]), predictions="exact", n=400)
+    mean = {k: v[0]["mean_latency"] for k, v in res.items()}
+    assert mean["oracle_srpt"] <= mean["oracle"] * 1.02, mean
