@@ -40,7 +40,7 @@ BAD = [
     (["sim", "--seeds", "2", "--seed-list", "1"], "argument --seed-list: not allowed with argument --seeds"),
     (["sim", "--policies", "fcfs,trial"], "argument --policies: unknown policy 'trial'; did you mean 'trail'?"),
     (["sim", "--policies", "fcfs,fcfs"], "'fcfs' is listed twice"),
-    (["sim", "--predictions", "bogus"], "argument --predictions: must be recorded, exact or noisy:<sd>"),
+    (["sim", "--predictions", "bogus"], "argument --predictions: must be recorded, prefill, exact or noisy:<sd>"),
     (["sim", "--predictions", "noisy:-1"], "argument --predictions:"),
     (["sim", "--opt", "foo=1"], "argument --opt: unknown option 'foo'"),
     (["sim", "--opt", "c"], "argument --opt: must be NAME=VALUE"),

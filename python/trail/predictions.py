@@ -111,6 +111,38 @@ class RecordedPredictions(ProbePredictions):
         self.values.numpy()[held] = self._current[held]
 
 
+class PrefillOnlyPredictions(ProbePredictions):
+    """The probe's first readout of a request (right after its prefill) only, counted down as
+    tokens are fed: max(first readout + tokens fed then - tokens fed now, 0). The control that
+    isolates the per-step filter (the simulator's `--predictions prefill`)."""
+
+    def attach(self, max_slots: int) -> "PrefillOnlyPredictions":
+        super().attach(max_slots)
+        self._total = np.full(max_slots, math.nan)         # first readout + tokens fed when it came
+        return self
+
+    def bind(self, slot: int, request_id: int, prompt_prediction: float) -> None:
+        super().bind(slot, request_id, prompt_prediction)
+        self._total[slot] = math.nan
+
+    def observe(self, slots, fed, predicted, readout):
+        out = super().observe(slots, fed, predicted, readout)
+        if out is None:
+            return None
+        first = predicted & np.isnan(self._total[slots])
+        self._total[slots[first]] = readout[slots[first]] + fed[first]
+        held = ~np.isnan(self._total[slots])
+        out[held] = np.maximum(self._total[slots[held]] - fed[held], 0.0)
+        return out
+
+    def refresh(self, readout) -> None:
+        super().refresh(readout)
+        if self.fallback:
+            return
+        held = np.flatnonzero(~np.isnan(self._total))
+        self.values.numpy()[held] = np.maximum(self._total[held] - self._fed[held], 0.0)
+
+
 def prompt_prediction(predictor, ids, max_new: int, default: float) -> float:
     """The expected total output of one prompt from a prompt predictor (prompt ids -> one value
     per prompt), capped at max_new; `default` without a predictor or when it returns a value that

@@ -57,9 +57,10 @@ Examples:
 
 def _predictions(text: str) -> str:
     kind, _, sd = text.partition(":")
-    if text in ("recorded", "exact") or (kind == "noisy" and _is_sd(sd)):
+    if text in ("recorded", "prefill", "exact") or (kind == "noisy" and _is_sd(sd)):
         return text
-    raise argparse.ArgumentTypeError(f"must be recorded, exact or noisy:<sd> (sd a number >= 0, e.g. noisy:0.5), "
+    raise argparse.ArgumentTypeError(f"must be recorded, prefill, exact or noisy:<sd> (sd a number >= 0, e.g. "
+                                     f"noisy:0.5), "
                                      f"got {text!r}")
 
 
@@ -114,9 +115,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     w.add_argument("--arrivals", choices=("poisson", "burst"), default="poisson",
                    help="poisson, or burst: half the requests in bursts of --burst at once")
     w.add_argument("--burst", type=positive_int, default=200, help="requests per burst (--arrivals burst)")
-    w.add_argument("--predictions", type=_predictions, default="recorded", metavar="{recorded,exact,noisy:SD}",
-                   help="the probe's recorded per-step predictions, the exact remaining lengths, or exact times "
-                        "a lognormal factor per request (sd SD)")
+    w.add_argument("--predictions", type=_predictions, default="recorded",
+                   metavar="{recorded,prefill,exact,noisy:SD}",
+                   help="the probe's recorded per-step predictions, its first (prefill) prediction counted down "
+                        "(no per-step filter), the exact remaining lengths, or exact times a lognormal factor per "
+                        "request (sd SD)")
     w.add_argument("--recorded", type=existing_file, default=None, metavar="NPZ",
                    help="recorded predictions .npz, e.g. from `trail eval-probe --record` (default: the package's "
                         "trail/data/sim/recorded_predictions.npz)")

@@ -65,7 +65,7 @@ class SimTrace:
     prompt_pred: np.ndarray
     pred_cu: np.ndarray
     pred: np.ndarray        # float32 [sum output_len]: predicted remaining at g = 0 .. L - 1
-    predictions: str = ""   # exact / noisy:<sd> / recorded
+    predictions: str = ""   # recorded / prefill / exact / noisy:<sd>
 
     def __len__(self) -> int:
         return len(self.arrival)
@@ -102,9 +102,10 @@ class SimTrace:
 def make_trace(pool: LengthPool, arrival: np.ndarray, predictions: str = "recorded", seed: int = 0,
                resample: bool = True) -> SimTrace:
     """A trace of len(arrival) requests drawn from `pool` (with replacement when `resample`, else
-    the first N in order). predictions: `recorded` (the pool's own), `exact` (true remaining),
-    `noisy:<sd>` (true lengths times a per-request lognormal factor exp(N(0, sd)), prompt-time and
-    per-step alike)."""
+    the first N in order). predictions: `recorded` (the pool's own), `prefill` (the pool's first
+    recorded prediction, the prefill probe's, counted down as tokens are generated: no per-step
+    filter), `exact` (true remaining), `noisy:<sd>` (true lengths times a per-request lognormal
+    factor exp(N(0, sd)), prompt-time and per-step alike)."""
     n = len(arrival)
     rng = np.random.default_rng(seed + 7919)
     idx = rng.integers(0, len(pool), size=n) if resample else np.arange(n) % len(pool)
@@ -116,6 +117,10 @@ def make_trace(pool: LengthPool, arrival: np.ndarray, predictions: str = "record
     if predictions == "recorded":
         pred = np.concatenate([pool.pred[pool.cu[i]: pool.cu[i + 1]] for i in idx]).astype(np.float32)
         prompt_pred = pool.prompt_pred[idx]
+    elif predictions == "prefill":
+        first = pool.pred[pool.cu[idx]].astype(np.float64)
+        pred = np.maximum(np.repeat(first, L) - g, 0.0).astype(np.float32)
+        prompt_pred = pool.prompt_pred[idx]
     elif predictions == "exact":
         pred, prompt_pred = true_rem, L.astype(np.float64)
     elif predictions.startswith("noisy:"):
@@ -124,7 +129,7 @@ def make_trace(pool: LengthPool, arrival: np.ndarray, predictions: str = "record
         pred = (true_rem * np.repeat(f, L)).astype(np.float32)
         prompt_pred = L * f
     else:
-        raise ValueError(f"predictions must be recorded, exact or noisy:<sd>, got {predictions!r}")
+        raise ValueError(f"predictions must be recorded, prefill, exact or noisy:<sd>, got {predictions!r}")
     tr = SimTrace(np.asarray(arrival, np.float64), pool.prompt_len[idx].copy(), L.copy(),
                   np.full(n, pool.max_new_tokens, np.int64), np.asarray(prompt_pred, np.float64), cu, pred,
                   predictions)
