@@ -18,8 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import select
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -83,22 +81,14 @@ def in_process(args, reqs) -> dict:
 
 def over_http(args, reqs) -> dict:
     from trail.bench_serve import request_body, run
+    from trail.server.process import ServeProcess
 
-    proc = subprocess.Popen([sys.executable, "-m", "trail.cli", "serve", args.model, "--port", "0",
-                             *_engine_options(args)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    server = ServeProcess(args.model, *_engine_options(args), timeout=600)
     try:
-        line, end = "", time.monotonic() + 600
-        while "listening on" not in line:
-            ready, _, _ = select.select([proc.stdout], [], [], max(0.0, end - time.monotonic()))
-            if not ready or proc.poll() is not None:
-                raise RuntimeError(f"trail serve did not start: {line!r}")
-            line = proc.stdout.readline()
-        url = line.split("listening on ")[1].split()[0]
         bodies = [request_body(r, model=args.model, force=True, max_tokens=args.max_tokens) for r in reqs]
-        records, _ = asyncio.run(run(url, bodies, np.zeros(len(bodies))))
+        records, _ = asyncio.run(run(server.url, bodies, np.zeros(len(bodies))))
     finally:
-        proc.terminate()
-        proc.wait(timeout=120)
+        server.stop(timeout=120)
     bad = [r for r in records if r.get("error")]
     if bad:
         raise RuntimeError(f"{len(bad)} HTTP requests failed: {bad[0]}")

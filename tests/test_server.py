@@ -7,12 +7,9 @@ import asyncio
 import json
 import os
 import random
-import select
 import signal
 import subprocess
 import sys
-import tempfile
-import time
 
 import aiohttp
 import pytest
@@ -20,6 +17,7 @@ import torch
 
 from trail import EngineConfig, LLMEngine, SamplingParams
 from trail.server.bench_report import parse_prometheus
+from trail.server.process import ServeProcess
 from trail.server.random_parts import engine_parts
 
 KEY = "test-key"
@@ -28,37 +26,11 @@ SERVER_ARGS = ["--dtype", "float64", "--threads", "1", "--max-batch", "16", "--m
                "--max-model-len", "512", "--kv-cache-gib", "0.02", "--num-host-blocks", "0"]
 
 
-class ServerProcess:
-    """`python -m trail.cli serve ...` on port 0; `url` once it printed where it listens."""
+class ServerProcess(ServeProcess):
+    """`trail serve random:tiny --port 0 ...` with one torch thread."""
 
-    def __init__(self, *args: str, timeout: float = 120.0, new_session: bool = False):
-        self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([sys.executable, "-m", "trail.cli", "serve", MODEL, "--port", "0", *args],
-                                     stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                     env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=new_session)
-        end = time.monotonic() + timeout
-        line = ""
-        while "listening on" not in line:
-            ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, end - time.monotonic()))
-            if not ready or self.proc.poll() is not None:
-                self.stop()
-                raise RuntimeError(f"trail serve did not start: {line!r} {self.stderr()[-3000:]}")
-            line = self.proc.stdout.readline()
-        self.url = line.split("listening on ")[1].split()[0]
-
-    def stderr(self) -> str:
-        self.log.seek(0)
-        return self.log.read().decode(errors="replace")
-
-    def stop(self, sig=signal.SIGTERM, timeout: float = 60.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+    def __init__(self, *args: str, **kwargs):
+        super().__init__(MODEL, *args, env=dict(os.environ, OMP_NUM_THREADS="1"), **kwargs)
 
 
 @pytest.fixture(scope="module")

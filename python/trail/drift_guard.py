@@ -25,10 +25,8 @@ def request_errors(metrics, final_length: int) -> tuple[float, float] | None:
     if not metrics.predictions or metrics.prompt_prediction is None:
         return None
     prompt = float(metrics.prompt_prediction)
-    n = len(metrics.predictions)
-    probe = sum(abs(p - (final_length - g)) for g, p in metrics.predictions) / n
-    prior = sum(abs(max(prompt - g, 0.0) - (final_length - g)) for g, _ in metrics.predictions) / n
-    return probe, prior
+    prior = sum(abs(max(prompt - g, 0.0) - (final_length - g)) for g, _ in metrics.predictions)
+    return metrics.prediction_mae(final_length), prior / len(metrics.predictions)
 
 
 class DriftGuard:

@@ -54,7 +54,8 @@ class ProbePredictions:
     def refresh(self, readout: np.ndarray | None) -> None:
         sched = self.values.numpy()
         if self.fallback:
-            np.maximum(self._prompt - self._fed, 0.0, out=sched)
+            np.subtract(self._prompt, self._fed, out=sched)
+            np.maximum(sched, 0.0, out=sched)
             return
         if readout is not None:
             np.copyto(sched, readout)

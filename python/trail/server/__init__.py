@@ -10,6 +10,7 @@ Data flow (docs/SERVER.md):
 Modules: `app` (routes, streaming, auth, shutdown), `protocol` (request validation, response
 bodies), `core` (the engine core process), `metrics` (Prometheus text, windowed telemetry),
 `random_parts` (the byte tokenizer and random probe a `random:*` model is served with), `cli`
-(the `trail serve` subcommand). Importing this package imports nothing heavy (no torch, no
+(the `trail serve` subcommand), `process` (`trail serve` as a child process, for benchmarks and
+tests). Importing this package imports nothing heavy (no torch, no
 aiohttp): the CLI's parser is built from it.
 """
