@@ -176,12 +176,14 @@ class SimInput:
 
 def simulate(trace: SimTrace, engine: EngineConfig, spec: KVCacheSpec, step_model: StepTimeModel,
              noise_sd: float = 0.0, seed: int = 0, max_steps: int | None = None,
-             record_steps: bool = False) -> SimResult:
+             record_steps: bool = False, admission=None) -> SimResult:
     """Runs `trace` to completion under `engine.policy`. Each step: arrivals up to now are added,
     the policy step plans, preempted rows are applied (swap out / free), scheduled rows swap in and
     allocate, the clock advances by the step-time model, sampled rows gain a token, requests that
     reached their true length finish. `record_steps`: keep one row per step in
-    `SimResult.step_log` (STEP_LOG_FIELDS)."""
+    `SimResult.step_log` (STEP_LOG_FIELDS). `admission`: a hook that changes when a waiting
+    request's key leaves the prompt prediction and charges the work that takes
+    (`trail.sim_admission.ProbeAdmission`: bind / added / after_plan)."""
     step_log: list | None = [] if record_steps else None
     trace.validate()
     n = len(trace)
@@ -189,6 +191,8 @@ def simulate(trace: SimTrace, engine: EngineConfig, spec: KVCacheSpec, step_mode
     sc = engine.scheduler_config(spec, layout, recompute_s_per_token=step_model.per_prefill_token_s)
     core = ServingCore(sc, HostBlockLedger(layout.num_gpu_blocks, layout.num_host_blocks, sc.max_slots))
     sched = core.scheduler
+    if admission is not None:
+        admission.bind(core, trace, sc)
     bpb = spec.bytes_per_block
     rng = np.random.default_rng(seed + 1)
     ms = sc.max_slots
@@ -218,6 +222,8 @@ def simulate(trace: SimTrace, engine: EngineConfig, spec: KVCacheSpec, step_mode
                 slots = core.add(ids, trace.arrival[ids], trace.prompt_len[ids], trace.max_new[ids],
                                  trace.prompt_pred[ids], None if true_len is None else true_len[ids])
                 gen_np[slots] = 0
+                if admission is not None:
+                    admission.added(ids, slots)
                 pred_np[slots] = 0.0
                 nxt = j
         if sched.num_active == 0:
@@ -241,15 +247,19 @@ def simulate(trace: SimTrace, engine: EngineConfig, spec: KVCacheSpec, step_mode
         rids = S[:, SCHED.ID]
         tokens, flags = S[:, SCHED.TOKENS], S[:, SCHED.FLAGS]
         prefill = (flags & row_flags.PREFILL) != 0
-        pf_tokens = int(tokens[prefill].sum())
         recomputed += int(tokens[(flags & row_flags.RECOMPUTE) != 0].sum())
+        extra_tokens, extra_rows = 0.0, 0      # the admission hook's own prefill work in this step
+        if admission is not None:
+            prefill, extra_tokens, extra_rows = admission.after_plan(S, prefill)
+        pf_tokens = int(tokens[prefill].sum())
         n_pf = int(prefill.sum())
-        dt = step_model.step_time(int(len(S) - n_pf), pf_tokens,
-                                  int((S[:, SCHED.CTX_START] + tokens).sum()), swap_bytes, prefill_rows=n_pf)
+        dt = step_model.step_time(int(len(S) - n_pf), pf_tokens + extra_tokens,
+                                  int((S[:, SCHED.CTX_START] + tokens).sum()), swap_bytes,
+                                  prefill_rows=n_pf + extra_rows)
         if noise_sd > 0:
             dt *= math.exp(rng.normal(0.0, noise_sd))
         if step_log is not None:
-            step_log.append((now, len(S), n_pf, pf_tokens, len(P), dt))
+            step_log.append((now, len(S), n_pf + extra_rows, pf_tokens + extra_tokens, len(P), dt))
         now += dt
         in_batch[rids] += dt
         swapped += swap_bytes
@@ -268,8 +278,11 @@ def simulate(trace: SimTrace, engine: EngineConfig, spec: KVCacheSpec, step_mode
                 core.release(fin, S[samp, SCHED.SLOT][g >= L[sr]])
                 finish[fin] = now
                 done_n += len(fin)
+    cfg = {k: v for k, v in asdict(sc).items()}
+    if admission is not None:
+        cfg["admission"] = admission.summary()
     return SimResult(sc.policy, trace.arrival.copy(), first, finish, L.copy(), counts, swapped, recomputed, steps,
-                     int(npre.max()) if n else 0, {k: v for k, v in asdict(sc).items()},
+                     int(npre.max()) if n else 0, cfg,
                      None if step_log is None else np.asarray(step_log, np.float64).reshape(-1, len(STEP_LOG_FIELDS)),
                      in_batch)
 
