@@ -54,7 +54,20 @@ VARIANTS.update({
     "sjf_prompt_memrules": ("sjf_prompt", {k: POLICY_DEFAULTS["trail"][k] for k in MEMORY_RULES}),
     "oracle_srpt": ("oracle", {"c": 1e9, "margin": 0.0, "max_preemptions": 2**31 - 1, "aging_rate": 0.0,
                                "aging_per_step": 0.0, "admit_reserve": 0.0}),
+    # trail ranked by the probe's first prediction only (right after prefill), counted down: the
+    # per-step filter's contribution is trail's gain over it (PREDICTION_CONTROLS says how it is fed)
+    "trail_prefill": ("trail", {}),
 })
+# variants that differ from their policy in what the scheduler is fed, not in its options: the
+# simulator's `predictions` mode (trail.sim_workload.make_trace) and the engine's source
+PREDICTION_CONTROLS = {"trail_prefill": "prefill"}
+
+
+def prefill_only(values) -> np.ndarray:
+    """Per-step predictions reduced to the first one counted down, max(first - g, 0) at step g:
+    the recorded form of trail.predictions.PrefillOnlyPredictions (and make_trace's `prefill`)."""
+    values = np.asarray(values, np.float32)
+    return np.maximum(values[0] - np.arange(len(values), dtype=np.float32), 0.0)
 
 
 def sim_policies(names: Sequence[str], table: Mapping[str, tuple[str, dict]] = VARIANTS) -> dict[str, dict]:

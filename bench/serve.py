@@ -57,6 +57,7 @@ import logging
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -66,8 +67,8 @@ import torch
 if not __package__:      # run as `python bench/serve.py`: import bench.* from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (RECORDED, TRACE, VARIANTS, engine_config, held_out_requests,  # noqa: E402
-                          load_recorded, queue_growth, workload)
+from bench.common import (PREDICTION_CONTROLS, RECORDED, TRACE, VARIANTS, engine_config,  # noqa: E402
+                          held_out_requests, load_recorded, prefill_only, queue_growth, workload)
 from trail.compare import compare, run_policy  # noqa: E402
 from trail.request import SamplingParams  # noqa: E402
 from trail.telemetry import STEP_FIELDS, Telemetry  # noqa: E402
@@ -161,7 +162,7 @@ class Engines:
 
     def get(self, regime: str, name: str):
         from trail.engine import LLMEngine
-        from trail.predictions import RecordedPredictions
+        from trail.predictions import PrefillOnlyPredictions, RecordedPredictions
 
         key = (regime, name)
         engine = self.cache.get(key) if self.reuse else None
@@ -172,11 +173,15 @@ class Engines:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
             policy, options = VARIANTS[name]
+            # --recorded-predictions: the requests' recorded values replace the probe's (a prediction
+            # control gets them reduced, see serve()); the live probe's prefill-only control
+            if self.args.recorded_predictions:
+                source = RecordedPredictions()
+            else:
+                source = PrefillOnlyPredictions() if PREDICTION_CONTROLS.get(name) == "prefill" else None
             engine = LLMEngine(self.model, None, self.config(regime, policy, dict(options)), probe=self.probe,
                                probe_layer=self.layer, probe_max_new=512, prompt_predictor=self.predictor,
-                               eos_token_ids=[2],
-                               # --recorded-predictions: the requests' recorded values replace the probe's
-                               predictions=RecordedPredictions() if self.args.recorded_predictions else None)
+                               eos_token_ids=[2], predictions=source)
             self.prefill_rate = engine.prefill_tokens_per_s
             self.cache[key] = engine
         else:
@@ -194,6 +199,8 @@ def grid(regimes: Sequence[str], loads: Sequence[str], seeds: Sequence[int]) -> 
 
 
 def select_cells(cells: list, section: str | None, explicit: str | None) -> list:
+    if explicit == "none":        # no cells: only the solo runs, the saturation search or the capacity search
+        return []
     if explicit:
         want = []
         for item in explicit.split(","):
@@ -213,9 +220,78 @@ def load_order(load: str) -> tuple:
     return (1, 0.0) if load == "burst" else (0, float(load))
 
 
-def _rotated(policies: list, seed: int) -> list:
-    k = seed % len(policies)
-    return policies[k:] + policies[:k]
+def run_order(policies: list, seed: int, order: str) -> list:
+    """The order a cell's policies run in. `rotate`: shifted by the seed. `abba`: fcfs first, the
+    others, fcfs_repeat last (so the noise floor spans the whole cell's drift), reversed on odd
+    seeds (pairs of seeds cancel a linear drift)."""
+    if order == "rotate":
+        k = seed % len(policies)
+        return policies[k:] + policies[:k]
+    ends = [p for p in ("fcfs", "fcfs_repeat") if p in policies]
+    forward = ends[:1] + [p for p in policies if p not in ends] + ends[1:]
+    return forward[::-1] if seed % 2 else forward
+
+
+def solo_picks(output_len: np.ndarray, prompt_len: np.ndarray, n: int) -> list[int]:
+    """n pool indices spread over output length (evenly spaced quantiles) and, within that,
+    alternating short and long prompts: the requests whose solo latencies fit the solo model."""
+    by_out = np.argsort(output_len * 4096 + prompt_len, kind="stable")
+    picks = by_out[np.linspace(0, len(by_out) - 1, n).round().astype(int)]
+    return sorted(set(int(i) for i in picks))
+
+
+def measure_solo(pool: list, n: int, recorded: dict | None, serve_one: Callable[[list], dict]) -> dict:
+    """Latency of n pool requests served alone (one request on an idle fcfs engine, each its own
+    run): the data of the SLO's 'latency served alone' (bench/capacity.py fits it)."""
+    from trail.compare import ReplayRequest
+
+    out_len = np.array([p[2] for p in pool])
+    prompt_len = np.array([len(p[1]) for p in pool])
+    rows = {"request_ids": [], "prompt_len": [], "output_len": [], "latency_s": [], "ttft_s": []}
+    for i in solo_picks(out_len, prompt_len, n):
+        rid, prompt, length = pool[i]
+        run = serve_one([ReplayRequest(prompt, length, 0.0, None if recorded is None else recorded[rid])])
+        for k, v in (("request_ids", rid), ("prompt_len", len(prompt)), ("output_len", length),
+                     ("latency_s", float(run["latency"][0])), ("ttft_s", float(run["ttft"][0]))):
+            rows[k].append(v)
+    logger.info("solo latencies of %d requests: %s", len(rows["latency_s"]),
+                " ".join(f"{l:.3f}" for l in rows["latency_s"]))
+    return rows
+
+
+def measure_capacity(args, pool: list, recorded: dict | None, sat: dict, solo: dict | None,
+                     serve_policy: Callable[[str, list], dict], save: Callable[[], None]) -> dict:
+    """Capacity at the SLO per policy on the engine (bench/capacity.py's definition and search):
+    the highest Poisson rate at which >= 90% of --capacity-requests requests (seed
+    --capacity-seed; every rate scales the same exponential draw) finish within 2x their solo
+    latency (the fit of the --solo runs), bisected to +-2%, starting from --capacity-bracket x
+    the regime's saturation rate."""
+    from bench.capacity import capacity_search, engine_solo_model, solo_latency_from_fit, slo_attainment
+
+    if not solo:
+        raise SystemExit("--capacity needs --solo N (the solo latencies the SLO is defined by)")
+    fit = engine_solo_model(solo["prompt_len"], solo["output_len"], solo["latency_s"])
+    regime = args.capacity_regime
+    lo, hi = (float(x) * sat[regime] for x in args.capacity_bracket.split(","))
+    out = {"regime": regime, "solo_fit": fit, "requests": args.capacity_requests, "seed": args.capacity_seed,
+           "slo": "latency <= 2x solo latency (solo_fit), for >= 90% of requests", "policies": {}}
+    for name in args.capacity.split(","):
+        def attainment(rate, name=name):
+            reqs, _ = workload(pool, args.capacity_requests, rate, args.capacity_seed, recorded)
+            run = serve_policy(name, reqs)
+            solo_s = solo_latency_from_fit(fit, [len(r.prompt_ids) for r in reqs], [r.output_len for r in reqs])
+            return slo_attainment(run["latency"], solo_s)
+
+        found = capacity_search(attainment, lo, hi, max_evals=args.capacity_max_evals)
+        found["capacity_x_saturation"] = None if found["capacity"] is None else found["capacity"] / sat[regime]
+        out["policies"][name] = found
+        logger.info("capacity at the SLO, %s %s: %s req/s (%d evaluations)", regime, name, found["capacity"],
+                    len(found["evaluations"]))
+        save()
+    base = out["policies"].get("fcfs", {}).get("capacity")
+    for found in out["policies"].values():
+        found["x_fcfs"] = None if not base or found["capacity"] is None else found["capacity"] / base
+    return out
 
 
 def parse_saturation(value: str) -> dict | None:
@@ -241,7 +317,7 @@ def main(argv=None) -> int:
     ap.add_argument("--section", default=None, help="I/N: the I-th of N slices of the grid (1-based)")
     ap.add_argument("--cells", default=None, help="explicit cells regime:load:seed,... (overrides --section)")
     ap.add_argument("--num-requests", type=int, default=500)
-    ap.add_argument("--policies", default="fcfs,sjf_prompt,trail,trail_paper,oracle")
+    ap.add_argument("--policies", default="fcfs,sjf_prompt,sjf_prompt_memrules,trail_prefill,trail,oracle,fcfs_repeat")
     ap.add_argument("--max-batch", type=int, default=48)
     ap.add_argument("--kv-requests", type=float, default=24, help="kv regime: GPU pool for this many average requests")
     ap.add_argument("--host-blocks", type=int, default=128)
@@ -258,6 +334,16 @@ def main(argv=None) -> int:
     ap.add_argument("--recorded-predictions", action="store_true",
                     help="feed the scheduler SmolLM2's recorded predictions (probe still runs for its cost)")
     ap.add_argument("--recorded", default=str(RECORDED), help="the recorded predictions (.npz, by trace id)")
+    ap.add_argument("--order", choices=("rotate", "abba"), default="abba",
+                    help="run order of a cell's policies (see run_order)")
+    ap.add_argument("--solo", type=int, default=0,
+                    help="first serve this many pool requests alone (fcfs, ample): the SLO's solo latencies")
+    ap.add_argument("--capacity", default="", help="policies whose capacity at the SLO to search (needs --solo)")
+    ap.add_argument("--capacity-regime", default="ample")
+    ap.add_argument("--capacity-requests", type=int, default=300)
+    ap.add_argument("--capacity-seed", type=int, default=0)
+    ap.add_argument("--capacity-bracket", default="0.6,0.9", help="first two rates, x the regime's saturation")
+    ap.add_argument("--capacity-max-evals", type=int, default=8)
     ap.add_argument("--no-reuse-engines", action="store_true", help="a fresh engine for every run")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up requests, all at once (default 2 x max batch)")
     ap.add_argument("--budget-s", type=float, default=420)
@@ -291,7 +377,7 @@ def main(argv=None) -> int:
             return np.array([by_prompt[tuple(int(t) for t in p)] for p in prompts])
     policies = args.policies.split(",")
     if predictor is None:
-        policies = [p for p in policies if p != "sjf_prompt"]
+        policies = [p for p in policies if VARIANTS[p][0] != "sjf_prompt"]
     mean_total = float(np.mean([len(p) + n for _, p, n in pool]))
     params = SamplingParams(max_new_tokens=512, repetition_penalty=1.1)
     engines = Engines(model, probe, layer, predictor, args, mean_total, reuse=not args.no_reuse_engines)
@@ -329,10 +415,13 @@ def main(argv=None) -> int:
 
     # warm-up workload (Triton compiles, caches, allocator), served unmeasured by every engine first
     warm, _ = workload(pool, 2 * args.max_batch if args.warmup is None else args.warmup, None, 999, recorded)
+    if args.solo:
+        result["solo"] = measure_solo(pool, args.solo, recorded, lambda reqs: serve("ample", "fcfs", reqs)[0])
+        save()
     # saturation per regime in use
     given = parse_saturation(args.saturation)
     sat = {}
-    for regime in sorted({c[0] for c in cells}):
+    for regime in sorted({c[0] for c in cells} | ({args.capacity_regime} if args.capacity else set())):
         if given is not None:
             if regime not in given:
                 raise ValueError(f"--saturation gives no rate for regime {regime!r}")
@@ -362,6 +451,10 @@ def main(argv=None) -> int:
         result[f"saturation_req_s_{regime}"] = sat[regime]
         logger.info("%s: saturation %.2f req/s", regime, sat[regime])
         save()
+    if args.capacity:
+        result["capacity"] = measure_capacity(args, pool, recorded, sat, result.get("solo"),
+                                              lambda name, reqs: serve(args.capacity_regime, name, reqs)[0], save)
+        save()
     from tqdm.auto import tqdm
 
     for regime, load, seed in tqdm(cells, desc="cells", unit="cell"):
@@ -371,8 +464,11 @@ def main(argv=None) -> int:
         rate = None if load == "burst" else float(load) * sat[regime]
         reqs, info = workload(pool, args.num_requests, rate, seed, recorded)
         runs = {}
-        for name in _rotated(policies, seed):
-            runs[name], steps[f"steps/{regime}/{load}/{seed}/{name}"] = serve(regime, name, reqs)
+        for name in run_order(policies, seed, args.order):
+            fed = reqs
+            if recorded is not None and PREDICTION_CONTROLS.get(name) == "prefill":
+                fed = [replace(r, recorded_predictions=prefill_only(r.recorded_predictions)) for r in reqs]
+            runs[name], steps[f"steps/{regime}/{load}/{seed}/{name}"] = serve(regime, name, fed)
         runs = {name: runs[name] for name in policies}
         cmp = compare(runs)
         for name, s in cmp["policies"].items():
@@ -383,7 +479,7 @@ def main(argv=None) -> int:
                      telemetry={k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) else v)
                                 for k, v in r["telemetry"].items()})
         result["cells"].append({"regime": regime, "load": load, "seed": seed, "rate_req_s": rate,
-                                "policy_order": _rotated(policies, seed), **info, **cmp})
+                                "policy_order": run_order(policies, seed, args.order), **info, **cmp})
         logger.info("%s %s seed %d: %s", regime, load, seed,
                     {n: round(s.get("latency_ratio_to_fcfs", 1.0), 3) for n, s in cmp["policies"].items()})
         save()

@@ -15,10 +15,15 @@ def gpu_lm(smollm2_dir):
 
 @pytest.fixture(scope="module")
 def prompts_ids(gpu_lm):
+    from pathlib import Path
+
     from trail.predictor import prompts as P
     from trail.predictor.hf_backend import chat_ids
 
-    ps = [p for p in P.sharegpt_prompts(limit=64) if len(p.text) < 400][:12]
+    # the committed ShareGPT / Alpaca prompts (tests/data/README.md): no dataset package needed
+    committed = P.read_prompt_file(Path(__file__).resolve().parent / "data" / "prompts_sharegpt_alpaca.jsonl.gz")
+    ps = [p for p in committed if p.source == "sharegpt" and len(p.text) < 400][:12]
+    assert len(ps) == 12
     return [chat_ids(gpu_lm.tokenizer, p.text) for p in ps]
 
 
@@ -100,9 +105,9 @@ def test_gpu_run_script_tiny_on_cuda(smollm2_dir, tmp_path):
     engine collects in bf16 (CUDA graphs), features and training stay on the device."""
     import json
 
-    from test_predictor_gpu_run import _script, _tiny_prompts
+    import bench.predictor_gpu_run as mod
+    from test_predictor_gpu_run import _tiny_prompts
 
-    mod = _script()
     _tiny_prompts(tmp_path / "p.jsonl.gz")
     rc = mod.main(["--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--prompts",
                    str(tmp_path / "p.jsonl.gz"), "--num", "4", "--num-alpaca", "4", "--max-new-tokens", "32",

@@ -162,3 +162,38 @@ def test_serving_pools_are_held_out_from_the_shipped_probe():
     assert len(default) == 367 and {B.split_of(rid) for rid, _, _ in default} == {"val", "test"}
     with pytest.raises(SystemExit, match="choose among train, val, test"):
         serve.main(["--out", "/tmp/unused", "--splits", "test,holdout", *TINY])
+
+
+def test_abba_order_brackets_the_cell_with_fcfs_and_its_repeat():
+    pols = ["fcfs", "sjf_prompt", "trail", "oracle", "fcfs_repeat"]
+    assert serve.run_order(pols, 0, "abba") == pols
+    assert serve.run_order(pols, 1, "abba") == pols[::-1]
+    assert serve.run_order(["trail", "fcfs_repeat", "fcfs"], 2, "abba") == ["fcfs", "trail", "fcfs_repeat"]
+    assert serve.run_order(pols, 1, "rotate") == pols[1:] + pols[:1]
+
+
+def test_prefill_only_control_counts_the_first_prediction_down():
+    assert common.prefill_only([5.0, 9.0, 1.0, 7.0, 7.0, 7.0, 7.0]).tolist() == [5, 4, 3, 2, 1, 0, 0]
+    assert common.VARIANTS["trail_prefill"][0] == "trail" and common.PREDICTION_CONTROLS["trail_prefill"] == "prefill"
+
+
+def test_solo_runs_and_capacity_search_on_the_engine(tmp_path):
+    """--solo measures requests alone and --capacity bisects each policy's rate at the SLO on the
+    same requests; the prefill-only control runs fed its reduced predictions (recorded mode)."""
+    rc = serve.main(["--out", str(tmp_path), "--num-requests", "6", "--loads", "burst", "--regimes", "ample",
+                     "--seeds", "0", "--saturation", "ample=5", "--recorded-predictions", "--solo", "4",
+                     "--capacity", "fcfs,trail", "--capacity-requests", "8", "--capacity-max-evals", "3",
+                     *TINY[:-1], "fcfs,trail_prefill,trail,fcfs_repeat"])
+    assert rc == 0
+    result = json.loads((tmp_path / "serve.json").read_text())
+    solo = result["solo"]
+    assert len(solo["latency_s"]) == 4 and all(l > 0 for l in solo["latency_s"])
+    assert len(set(solo["output_len"])) > 1            # spread over output lengths
+    cap = result["capacity"]
+    assert set(cap["policies"]) == {"fcfs", "trail"} and cap["solo_fit"]["n"] == 4
+    for found in cap["policies"].values():
+        assert 1 <= len(found["evaluations"]) <= 3
+        assert all(0.0 <= e["attainment"] <= 1.0 for e in found["evaluations"])
+    (cell,) = result["cells"]
+    assert cell["policy_order"] == ["fcfs", "trail_prefill", "trail", "fcfs_repeat"]
+    assert cell["noise_floor_log_ratio"] is not None

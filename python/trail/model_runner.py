@@ -36,6 +36,8 @@ prompt + generated tokens). Requests never move between slots.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import time
 from collections.abc import Sequence
@@ -55,6 +57,22 @@ from trail_kernels import row_flags
 from trail_kernels.probe import probe_step
 
 logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """No garbage-collection pass while CUDA graphs are captured: a pass can free the CUDA objects
+    of unreachable engines (their graphs, events, pinned buffers), which is illegal while a stream
+    captures and invalidates the capture (seen on the H100 when a process builds engines one after
+    another, as the GPU test suite does). One collection first, then none until the end."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _no_mark(phase: str, device: bool = False) -> None:
@@ -230,25 +248,26 @@ class ModelRunner:
         graphs, batches = {}, {}
         # largest first: the pool's blocks get reused by the smaller ones
         todo = [("mixed", t) for t in reversed(tsizes)] + [("decode", b) for b in reversed(sizes)]
-        for i, (kind, size) in enumerate(todo):
-            if kind == "decode":
-                self.staging.stage(empty, size)
-                batch = self.staging.views(size, size, size, 0, 1, self.max_context, True, slot_mapping=False)
-            else:
-                self.staging.stage(empty, mrows, size)
-                batch = self.staging.views(size, mrows, mrows, mrows, size, self.max_context, False, slot_mapping=False)
-            batches[kind, size] = batch
-            for greedy in (True, False):
-                side.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(side):            # warm-up: Triton compiles, workspaces settle
-                    self._graph_body(batch, greedy, kind == "mixed")
-                torch.cuda.current_stream(self.device).wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    out = self._graph_body(batch, greedy, kind == "mixed")
-                graphs[kind, size, greedy] = (graph, out)
-            logger.info("CUDA graphs: captured %s %s %d (%d/%d, %.1f s)", kind, "tokens" if kind == "mixed" else "batch",
-                        size, i + 1, len(todo), time.perf_counter() - t0)
+        with gc_paused():
+            for i, (kind, size) in enumerate(todo):
+                if kind == "decode":
+                    self.staging.stage(empty, size)
+                    batch = self.staging.views(size, size, size, 0, 1, self.max_context, True, slot_mapping=False)
+                else:
+                    self.staging.stage(empty, mrows, size)
+                    batch = self.staging.views(size, mrows, mrows, mrows, size, self.max_context, False, slot_mapping=False)
+                batches[kind, size] = batch
+                for greedy in (True, False):
+                    side.wait_stream(torch.cuda.current_stream(self.device))
+                    with torch.cuda.stream(side):            # warm-up: Triton compiles, workspaces settle
+                        self._graph_body(batch, greedy, kind == "mixed")
+                    torch.cuda.current_stream(self.device).wait_stream(side)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        out = self._graph_body(batch, greedy, kind == "mixed")
+                    graphs[kind, size, greedy] = (graph, out)
+                logger.info("CUDA graphs: captured %s %s %d (%d/%d, %.1f s)", kind, "tokens" if kind == "mixed" else "batch",
+                            size, i + 1, len(todo), time.perf_counter() - t0)
         torch.cuda.synchronize(self.device)
         self._graphs, self._graph_batches = graphs, batches
         self.graph_sizes, self.mixed_token_sizes, self.mixed_rows = sizes, tsizes, mrows
