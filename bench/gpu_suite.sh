@@ -4,7 +4,8 @@
 #   test     pytest -m gpu (GPU tests; CPU tests too when TRAIL_ALL_TESTS=1)
 #   kernels  kernel and swap microbenchmarks        (bench/suite/kernels_*.py)
 #   model    model forward / decode step benchmarks (bench/suite/model_*.py)
-#   serve    end-to-end serving benchmark            (bench/suite/serve_*.py)
+#   serve    the serving verdict's grid, one section per call (bench/suite/serve_grid.py;
+#            TRAIL_SERVE_SECTION=NAME, --list for the sections) + its summary in $DEST/serve/
 # Each section should finish within 8 minutes on one H100. A section script writes its JSON,
 # logs and plots under $TRAIL_RESULTS/<section>/ and a short table to
 # $TRAIL_RESULTS/<section>/*.summary.txt; the summaries are printed last and everything is packed
@@ -48,6 +49,11 @@ run_section() {
         local name; name=$(basename "$s" .py)
         timeout 480 $PY "$s" --out "$dir" >"$dir/$name.log" 2>&1 || { echo "$name: FAILED (rc=$?)" >>"$dir/$name.summary.txt"; rc=1; }
       done
+      if [ "$section" = serve ]; then
+        # the verdict's summary over this call's section and any earlier ones ($TRAIL_SERVE_MERGE: folders)
+        $PY bench/serve_summary.py "$dir"/*/ ${TRAIL_SERVE_MERGE:-} --out "$DEST/serve" >"$dir/summary.log" 2>&1 || rc=1
+        cp "$DEST/serve/summary.md" "$dir/summary.summary.txt" 2>/dev/null
+      fi
       if [ "$section" = kernels ] && [ -d bench/micro ]; then
         $PY -m pytest bench/micro -q -p no:cacheprovider --benchmark-enable \
           --benchmark-json="$dir/micro.json" >"$dir/micro.log" 2>&1 || rc=1

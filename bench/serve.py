@@ -1,6 +1,6 @@
 """End-to-end serving benchmark: fcfs vs sjf_prompt vs trail (variants) vs oracle on one engine
 per policy, the same requests, open-loop arrivals in real time (issue 16; run by
-`bench/gpu_suite.sh serve` through bench/suite/serve_smollm2.py).
+`bench/gpu_suite.sh serve` through the named sections of bench/suite/serve_grid.py).
 
 Workload: held-out requests of the recorded trace (tests/data/trace_smollm2_val_test.jsonl.gz, its
 val + test requests: prompts of ShareGPT / Alpaca and SmolLM2-135M-Instruct's recorded output
@@ -260,12 +260,12 @@ def measure_solo(pool: list, n: int, recorded: dict | None, serve_one: Callable[
 
 
 def measure_capacity(args, pool: list, recorded: dict | None, sat: dict, solo: dict | None,
-                     serve_policy: Callable[[str, list], dict], save: Callable[[], None]) -> dict:
+                     serve_policy: Callable[[str, list], dict], save: Callable[[], None], out: dict) -> dict:
     """Capacity at the SLO per policy on the engine (bench/capacity.py's definition and search):
     the highest Poisson rate at which >= 90% of --capacity-requests requests (seed
     --capacity-seed; every rate scales the same exponential draw) finish within 2x their solo
     latency (the fit of the --solo runs), bisected to +-2%, starting from --capacity-bracket x
-    the regime's saturation rate."""
+    the regime's saturation rate. Fills `out` (saved after each policy) and returns it."""
     from bench.capacity import capacity_search, engine_solo_model, solo_latency_from_fit, slo_attainment
 
     if not solo:
@@ -273,24 +273,26 @@ def measure_capacity(args, pool: list, recorded: dict | None, sat: dict, solo: d
     fit = engine_solo_model(solo["prompt_len"], solo["output_len"], solo["latency_s"])
     regime = args.capacity_regime
     lo, hi = (float(x) * sat[regime] for x in args.capacity_bracket.split(","))
-    out = {"regime": regime, "solo_fit": fit, "requests": args.capacity_requests, "seed": args.capacity_seed,
-           "slo": "latency <= 2x solo latency (solo_fit), for >= 90% of requests", "policies": {}}
+    out.update(regime=regime, solo_fit=fit, requests=args.capacity_requests, seed=args.capacity_seed,
+               slo="latency <= 2x solo latency (solo_fit), for >= 90% of requests", policies={})
     for name in args.capacity.split(","):
         def attainment(rate, name=name):
             reqs, _ = workload(pool, args.capacity_requests, rate, args.capacity_seed, recorded)
             run = serve_policy(name, reqs)
             solo_s = solo_latency_from_fit(fit, [len(r.prompt_ids) for r in reqs], [r.output_len for r in reqs])
-            return slo_attainment(run["latency"], solo_s)
+            got = slo_attainment(run["latency"], solo_s)
+            logger.info("capacity search, %s %s: %.3f req/s -> %.1f%% within the SLO", regime, name, rate, 100 * got)
+            return got
 
         found = capacity_search(attainment, lo, hi, max_evals=args.capacity_max_evals)
         found["capacity_x_saturation"] = None if found["capacity"] is None else found["capacity"] / sat[regime]
         out["policies"][name] = found
         logger.info("capacity at the SLO, %s %s: %s req/s (%d evaluations)", regime, name, found["capacity"],
                     len(found["evaluations"]))
+        base = out["policies"].get("fcfs", {}).get("capacity")
+        for found in out["policies"].values():
+            found["x_fcfs"] = None if not base or found["capacity"] is None else found["capacity"] / base
         save()
-    base = out["policies"].get("fcfs", {}).get("capacity")
-    for found in out["policies"].values():
-        found["x_fcfs"] = None if not base or found["capacity"] is None else found["capacity"] / base
     return out
 
 
@@ -386,6 +388,7 @@ def main(argv=None) -> int:
     cells = select_cells(grid(regimes, args.loads.split(","), [int(s) for s in args.seeds.split(",")]),
                          args.section, args.cells)
     result = {"model": args.model, "predictions": mode, "trace": args.trace, "splits": args.splits,
+              "recorded": args.recorded if args.recorded_predictions else None,
               "max_output": args.max_output, "max_prompt": args.max_prompt,
               "device": device,
               "num_requests": args.num_requests, "pool": len(pool), "max_batch": args.max_batch,
@@ -452,8 +455,9 @@ def main(argv=None) -> int:
         logger.info("%s: saturation %.2f req/s", regime, sat[regime])
         save()
     if args.capacity:
-        result["capacity"] = measure_capacity(args, pool, recorded, sat, result.get("solo"),
-                                              lambda name, reqs: serve(args.capacity_regime, name, reqs)[0], save)
+        result["capacity"] = {}     # filled policy by policy, each saved as it ends (a cut run keeps those)
+        measure_capacity(args, pool, recorded, sat, result.get("solo"),
+                         lambda name, reqs: serve(args.capacity_regime, name, reqs)[0], save, result["capacity"])
         save()
     from tqdm.auto import tqdm
 

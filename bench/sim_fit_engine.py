@@ -15,6 +15,12 @@ Residuals are written beside the constants. This is a fit to a benchmark of stea
 yet validated against serving runs (issue 25 item 4 asks for that, on the device).
 
     python bench/sim_fit_engine.py [--summary bench/results/engine_step/summary.json]
+
+`--serve RUN_DIR ...` fits instead from serving runs' own per-step telemetry (bench/serve.py's
+serve_steps.npz) and writes step_fit_serve_<model>.json: the fit the serving verdict validates the
+simulator with (issue 25 item 4). It differs most from the benchmark fit in steps with a prompt:
+the benchmark timed them eager (mixed_base ~9 ms on the 8B shape) while the engine now replays
+mixed-step CUDA graphs.
 """
 from __future__ import annotations
 
@@ -67,11 +73,59 @@ def fit(rows: list[dict]) -> dict:
                             for b, c, y, p in zip(B, ctx, t, pred)]}
 
 
+def fit_serving(run_dirs: list[Path]) -> tuple[str, dict]:
+    """(model shape, fit) from serving runs' per-step telemetry (bench/serve.py's serve_steps.npz:
+    every step of every run, saturation and capacity probes included), through
+    bench/sim_vs_real.fit_step_model: the steps the simulator replaces, as served."""
+    from bench.sim_vs_real import fit_step_model
+
+    runs = [json.loads((d / "serve.json").read_text()) for d in run_dirs]
+    shapes = {str(r["model"]).removeprefix("random:") for r in runs}
+    if len(shapes) != 1:
+        raise SystemExit(f"--serve: runs of one model shape, got {sorted(shapes)}")
+    steps, fields = [], None
+    for d in run_dirs:
+        z = np.load(d / "serve_steps.npz")
+        fields = [str(x) for x in z["fields"]]
+        steps += [z[k] for k in z.files if k.startswith("steps/")]
+    steps = np.concatenate(steps)
+    devices = sorted({r["device"] for r in runs})
+    source = (f"this engine, {shapes.pop()} shape, per-step telemetry of serving runs on {', '.join(devices)} "
+              f"({len(steps)} steps of {', '.join(d.name for d in run_dirs)}; bench/sim_fit_engine.py --serve)")
+    model = fit_step_model(steps, fields, source=source)
+    shape = str(runs[0]["model"]).removeprefix("random:")
+    floor = prefill_flop_floor_s(shape)
+    return shape, {"model": dict(model.__dict__), "steps": int(len(steps)), "prefill_flop_floor_s_per_token": floor,
+                   "note": "regression constants of served steps, to be read together: where per_prefill_token_s is near or "
+                           "below the FLOP floor (prefill_flop_floor_s_per_token), mixed_per_row_s carries part of a prompt's cost (rows and prompt "
+                           "tokens rise together in served steps), not a prefill faster than the hardware"}
+
+
+def prefill_flop_floor_s(shape: str, peak_flops: float = 989e12) -> float:
+    """Seconds per prompt token at the H100's dense bf16 peak: 2 FLOPs per weight of the layers
+    (attention projections + MLP; the LM head runs for the last token only), attention scores aside."""
+    from trail.models.config import preset
+
+    c = preset(shape)
+    attn = c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+    mlp = 3 * c.hidden_size * c.intermediate_size
+    return 2.0 * c.num_layers * (attn + mlp) / peak_flops
+
+
 def main(argv=None) -> list[Path]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--summary", type=Path, default=SUMMARY)
+    ap.add_argument("--serve", type=Path, nargs="+", default=None,
+                    help="serving run folders (serve.json + serve_steps.npz): fit step_fit_serve_<model>.json instead")
     ap.add_argument("--out-dir", type=Path, default=PACKAGE_SIM_DATA)
     args = ap.parse_args(argv)
+    if args.serve:
+        shape, result = fit_serving(args.serve)
+        path = args.out_dir / f"step_fit_serve_{shape}.json"
+        path.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"{shape}: {path.name}; " + ", ".join(f"{k} {v * 1e6:.2f} us" for k, v in result["model"].items()
+                                                    if k.endswith("_s")))
+        return [path]
     data = json.loads(args.summary.read_text())
     written = []
     for model in sorted({r["model"] for r in data["summary"]}):

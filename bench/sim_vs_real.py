@@ -32,7 +32,8 @@ import torch
 if not __package__:      # run as `python bench/sim_vs_real.py`: import bench.* from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import ROOT, VARIANTS, held_out_pool, run_engine_config, workload_indices  # noqa: E402
+from bench.common import (PREDICTION_CONTROLS, RECORDED, ROOT, SHIPPED_PROBE_RECORDED, VARIANTS,  # noqa: E402
+                          held_out_pool, prefill_only, run_engine_config, workload_indices)
 from trail import sim  # noqa: E402
 from trail.engine_config import EngineConfig  # noqa: E402
 from trail.kv_cache_spec import KVCacheSpec  # noqa: E402
@@ -65,6 +66,22 @@ def sim_trace(pool: Mapping, idx: Sequence[int], arrivals: np.ndarray, max_new: 
                       "recorded" if predictions is None else "recorded_by_engine")
     tr.validate()
     return tr
+
+
+def run_recorded(run: Mapping) -> Path:
+    """The recorded predictions a serving run fed (its `recorded` path; older runs name the file
+    only in their `predictions` label)."""
+    if run.get("recorded"):
+        return Path(run["recorded"]) if Path(run["recorded"]).is_absolute() else ROOT / run["recorded"]
+    for path in (SHIPPED_PROBE_RECORDED, RECORDED):
+        if path.name in str(run.get("predictions", "")):
+            return path
+    return RECORDED
+
+
+def run_kv_spec(run: Mapping) -> KVCacheSpec:
+    """The KV layout of the run's model shape (swap bytes depend on it)."""
+    return sim.llama3_8b_kv_spec() if "llama3-8b" in str(run.get("model", "")) else smollm2_kv_spec()
 
 
 def smollm2_kv_spec(block_size: int = 16) -> KVCacheSpec:
@@ -197,11 +214,13 @@ def simulate_cell(run: Mapping, cell: Mapping, pool: Mapping, model: sim.StepTim
     out = {}
     for name in policies or list(cell["policies"]):
         policy, opts = table[name]
+        control = PREDICTION_CONTROLS.get(name)
+        trace = tr if control is None else sim_trace(pool, idx, arr, predictions=[prefill_only(pool["pred"][i]) for i in idx])
         opts = dict(opts)
         if overrides and name in overrides:
             opts.update(overrides[name])
         eng = run_engine_config(cell["regime"], pool, run, policy, opts)
-        r = sim.simulate(tr, eng, spec, model, record_steps=True)
+        r = sim.simulate(trace, eng, spec, model, record_steps=True)
         m = r.metrics()
         m.update(r.step_summary())
         out[name] = m
@@ -213,9 +232,11 @@ def simulate_cell(run: Mapping, cell: Mapping, pool: Mapping, model: sim.StepTim
     return out
 
 
-def compare_run(run_dir: Path, model: sim.StepTimeModel | None, spec: KVCacheSpec) -> dict:
+def compare_run(run_dir: Path, model: sim.StepTimeModel | None, spec: KVCacheSpec | None = None) -> dict:
     run = json.loads((run_dir / "serve.json").read_text())
-    pool = held_out_pool(max_prompt=int(run.get("max_prompt", 512)), max_output=int(run.get("max_output", 512)))
+    spec = spec or run_kv_spec(run)
+    pool = held_out_pool(max_prompt=int(run.get("max_prompt", 512)), max_output=int(run.get("max_output", 512)),
+                         recorded=run_recorded(run))
     if model is None:
         model = run_step_model(run_dir, run, pool, spec)
     rows = []
@@ -280,9 +301,8 @@ def main(argv=None) -> int:
     ap.add_argument("--step-model", default=None, help="a StepTimeModel JSON instead of fitting / calibrating")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    spec = smollm2_kv_spec()
     model = sim.StepTimeModel.from_json(args.step_model) if args.step_model else None
-    results = [compare_run(Path(r), model, spec) for r in args.runs]
+    results = [compare_run(Path(r), model) for r in args.runs]
     out = Path(args.out or args.runs[0])
     out.mkdir(parents=True, exist_ok=True)
     (out / "sim_vs_real.json").write_text(json.dumps(results, indent=1))
