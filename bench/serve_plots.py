@@ -18,6 +18,16 @@ def _plt():
     return plt
 
 
+def _save(fig, axes_with_legend, path: Path) -> Path:
+    """Legend on the first panel, tight layout, written at 110 dpi, closed."""
+    plt = _plt()
+    axes_with_legend.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _panels(rows: Sequence[Mapping]) -> list[tuple[str, str]]:
     return sorted({(r["model"], r["regime"]) for r in rows})
 
@@ -42,12 +52,7 @@ def latency_vs_load(rows: Sequence[Mapping], out: Path) -> Path:
         ax.set_xlabel("load (x sustained saturation) or burst")
         ax.set_ylabel("mean latency / fcfs (95% interval)")
         ax.set_title(f"{Path(str(model)).name}, {regime}", fontsize=10)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "latency_vs_load.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, axes[0][0], out / "latency_vs_load.png")
 
 
 def latency_cdf(runs: Sequence[Mapping], out: Path) -> Path:
@@ -70,12 +75,7 @@ def latency_cdf(runs: Sequence[Mapping], out: Path) -> Path:
         ax.set_title(f"{Path(str(key[0])).name}, {key[1]}, {key[2]}", fontsize=10)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "latency_cdf.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, axes[0][0], out / "latency_cdf.png")
 
 
 def time_between_tokens(rows: Sequence[Mapping], out: Path) -> Path:
@@ -93,12 +93,7 @@ def time_between_tokens(rows: Sequence[Mapping], out: Path) -> Path:
     axes[1].set_ylabel("each request's longest stall, p99 (s)")
     for ax in axes:
         ax.set_xticks(np.arange(len(labels)) + 0.4 - width / 2, labels)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "time_between_tokens.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, axes[0], out / "time_between_tokens.png")
 
 
 def plot_all(runs: Sequence[Mapping], rows: Sequence[Mapping], out: Path) -> list[Path]:
