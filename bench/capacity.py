@@ -33,8 +33,8 @@ from trail import sim  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-# the Llama-3-8B fit of this engine's own steps (bench/sim_fit_engine.py), package data
-ENGINE_FIT_8B = sim.DATA_DIR / "step_fit_engine_llama3-8b.json"
+# the Llama-3-8B fit to this engine's serving telemetry (bench/sim_fit_engine.py --serve), package data
+ENGINE_FIT_8B = sim.DATA_DIR / "step_fit_serve_llama3-8b.json"   # validated against serving runs
 DEFAULT_OUT = ROOT / "bench" / "results" / "capacity"
 
 

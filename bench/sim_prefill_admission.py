@@ -39,7 +39,7 @@ from trail.sim_admission import ProbeAdmission  # noqa: E402
 
 logger = logging.getLogger("sim_prefill_admission")
 OUT = ROOT / "bench" / "results" / "sim"
-FIT = sim.DATA_DIR / "step_fit_engine_llama3-8b.json"
+FIT = sim.DATA_DIR / "step_fit_serve_llama3-8b.json"      # validated against serving runs
 LOADS = [0.9, 1.0, 1.1, 1.2]
 BURST_LOAD = 1.0
 PROBE_FRAC = 19 / 30        # SmolLM2-135M: probe at layer 19 of 30; assumed the same for the 8B shape
@@ -137,7 +137,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--probe-frac", type=float, default=PROBE_FRAC)
-    ap.add_argument("--fit", default=str(FIT), help="step-time model JSON (default: the engine-calibrated 8B fit)")
+    ap.add_argument("--fit", default=str(FIT), help="step-time model JSON (default: the 8B fit to serving telemetry)")
     ap.add_argument("--recorded", default=str(SHIPPED_PROBE_RECORDED), help="recorded predictions (.npz)")
     ap.add_argument("--out", default=str(OUT / "prefill_admission.md"))
     ap.add_argument("--json", default=None, help="also write the per-seed metrics here")
