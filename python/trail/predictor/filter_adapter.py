@@ -25,15 +25,20 @@ NEVER = 1 << 30
 
 
 def run_filter(params: ProbeParams, dense: DenseFeatures, max_new_tokens: int,
-               init_log_post: torch.Tensor | None = None, record_argmax: bool = False, progress: bool = False):
+               init_log_post: torch.Tensor | None = None, record_argmax: bool = False, progress: bool = False,
+               posterior_out: torch.Tensor | None = None):
     """Expected remaining length at every (request, g): fp32 [sum L] aligned with `dense.feats`
-    (and, with `record_argmax`, the posterior's argmax bin there). `progress`: a bar over g."""
+    (and, with `record_argmax`, the posterior's argmax bin there). `progress`: a bar over g.
+    `posterior_out`: a [sum L, K] tensor filled in place with the posterior over the bins there
+    (probabilities; trail.gittins ranks by it)."""
     dev = params.device
     n = len(dense.ids)
     lens = dense.total_len.to(dev).long()
     cu = dense.cu.to(dev).long()
     out = torch.zeros(int(cu[-1]), dtype=torch.float32, device=dev)
     arg = torch.zeros(int(cu[-1]), dtype=torch.long, device=dev) if record_argmax else None
+    if posterior_out is not None and tuple(posterior_out.shape) != (int(cu[-1]), params.num_bins):
+        raise ValueError(f"posterior_out must be [{int(cu[-1])}, {params.num_bins}], got {tuple(posterior_out.shape)}")
     if n == 0:
         return (out, arg) if record_argmax else out
     state = ProbeState.for_params(params, max_slots=n, max_rows=n, device=dev)
@@ -50,6 +55,8 @@ def run_filter(params: ProbeParams, dense: DenseFeatures, max_new_tokens: int,
         out[rows] = res[slots]
         if arg is not None:
             arg[rows] = state.log_post[slots].argmax(-1)
+        if posterior_out is not None:
+            posterior_out[rows.to(posterior_out.device)] = state.log_post[slots].exp().to(posterior_out)
 
     # a request with no stored position (L = 0) has no row: cu[i] would be the next request's
     started = all_slots[lens > 0]
