@@ -94,16 +94,25 @@ def oat_variants(grid: Mapping[str, Sequence] = OAT) -> dict[str, dict]:
     return out
 
 
+def _boolean(text: str) -> bool:
+    if text.strip().lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"a boolean option takes true or false, got {text!r}")
+    return text.strip().lower() in ("true", "1")
+
+
 def parse_joint(text: str) -> dict[str, list]:
     """'c=0.5,0.8;margin=32,128' -> {'c': [0.5, 0.8], 'margin': [32.0, 128.0]} (max_preemptions
-    and max_forced_evictions as ints, the rest as floats)."""
+    and max_forced_evictions as ints, boolean options from true / false, the rest as floats)."""
     out = {}
     for part in filter(None, (p.strip() for p in text.split(";"))):
         k, vals = part.split("=", 1)
         k = k.strip()
         if k not in POLICY_DEFAULTS["trail"] and k != "max_preemptions":
             raise ValueError(f"unknown trail option {k!r}")
-        conv = int if k in ("max_preemptions", "max_forced_evictions") else float
+        if isinstance(_default(k), bool):
+            conv = _boolean
+        else:
+            conv = int if k in ("max_preemptions", "max_forced_evictions") else float
         out[k] = [conv(v) for v in vals.split(",")]
     return out
 

@@ -59,7 +59,7 @@ class NaiveQueue:
 class _Req:
     __slots__ = ("id", "arrival", "prompt_len", "max_new", "true_total", "prompt_pred", "state", "resume",
                  "started", "init_pending", "touched", "ctx", "target", "gen", "preemptions", "key", "init",
-                 "waited", "t_enq", "kwaited", "k_enq", "s", "plan_tokens", "plan_need", "forced", "forced_wait")
+                 "waited", "t_enq", "kwaited", "k_enq", "s", "plan_tokens", "plan_need", "forced", "forced_wait", "preempted_wait")
 
     def __init__(self):
         self.state = State.FREE
@@ -68,6 +68,7 @@ class _Req:
         self.ctx = self.target = self.gen = self.preemptions = self.forced = 0
         self.kwaited = self.k_enq = 0   # steps waited before the current wait; steps at its start
         self.forced_wait = False
+        self.preempted_wait = False
         self.key = self.init = self.waited = self.t_enq = self.s = 0.0
         self.plan_tokens = self.plan_need = 0
 
@@ -100,8 +101,12 @@ class ReferenceScheduler:
         c = self.config.c
         return c > 0 and float(r.gen) < c * r.init and r.preemptions < self.config.max_preemptions
 
+    def _at_front(self, r: _Req) -> bool:
+        cfg = self.config
+        return (cfg.resume_forced_first and r.forced_wait) or (cfg.resume_preempted_first and r.preempted_wait)
+
     def _wait_s(self, r: _Req) -> float:
-        if self.config.resume_forced_first and r.forced_wait:
+        if self._at_front(r):
             return FRONT_KEY
         cfg = self.config
         return r.key + cfg.aging_rate * (r.t_enq - r.waited) + cfg.aging_per_step * float(r.k_enq - r.kwaited)
@@ -231,6 +236,8 @@ class ReferenceScheduler:
         if forced:
             r.forced += 1
             r.forced_wait = True
+        else:
+            r.preempted_wait = True
         self._touch(slot)
         freed = held
         if mode == Mode.KEEP:
@@ -539,6 +546,7 @@ class ReferenceScheduler:
                 r.state = State.RUNNING
                 r.started = True
                 r.forced_wait = False
+                r.preempted_wait = False
                 self._touch(h)
                 r.plan_tokens, r.plan_need = t, need
                 running.append(h)
@@ -551,7 +559,7 @@ class ReferenceScheduler:
                 if k != h and not table[k].touched:
                     gpu_left += self._evict_kept(k, False)
                     continue
-            if len(pre) and not (cfg.resume_forced_first and r.forced_wait) and (cfg.memory_preemption or not mem_short):
+            if len(pre) and not self._at_front(r) and (cfg.memory_preemption or not mem_short):
                 v = pre.top()
                 vr = table[v]
                 if vr.key > r.key + cfg.margin:  # raw keys: aging never preempts

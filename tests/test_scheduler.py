@@ -38,7 +38,7 @@ def _blocks(tokens: int, bs: int) -> int:
 class Model:
     __slots__ = ("id", "slot", "arrival", "prompt", "max_new", "true_total", "key", "init", "init_pending",
                  "state", "ctx", "target", "gen", "host", "preemptions", "started", "prompt_pred", "forced",
-                 "forced_wait", "t_enq", "waited", "k_enq", "kwaited")
+                 "forced_wait", "preempted_wait", "t_enq", "waited", "k_enq", "kwaited")
 
 
 class Sim:
@@ -80,11 +80,15 @@ class Sim:
             return float(max(m.true_total - m.gen, 0))
         return max(m.prompt_pred - float(m.gen), 0.0)
 
+    def at_front(self, m: Model) -> bool:
+        cfg = self.cfg
+        return (cfg.resume_forced_first and m.forced_wait) or (cfg.resume_preempted_first and m.preempted_wait)
+
     def wait_order(self, m: Model) -> tuple:
         """Admission order: key aged by seconds and steps waited over all its waits (the same
         arithmetic as the scheduler's, so ties break alike), forced-evicted ones first."""
         cfg = self.cfg
-        if cfg.resume_forced_first and m.forced_wait:
+        if self.at_front(m):
             return (-math.inf, m.arrival, m.id)
         aged = m.key + cfg.aging_rate * (m.t_enq - m.waited) + cfg.aging_per_step * float(m.k_enq - m.kwaited)
         return (aged, m.arrival, m.id)
@@ -109,7 +113,7 @@ class Sim:
         m.init = float(m.true_total) if self.cfg.policy == "oracle" else m.prompt_pred
         m.init_pending = self.cfg.policy == "trail"
         m.state, m.ctx, m.target, m.gen, m.host, m.preemptions, m.started = State.WAITING, 0, prompt, 0, 0, 0, False
-        m.forced, m.forced_wait = 0, False
+        m.forced, m.forced_wait, m.preempted_wait = 0, False, False
         m.t_enq, m.waited, m.k_enq, m.kwaited = self.now, 0.0, self.steps, 0
         self.reqs[rid] = m
         return rid
@@ -211,6 +215,7 @@ class Sim:
                     m.forced_wait = True
                 else:
                     self.stats["policy_preempt"] += 1
+                    m.preempted_wait = True
                     # the c rule and the cap: the policy never preempts past them
                     assert rid in eligible0, "the policy preempted a request past its c threshold or cap"
                 eligible_left.discard(rid)
@@ -255,7 +260,7 @@ class Sim:
                     m.state, Resume.RECOMPUTE if m.started else Resume.NONE)
                 assert resume == expect, (resume, expect, m.state)
                 m.started = True
-                m.forced_wait = False
+                m.forced_wait = m.preempted_wait = False
                 if m.state == State.SWAPPED:
                     m.host = 0
                 m.state = State.RUNNING
@@ -290,8 +295,9 @@ class Sim:
             wmin = min(waiting, key=self.wait_order)
             for _a, order in admitted:
                 assert order < self.wait_order(wmin), "admitted out of key order"
-            # a forced-evicted head (resume_forced_first) waits for memory and preempts no one
-            front_blocks = cfg.resume_forced_first and any(m.forced_wait for m in waiting)
+            # a head at the front (resume_forced_first / resume_preempted_first) waits for room and
+            # preempts no one
+            front_blocks = any(self.at_front(m) for m in waiting)
             # without memory preemption, a head short of memory waits behind longer requests (the
             # stop reason may name the batch cap when both bind)
             front_blocks |= not cfg.memory_preemption and out.stop_reason != Stop.EMPTY
@@ -360,6 +366,7 @@ def _random_config(data, policy=None) -> SchedulerConfig:
         max_forced_evictions=data.draw(st.sampled_from([0, 0, 1, 2])),
         evict_kv_weight=data.draw(st.sampled_from([0.0, 0.0, 1.0])),
         resume_forced_first=data.draw(st.booleans()),
+        resume_preempted_first=data.draw(st.booleans()),
         memory_preemption=data.draw(st.sampled_from([True, True, False])),
     )
 
@@ -898,3 +905,31 @@ def test_new_rule_fields_are_validated():
             Scheduler(SchedulerConfig(reserve_free_frac=bad))
     paper = SchedulerConfig(policy="trail", **TRAIL_PAPER).resolved()
     assert paper.aging_rate == paper.aging_per_step == 0.0 and paper.reserve_free_frac == 1.0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_policy_victim_resumes_first_when_asked(impl):
+    """resume_preempted_first: a request the policy preempted waits at the queue's front, so the
+    next free slot is its own, not a shorter newcomer's (and it preempts no one while there)."""
+    for front in (False, True):
+        cfg = _cfg(policy="oracle", max_batch=1, c=1.0, margin=0.0, resume_preempted_first=front)
+        s = make_scheduler(cfg, impl)
+        pred, gen = _arrays()
+        s.add(0, 0.0, 4, 64, 10.0, 60)                             # long (true 60)
+        sched, _ = _step(s, pred, gen)
+        slot0 = sched[0][SCHED.SLOT]
+        gen[slot0] = 1
+        s.add(1, 1.0, 4, 64, 10.0, 5)                              # shorter newcomer: preempts 0
+        sched, pre = _step(s, pred, gen, now=1.0)
+        assert [r[SCHED.ID] for r in sched] == [1] and [p[PREEMPT.ID] for p in pre] == [0]
+        slot1 = sched[0][SCHED.SLOT]
+        s.add(2, 2.0, 4, 64, 10.0, 3)                              # shorter still, arrives later
+        gen[slot1] = 1
+        sched, pre = _step(s, pred, gen, now=2.0)
+        # the front victim blocks admission and preempts no one; without it, 2 preempts 1
+        assert [p[PREEMPT.ID] for p in pre] == ([] if front else [1])
+        if front:
+            gen[slot1] = 5
+            s.finish(1)
+            sched, _ = _step(s, pred, gen, now=3.0)
+            assert [r[SCHED.ID] for r in sched] == [0]             # the victim, not the newcomer

@@ -62,3 +62,15 @@ def test_tiny_sweep_shape_and_baseline_row():
     assert got["mean"] == m["mean_latency"] and got["p99"] == m["p99_latency"]
     assert got["preempt"] == m["preemptions_total"]
     assert np.isclose(got["ttft"], m["mean_ttft"])
+
+
+def test_boolean_options_parse_in_variant_names():
+    from bench import sim_trail_rules_sweep as sweep
+
+    opts = sweep.parse_variant("trail[resume_preempted_first=true,aging_per_step=0.6]")
+    assert opts == {"resume_preempted_first": True, "aging_per_step": 0.6}
+    assert sweep.parse_variant("trail[resume_preempted_first=false]") == {"resume_preempted_first": False}
+    import pytest
+
+    with pytest.raises(ValueError):
+        sweep.parse_variant("trail[resume_preempted_first=maybe]")

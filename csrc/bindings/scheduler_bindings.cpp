@@ -59,7 +59,8 @@ struct SchedulerClass : torch::CustomClassHolder {
         "policy", "max_slots", "max_batch", "max_tokens_per_step", "max_prefill_chunk", "block_size",
         "num_gpu_blocks", "num_host_blocks", "watermark_blocks", "c", "margin", "max_preemptions", "aging_rate",
         "aging_per_step", "allow_keep", "allow_swap", "bytes_per_token", "pcie_gbps", "recompute_s_per_token", "admit_reserve",
-        "reserve_free_frac", "max_forced_evictions", "evict_kv_weight", "resume_forced_first", "memory_preemption"};
+        "reserve_free_frac", "max_forced_evictions", "evict_kv_weight", "resume_forced_first", "resume_preempted_first",
+        "memory_preemption"};
     for (const auto& item : d) {
       bool known = false;
       for (const char* name : kNames) known = known || item.key() == name;
@@ -101,6 +102,7 @@ struct SchedulerClass : torch::CustomClassHolder {
     cfg.max_forced_evictions = static_cast<int32_t>(whole("max_forced_evictions", 0, i31));
     cfg.evict_kv_weight = get("evict_kv_weight");
     cfg.resume_forced_first = whole("resume_forced_first", 0, 1) != 0;
+    cfg.resume_preempted_first = whole("resume_preempted_first", 0, 1) != 0;
     cfg.memory_preemption = whole("memory_preemption", 0, 1) != 0;
     return cfg;
   }

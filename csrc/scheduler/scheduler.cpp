@@ -83,8 +83,12 @@ bool Scheduler::preemptible(const Request& r) const {
   return cfg_.c > 0 && static_cast<double>(r.gen) < cfg_.c * r.init && r.preemptions < cfg_.max_preemptions;
 }
 
+bool Scheduler::at_front(const Request& r) const {
+  return (cfg_.resume_forced_first && r.forced_wait) || (cfg_.resume_preempted_first && r.preempted_wait);
+}
+
 double Scheduler::wait_s(const Request& r) const {
-  if (cfg_.resume_forced_first && r.forced_wait) return kFrontKey;
+  if (at_front(r)) return kFrontKey;
   return r.key + cfg_.aging_rate * (r.t_enq - r.waited) + cfg_.aging_per_step * static_cast<double>(r.k_enq - r.kwaited);
 }
 
@@ -483,7 +487,7 @@ int64_t Scheduler::preempt_running(int32_t slot, int32_t mode, bool forced, doub
   emit_preempt(slot, mode, forced, false, held);
   remove_running(slot);
   r.preemptions += 1;
-  if (forced) { r.forced += 1; r.forced_wait = true; }
+  if (forced) { r.forced += 1; r.forced_wait = true; } else { r.preempted_wait = true; }
   if (!r.touched) { r.touched = true; touched_.push_back(slot); }
   int64_t freed = held;
   if (mode == kModeKeep) {
@@ -644,6 +648,7 @@ const StepOutput& Scheduler::step(const float* predictions, const int32_t* gener
       r.state = State::kRunning;
       r.started = true;
       r.forced_wait = false;
+      r.preempted_wait = false;
       if (!r.touched) { r.touched = true; touched_.push_back(h); }
       r.plan_tokens = t;
       r.plan_need = need;
@@ -659,7 +664,7 @@ const StepOutput& Scheduler::step(const float* predictions, const int32_t* gener
       gpu_left += evict_kept(kept_.top(), false);
       continue;
     }
-    if (cfg_.c > 0 && !(cfg_.resume_forced_first && r.forced_wait) && (cfg_.memory_preemption || !mem_short) &&
+    if (cfg_.c > 0 && !at_front(r) && (cfg_.memory_preemption || !mem_short) &&
         any_victim_above(r.key + cfg_.margin)) {
       const int32_t v = pre_.top();
       const Request& vr = table_[v];

@@ -96,6 +96,7 @@ struct Config {
   // A request evicted by force waits at the front of the queue (arrival order among such) and
   // never preempts by policy, so its swapped copy does not rot in host memory.
   bool resume_forced_first = false;
+  bool resume_preempted_first = false;  // policy victims wait at the queue's front too
   // When KV is short (or the admission reserve fails), may the policy preempt a running request
   // (by swap / recompute) to admit a shorter one? false: only when the batch cap or the token
   // budget binds (then the victim is kept on the GPU), so memory pressure never causes policy
@@ -176,6 +177,7 @@ class Scheduler {
     int32_t preemptions = 0;
     int32_t forced = 0;            // forced evictions so far
     bool forced_wait = false;      // waiting after a forced eviction
+    bool preempted_wait = false;   // waiting after a policy preemption
     double key = 0;                // remaining estimate (arrival for fcfs)
     double init = 0;               // initial prediction (c rule)
     double waited = 0;             // seconds waited before the current wait
@@ -216,6 +218,7 @@ class Scheduler {
   int32_t free_mode(const Request& r);               // swap or recompute, by the cost model
   // Takes a running request off the GPU (mode keep / swap / recompute); returns blocks freed.
   int64_t preempt_running(int32_t slot, int32_t mode, bool forced, double now);
+  bool at_front(const Request& r) const;             // waits at the queue's front (resume_*_first)
   int64_t evict_kept(int32_t slot, bool forced);     // kept -> swapped / dropped
   void drop_for_recompute(Request& r);
   void emit_preempt(int32_t slot, int32_t mode, bool forced, bool from_kept, int64_t blocks_held);

@@ -29,14 +29,15 @@ from trail.policies import POLICIES  # noqa: E402  (the one table)
 _TRAIL_DEFAULTS = {"c": 0.8, "margin": 32.0, "aging_rate": 0.0, "aging_per_step": 0.15, "admit_reserve": 0.3,
                    "reserve_free_frac": 0.1,
                    "max_forced_evictions": 1, "evict_kv_weight": 1.0, "resume_forced_first": True,
-                   "memory_preemption": False}
+                   "resume_preempted_first": False, "memory_preemption": False}
 TRAIL_PAPER = {"c": 0.8, "margin": 0.0, "aging_rate": 0.0, "aging_per_step": 0.0, "admit_reserve": 0.0,
                "reserve_free_frac": 1.0, "max_forced_evictions": 0,
-               "evict_kv_weight": 0.0, "resume_forced_first": False, "memory_preemption": True}
+               "evict_kv_weight": 0.0, "resume_forced_first": False, "resume_preempted_first": False,
+               "memory_preemption": True}
 _BASE_DEFAULTS = {"c": 0.0, "margin": 0.0, "aging_rate": 0.0, "aging_per_step": 0.0, "admit_reserve": 0.0,
                   "reserve_free_frac": 1.0,
                   "max_forced_evictions": 0, "evict_kv_weight": 0.0, "resume_forced_first": False,
-                  "memory_preemption": True}
+                  "resume_preempted_first": False, "memory_preemption": True}
 POLICY_DEFAULTS = {"fcfs": _BASE_DEFAULTS, "sjf_prompt": _BASE_DEFAULTS, "trail": _TRAIL_DEFAULTS,
                    "oracle": _TRAIL_DEFAULTS}
 _DEFAULT_C = {k: v["c"] for k, v in POLICY_DEFAULTS.items()}
@@ -57,7 +58,7 @@ FIELD_RULES = {
     "bytes_per_token": ("float", 0.0, False), "pcie_gbps": ("float", 0.0, True),
     "recompute_s_per_token": ("float", 0.0, False), "admit_reserve": ("float", 0.0, False),
     "reserve_free_frac": ("float", 0.0, False), "max_forced_evictions": ("int", 0, _I31), "evict_kv_weight": ("float", 0.0, False),
-    "resume_forced_first": ("bool",), "memory_preemption": ("bool",),
+    "resume_forced_first": ("bool",), "resume_preempted_first": ("bool",), "memory_preemption": ("bool",),
 }
 
 
@@ -168,6 +169,9 @@ class SchedulerConfig:
     evict_kv_weight: float | None = None
     # Forced-evicted requests wait at the queue's front and never preempt by policy.
     resume_forced_first: bool | None = None
+    # Policy-preempted requests wait at the queue's front too (bounds a victim's wait to the next
+    # free slot) and never preempt by policy while there.
+    resume_preempted_first: bool | None = None
     # May the policy swap / recompute a running request to admit a shorter one when KV is short?
     # (False: policy preemptions only when the batch cap or token budget binds, victims kept.)
     memory_preemption: bool | None = None
