@@ -165,7 +165,10 @@ class ReferenceScheduler:
             ok = cfg.max_forced_evictions == 0 or r.forced < cfg.max_forced_evictions
             return (ok, self._pred_remaining(r) - cfg.evict_kv_weight * float(r.ctx), r.arrival, r.id)
 
-        return max(self._running, key=rank)
+        # the progress anchor (most KV, then earliest, then lowest id) is spared while another runs
+        anchor = max(self._running, key=lambda s: (table[s].ctx, -table[s].arrival, -table[s].id))
+        pool = [s for s in self._running if s != anchor] if len(self._running) > 1 else list(self._running)
+        return max(pool, key=rank)
 
     @staticmethod
     def _run_key(r: _Req) -> tuple:

@@ -208,3 +208,23 @@ def test_a_dead_core_ends_every_request_with_an_error(lt):
     assert not alive
     assert [f.finish_reason for f in finals] == ["error", "error"]
     assert all("exited" in f.error for f in finals)
+
+
+def test_outputs_in_the_same_batch_as_the_acceptance_carry_the_prompt_length(lt, engine):
+    """The core may answer a request's acceptance and its outputs (even its final one) in one
+    batch of events, before add() resumes from its await: those outputs still carry the prompt's
+    token count (a race seen on a loaded CPU: usage.prompt_tokens was 0)."""
+    from trail.async_engine import RequestStream
+
+    async def race():
+        rid = -12345                            # a stream the core never sees: only _dispatch runs
+        stream = RequestStream(engine, rid)
+        engine._streams[rid] = stream
+        engine._dispatch([("acc", rid, 7), ("out", rid, [1, 2], "ab", None, {}),
+                          ("out", rid, [3], "c", "length", {"error": None})])
+        outs = [o async for o in stream]
+        return stream, outs
+
+    stream, outs = lt.run(race())
+    assert stream.prompt_tokens == 7 and [o.prompt_tokens for o in outs] == [7] * len(outs)
+    assert sum(len(o.new_token_ids) for o in outs) == 3 and outs[-1].finished

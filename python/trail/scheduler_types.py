@@ -23,13 +23,14 @@ from trail.policies import POLICIES  # noqa: E402  (the one table)
 # time; aging_rate, per second, is 0: 10 tokens/s was tuned at 7-22 ms steps and is inert at ~1 ms),
 # admission reserve 0.3 x predicted remaining applied only while under a tenth of the GPU blocks
 # would stay free, forced victims by predicted remaining - KV held with at most 1 forced eviction
-# each before others are chosen, forced-evicted requests resumed first, and no policy swaps /
-# recomputes under memory pressure. TRAIL as published: margin 0, no aging, admit_reserve 0,
+# each before others are chosen, forced-evicted and policy-preempted requests resumed first (a
+# victim's wait ends at the next free slot; the simulator sweep of 2026-12-08, DESIGN.md "Policy"),
+# and no policy swaps / recomputes under memory pressure. TRAIL as published: margin 0, no aging, admit_reserve 0,
 # max_forced_evictions 0, evict_kv_weight 0, resume_forced_first False, memory_preemption True.
 _TRAIL_DEFAULTS = {"c": 0.8, "margin": 32.0, "aging_rate": 0.0, "aging_per_step": 0.15, "admit_reserve": 0.3,
                    "reserve_free_frac": 0.1,
                    "max_forced_evictions": 1, "evict_kv_weight": 1.0, "resume_forced_first": True,
-                   "resume_preempted_first": False, "memory_preemption": False}
+                   "resume_preempted_first": True, "memory_preemption": False}
 TRAIL_PAPER = {"c": 0.8, "margin": 0.0, "aging_rate": 0.0, "aging_per_step": 0.0, "admit_reserve": 0.0,
                "reserve_free_frac": 1.0, "max_forced_evictions": 0,
                "evict_kv_weight": 0.0, "resume_forced_first": False, "resume_preempted_first": False,
