@@ -398,8 +398,7 @@ class AsyncEngine:
             elif kind == "acc":
                 stream = self._streams.get(ev[1])
                 if stream is not None and not stream._accepted.done():
-                    # set here, not when add() resumes: the same batch may carry this request's outputs
-                    stream.prompt_tokens = ev[2]
+                    stream.prompt_tokens = ev[2]     # now: this batch may carry its outputs too
                     stream._accepted.set_result(ev[2])
             elif kind == "err":
                 stream = self._streams.get(ev[1])
