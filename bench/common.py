@@ -181,3 +181,24 @@ def run_engine_config(regime: str, pool: Mapping, run: Mapping, policy: str = "f
     return engine_config(regime, policy, options, max_batch=int(run.get("max_batch", 48)),
                          kv_requests=float(run.get("kv_requests", 24)), host_blocks=int(run.get("host_blocks", 128)),
                          mean_total=mean_total, num_requests=int(run.get("num_requests", 150)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Simulator studies: a grid of (regime, workload, seed, variant) runs in a process pool
+# ------------------------------------------------------------------------------------------------
+def run_sim_grid(job, tasks: Sequence, jobs: int, init, initargs: tuple, regimes: Sequence[str],
+                 labels: Sequence[str], names: Sequence[str], seeds: Sequence[int]) -> dict:
+    """`job(task) -> (key "regime|label", name, seed, metrics)` over `tasks` in `jobs` processes
+    (each started with `init(*initargs)`), with a tqdm bar; -> {"regime|label": {name: [metrics per
+    seed, in `seeds` order]}} (the same seed order in every variant: comparisons pair by position)."""
+    from multiprocessing import Pool
+
+    from tqdm.auto import tqdm
+
+    raw: dict = {}
+    with Pool(jobs, initializer=init, initargs=initargs) as p:
+        for key, name, seed, m in tqdm(p.imap_unordered(job, tasks), total=len(tasks), unit="run", desc="sim"):
+            raw.setdefault(key, {}).setdefault(name, {})[seed] = m
+    return {f"{r}|{label}": {name: [raw[f"{r}|{label}"][name][s] for s in seeds] for name in names}
+            for r in regimes for label in labels}
+

@@ -29,16 +29,14 @@ import logging
 import math
 import sys
 import time
-from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 if not __package__:      # run as `python bench/sim_gittins.py`: import bench.* from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import ROOT, SHIPPED_PROBE_RECORDED  # noqa: E402
+from bench.common import ROOT, SHIPPED_PROBE_RECORDED, run_sim_grid  # noqa: E402
 from trail import sim  # noqa: E402
 
 logger = logging.getLogger("sim_gittins")
@@ -215,12 +213,8 @@ def main() -> None:
     workloads = [(f"poisson {x:g}x", x) for x in LOADS] + [(f"burst {BURST_LOAD:g}x", BURST_LOAD)]
     tasks = [(r, "burst" if label.startswith("burst") else "poisson", label, load * sat[r], seed, args.n, name)
              for r, (label, load), seed, name in itertools.product(sat, workloads, seeds, names)]
-    raw: dict = {}
-    with Pool(args.jobs, initializer=_init, initargs=(args.recorded, args.posteriors, args.fit)) as p:
-        for key, name, seed, m in tqdm(p.imap_unordered(_job, tasks), total=len(tasks), unit="run", desc="sim"):
-            raw.setdefault(key, {}).setdefault(name, {})[seed] = m
-    groups = {f"{r}|{label}": {name: [raw[f"{r}|{label}"][name][s] for s in seeds] for name in names}
-              for r in sat for label, _ in workloads}
+    groups = run_sim_grid(_job, tasks, args.jobs, _init, (args.recorded, args.posteriors, args.fit), list(sat),
+                          [label for label, _ in workloads], names, seeds)
     summary = summarize(groups)
     cmd = ("PYTHONPATH=python:. OMP_NUM_THREADS=1 python bench/sim_gittins.py "
            f"--n {args.n} --seeds {args.seeds} --jobs {args.jobs}"
