@@ -166,14 +166,20 @@ def simulate_cells(runs: Sequence[Mapping], step_fit: Path | None) -> dict:
 
 
 def capacity_rows(runs: Sequence[Mapping]) -> list[dict]:
+    """Capacity at the SLO per (model, regime, policy) from every run that searched it; x_fcfs
+    against fcfs's capacity of the same model and regime, whichever run (section) found it."""
     rows = []
     for run in runs:
         cap = run.get("capacity") or {}
         for name, found in cap.get("policies", {}).items():
             rows.append({"model": run["model"], "regime": cap["regime"], "policy": name, "device": run["device"],
-                         "capacity_req_s": found["capacity"], "x_fcfs": found.get("x_fcfs"),
-                         "x_saturation": found.get("capacity_x_saturation"), "converged": found["converged"],
-                         "monotone": found["monotone"], "evaluations": len(found["evaluations"])})
+                         "capacity_req_s": found["capacity"], "x_saturation": found.get("capacity_x_saturation"),
+                         "converged": found["converged"], "monotone": found["monotone"],
+                         "evaluations": len(found["evaluations"]), "solo_fit": cap.get("solo_fit")})
+    fcfs = {(r["model"], r["regime"]): r["capacity_req_s"] for r in rows if r["policy"] == "fcfs"}
+    for r in rows:
+        base = fcfs.get((r["model"], r["regime"]))
+        r["x_fcfs"] = None if not base or r["capacity_req_s"] is None else r["capacity_req_s"] / base
     return rows
 
 

@@ -57,3 +57,14 @@ def test_grid_sections_are_bounded_and_parse(capsys):
     assert "total" in capsys.readouterr().out
     assert all(m <= 9.5 for m, _ in serve_grid.SECTIONS.values())
     assert sum(m for name, (m, _) in serve_grid.SECTIONS.items() if name.startswith("8b")) <= 45
+
+
+def test_capacity_relative_to_fcfs_across_sections():
+    def run(policies):
+        return {"model": "random:x", "device": "d", "capacity": {"regime": "ample", "solo_fit": None, "policies": {
+            name: {"capacity": cap, "capacity_x_saturation": cap / 10, "converged": True, "monotone": True,
+                   "evaluations": [{}] * 5} for name, cap in policies.items()}}}
+
+    rows = serve_summary.capacity_rows([run({"fcfs": 8.0, "sjf_prompt": 9.0}), run({"trail": 10.0, "oracle": 12.0})])
+    got = {r["policy"]: r["x_fcfs"] for r in rows}
+    assert got == {"fcfs": 1.0, "sjf_prompt": 1.125, "trail": 1.25, "oracle": 1.5}
