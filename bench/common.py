@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -201,4 +202,45 @@ def run_sim_grid(job, tasks: Sequence, jobs: int, init, initargs: tuple, regimes
             raw.setdefault(key, {}).setdefault(name, {})[seed] = m
     return {f"{r}|{label}": {name: [raw[f"{r}|{label}"][name][s] for s in seeds] for name in names}
             for r in regimes for label in labels}
+
+
+def fmt_or_na(x, spec: str = ".3f") -> str:
+    """A number formatted, or 'n/a' for None / NaN (tables of the simulator studies)."""
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def paired_deltas(res: Mapping[str, Sequence[dict]], metric: str, base: str = "trail") -> dict[str, np.ndarray]:
+    """Per policy, per seed: its metric / fcfs's minus `base`'s metric / fcfs's (the same requests
+    and seeds: the paired change against `base`)."""
+    fc, b = res["fcfs"], res[base]
+    return {name: np.array([r[metric] / f[metric] - t[metric] / f[metric] for r, f, t in zip(runs, fc, b)])
+            for name, runs in res.items()}
+
+
+def regime_tables(summary: Mapping[str, Mapping], names: Sequence[str], header: str, row) -> list[str]:
+    """Markdown: per regime (ample, kv) a table with `header` (its '| ... |' line) and one
+    `row(label, name, d)` line per ('regime|label' group, variant name) of `summary`."""
+    lines: list[str] = []
+    for regime in ("ample", "kv"):
+        lines += [f"## {regime}", "", header, "|" + "---|" * (header.count("|") - 1)]
+        for key, c in summary.items():
+            if key.startswith(regime + "|"):
+                label = key.split("|", 1)[1]
+                lines += [row(label, name, c[name]) for name in names]
+        lines.append("")
+    return lines
+
+
+def study_tasks(pool, step_model, spec, n: int, seeds: Sequence[int], names: Sequence[str], loads: Sequence[float],
+                burst_load: float) -> tuple[dict, list[str], list[tuple]]:
+    """The runs of a simulator study: (fcfs saturation per regime, workload labels, tasks
+    (regime, 'burst' | 'poisson', label, rate, seed, n, name)) for Poisson `loads` and a burst at
+    `burst_load`, both regimes, every seed and variant."""
+    import itertools
+
+    sat = {r: sim.saturation_rate(pool, sim.regime_engine(r, pool), spec, step_model, n=n) for r in ("ample", "kv")}
+    workloads = [(f"poisson {x:g}x", x) for x in loads] + [(f"burst {burst_load:g}x", burst_load)]
+    tasks = [(r, "burst" if label.startswith("burst") else "poisson", label, load * sat[r], seed, n, name)
+             for r, (label, load), seed, name in itertools.product(sat, workloads, seeds, names)]
+    return sat, [label for label, _ in workloads], tasks
 

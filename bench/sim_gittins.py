@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -36,7 +34,8 @@ import numpy as np
 if not __package__:      # run as `python bench/sim_gittins.py`: import bench.* from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import ROOT, SHIPPED_PROBE_RECORDED, run_sim_grid  # noqa: E402
+from bench.common import (ROOT, SHIPPED_PROBE_RECORDED, fmt_or_na, paired_deltas, regime_tables,  # noqa: E402
+                          run_sim_grid, study_tasks)
 from trail import sim  # noqa: E402
 
 logger = logging.getLogger("sim_gittins")
@@ -114,20 +113,14 @@ def key_stats(pool, pairs: int = 200_000, seed: int = 0) -> dict:
     return out
 
 
-def fmt(x, spec=".3f"):
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
-
-
 def summarize(groups: dict) -> dict:
     """Per group: sim.compare() plus paired changes against trail: of mean latency / fcfs (the
     headline), of p99 / fcfs and of TTFT / fcfs, mean and sd over seeds."""
     out = {}
     for key, res in groups.items():
         c = sim.compare(res)
-        fc, tr = res["fcfs"], res["trail"]
-        for name, runs in res.items():
-            for m, tag in (("mean_latency", "delta"), ("p99_latency", "delta_p99"), ("mean_ttft", "delta_ttft")):
-                d = np.array([r[m] / f[m] - t[m] / f[m] for r, f, t in zip(runs, fc, tr)])
+        for m, tag in (("mean_latency", "delta"), ("p99_latency", "delta_p99"), ("mean_ttft", "delta_ttft")):
+            for name, d in paired_deltas(res, m).items():
                 c[name][tag], c[name][tag + "_sd"] = float(d.mean()), float(d.std())
                 c[name][tag + "_seeds"] = d.tolist()
         out[key] = c
@@ -157,21 +150,13 @@ def write_md(path: Path, summary: dict, meta: dict, names) -> None:
          "Ratios are per-seed ratios to fcfs averaged over seeds (± sd over seeds); Δ = paired change against "
          "trail (same requests and seeds, negative = better) of mean/fcfs, p99/fcfs and TTFT/fcfs, ± sd over "
          "seeds; oracle frac = share of the oracle's mean-latency gain over fcfs (n/a where the oracle gains < 10%).", ""]
-    for regime in ("ample", "kv"):
-        L += [f"## {regime}", "",
-              "| load | variant | mean/fcfs | Δ mean | p99/fcfs | Δ p99 | TTFT/fcfs | Δ TTFT | oracle frac |",
-              "|---|---|---|---|---|---|---|---|---|"]
-        for key, c in summary.items():
-            if not key.startswith(regime + "|"):
-                continue
-            label = key.split("|", 1)[1]
-            for name in names:
-                d = c[name]
-                L.append(f"| {label} | {name} | {d['mean_latency_vs_fcfs']:.3f} ± {d['mean_latency_vs_fcfs_sd']:.3f} | "
-                         f"{d['delta']:+.3f} ± {d['delta_sd']:.3f} | {d['p99_latency_vs_fcfs']:.2f} | "
-                         f"{d['delta_p99']:+.2f} ± {d['delta_p99_sd']:.2f} | {d['mean_ttft_vs_fcfs']:.2f} | "
-                         f"{d['delta_ttft']:+.2f} ± {d['delta_ttft_sd']:.2f} | {fmt(d.get('oracle_fraction'), '.2f')} |")
-        L.append("")
+    L += regime_tables(
+        summary, names, "| load | variant | mean/fcfs | Δ mean | p99/fcfs | Δ p99 | TTFT/fcfs | Δ TTFT | oracle frac |",
+        lambda label, name, d: (
+            f"| {label} | {name} | {d['mean_latency_vs_fcfs']:.3f} ± {d['mean_latency_vs_fcfs_sd']:.3f} | "
+            f"{d['delta']:+.3f} ± {d['delta_sd']:.3f} | {d['p99_latency_vs_fcfs']:.2f} | "
+            f"{d['delta_p99']:+.2f} ± {d['delta_p99_sd']:.2f} | {d['mean_ttft_vs_fcfs']:.2f} | "
+            f"{d['delta_ttft']:+.2f} ± {d['delta_ttft_sd']:.2f} | {fmt_or_na(d.get('oracle_fraction'), '.2f')} |"))
     L += ["## Gittins - trail per seed (Δ mean/fcfs)", "", "| regime | load | per seed | mean ± sd |", "|---|---|---|---|"]
     for key, c in summary.items():
         r, label = key.split("|", 1)
@@ -208,13 +193,10 @@ def main() -> None:
     pool, sm, spec = _W["pools"]["post"], _W["sm"], _W["spec"]
     ks = key_stats(pool)
     logger.info("keys: %s", ks)
-    sat = {r: sim.saturation_rate(pool, sim.regime_engine(r, pool), spec, sm, n=args.n) for r in ("ample", "kv")}
+    sat, labels, tasks = study_tasks(pool, sm, spec, args.n, seeds, names, LOADS, BURST_LOAD)
     logger.info("saturation %s", sat)
-    workloads = [(f"poisson {x:g}x", x) for x in LOADS] + [(f"burst {BURST_LOAD:g}x", BURST_LOAD)]
-    tasks = [(r, "burst" if label.startswith("burst") else "poisson", label, load * sat[r], seed, args.n, name)
-             for r, (label, load), seed, name in itertools.product(sat, workloads, seeds, names)]
     groups = run_sim_grid(_job, tasks, args.jobs, _init, (args.recorded, args.posteriors, args.fit), list(sat),
-                          [label for label, _ in workloads], names, seeds)
+                          labels, names, seeds)
     summary = summarize(groups)
     cmd = ("PYTHONPATH=python:. OMP_NUM_THREADS=1 python bench/sim_gittins.py "
            f"--n {args.n} --seeds {args.seeds} --jobs {args.jobs}"

@@ -18,10 +18,8 @@ committed by default).
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -31,7 +29,8 @@ import numpy as np
 if not __package__:      # run as `python bench/sim_prefill_admission.py`: import bench.* from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import ROOT, SHIPPED_PROBE_RECORDED, run_sim_grid  # noqa: E402
+from bench.common import (ROOT, SHIPPED_PROBE_RECORDED, fmt_or_na, paired_deltas, regime_tables,  # noqa: E402
+                          run_sim_grid, study_tasks)
 from trail import sim  # noqa: E402
 from trail.sim_admission import ProbeAdmission  # noqa: E402
 
@@ -74,19 +73,13 @@ def _job(args):
     return f"{regime}|{label}", name, seed, m
 
 
-def fmt(x, spec=".3f"):
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
-
-
 def summarize(groups: dict) -> dict:
     """Per group: sim.compare() plus the paired change of mean latency / fcfs against trail."""
     out = {}
     for key, res in groups.items():
         c = sim.compare(res)
-        fc, tr = res["fcfs"], res["trail"]
-        for name, runs in res.items():
-            d = np.array([r["mean_latency"] / f["mean_latency"] - t["mean_latency"] / f["mean_latency"]
-                          for r, f, t in zip(runs, fc, tr)])
+        for name, d in paired_deltas(res, "mean_latency").items():
+            runs = res[name]
             c[name]["delta_vs_trail"], c[name]["delta_vs_trail_sd"] = float(d.mean()), float(d.std())
             adm = [r.get("admission") for r in runs if r.get("admission")]
             if adm:
@@ -112,20 +105,14 @@ def write_md(path: Path, summary: dict, meta: dict) -> None:
          "mean/fcfs against today's trail (negative = better) ± sd over seeds; oracle frac = share of the oracle's "
          "mean-latency gain over fcfs (n/a where the oracle gains < 10%); probed = requests probed / prefilled "
          "before admission per run; evicted = (b)'s kept KV dropped before admission.", ""]
-    for regime in ("ample", "kv"):
-        L += [f"## {regime}", "", "| load | variant | mean/fcfs | Δ trail | p99/fcfs | TTFT/fcfs | oracle frac | probed | evicted |",
-              "|---|---|---|---|---|---|---|---|---|"]
-        for key, c in summary.items():
-            if not key.startswith(regime + "|"):
-                continue
-            label = key.split("|", 1)[1]
-            for name in VARIANTS:
-                d = c[name]
-                L.append(f"| {label} | {name} | {d['mean_latency_vs_fcfs']:.3f} ± {d['mean_latency_vs_fcfs_sd']:.3f} | "
-                         f"{d['delta_vs_trail']:+.3f} ± {d['delta_vs_trail_sd']:.3f} | {d['p99_latency_vs_fcfs']:.2f} | "
-                         f"{d['mean_ttft_vs_fcfs']:.2f} | {fmt(d.get('oracle_fraction'), '.2f')} | "
-                         f"{fmt(d.get('probed_requests'), '.0f')} | {fmt(d.get('cache_evictions'), '.0f')} |")
-        L.append("")
+    L += regime_tables(
+        summary, list(VARIANTS),
+        "| load | variant | mean/fcfs | Δ trail | p99/fcfs | TTFT/fcfs | oracle frac | probed | evicted |",
+        lambda label, name, d: (
+            f"| {label} | {name} | {d['mean_latency_vs_fcfs']:.3f} ± {d['mean_latency_vs_fcfs_sd']:.3f} | "
+            f"{d['delta_vs_trail']:+.3f} ± {d['delta_vs_trail_sd']:.3f} | {d['p99_latency_vs_fcfs']:.2f} | "
+            f"{d['mean_ttft_vs_fcfs']:.2f} | {fmt_or_na(d.get('oracle_fraction'), '.2f')} | "
+            f"{fmt_or_na(d.get('probed_requests'), '.0f')} | {fmt_or_na(d.get('cache_evictions'), '.0f')} |"))
     path.write_text("\n".join(L) + "\n")
 
 
@@ -145,13 +132,10 @@ def main() -> None:
     t0 = time.time()
     _init(args.recorded, args.fit, args.probe_frac)
     pool, sm, spec = _W["pool"], _W["sm"], _W["spec"]
-    sat = {r: sim.saturation_rate(pool, sim.regime_engine(r, pool), spec, sm, n=args.n) for r in ("ample", "kv")}
+    sat, labels, tasks = study_tasks(pool, sm, spec, args.n, seeds, list(VARIANTS), LOADS, BURST_LOAD)
     logger.info("saturation %s", sat)
-    workloads = [(f"poisson {x:g}x", x) for x in LOADS] + [(f"burst {BURST_LOAD:g}x", BURST_LOAD)]
-    tasks = [(r, "burst" if label.startswith("burst") else "poisson", label, load * sat[r], seed, args.n, name)
-             for r, (label, load), seed, name in itertools.product(sat, workloads, seeds, VARIANTS)]
     groups = run_sim_grid(_job, tasks, args.jobs, _init, (args.recorded, args.fit, args.probe_frac), list(sat),
-                          [label for label, _ in workloads], list(VARIANTS), seeds)
+                          labels, list(VARIANTS), seeds)
     summary = summarize(groups)
     cmd = ("PYTHONPATH=python:. OMP_NUM_THREADS=1 python bench/sim_prefill_admission.py "
            f"--n {args.n} --seeds {args.seeds} --jobs {args.jobs}"
